@@ -1,0 +1,191 @@
+"""Prompts, images, latents, packing and ids: FluxKontextPipeline's math as plain functions over loaded modules.
+
+Every function here is compared with the pipeline method of the same name in tests/test_encode.py. Results land on
+`device` (default: the encoder's own device), so encoders and transformer may live on different devices.
+"""
+
+import numpy as np
+import torch
+
+# (width, height) pairs FLUX.1 Kontext was trained on (diffusers' PREFERRED_KONTEXT_RESOLUTIONS).
+PREFERRED_KONTEXT_RESOLUTIONS = [
+    (672, 1568), (688, 1504), (720, 1456), (752, 1392), (800, 1328), (832, 1248), (880, 1184), (944, 1104),
+    (1024, 1024), (1104, 944), (1184, 880), (1248, 832), (1328, 800), (1392, 752), (1456, 720), (1504, 688),
+    (1568, 672),
+]
+VAE_SCALE = 8  # FLUX's VAE downsamples by 8; packing 2x2 patches makes pixel sizes multiples of 16
+MULTIPLE = 2 * VAE_SCALE
+LATENT_CHANNELS = 16
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _as_list(prompt: str | list[str]) -> list[str]:
+    return [prompt] if isinstance(prompt, str) else list(prompt)
+
+
+# ---------------------------------------------------------------- prompts
+
+
+@torch.no_grad()  # as in the pipeline's __call__ (grad mode changes which SDPA kernel runs)
+def get_clip_prompt_embeds(text_encoder, tokenizer, prompt, num_images_per_prompt: int = 1, device=None):
+    """CLIP pooled output, [B * n, hidden] (pipeline._get_clip_prompt_embeds; 77 tokens, truncated)."""
+    prompt = _as_list(prompt)
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    pooled = text_encoder(ids.to(_device_of(text_encoder)), output_hidden_states=False).pooler_output
+    pooled = pooled.to(dtype=text_encoder.dtype, device=device or _device_of(text_encoder))
+    return pooled.repeat_interleave(num_images_per_prompt, dim=0)
+
+
+@torch.no_grad()
+def get_t5_prompt_embeds(text_encoder_2, tokenizer_2, prompt, num_images_per_prompt: int = 1,
+                         max_sequence_length: int = 512, device=None):
+    """T5 last hidden state, [B * n, max_sequence_length, d_model] (pipeline._get_t5_prompt_embeds)."""
+    prompt = _as_list(prompt)
+    ids = tokenizer_2(prompt, padding="max_length", max_length=max_sequence_length, truncation=True,
+                      return_tensors="pt").input_ids
+    embeds = text_encoder_2(ids.to(_device_of(text_encoder_2)), output_hidden_states=False)[0]
+    embeds = embeds.to(dtype=text_encoder_2.dtype, device=device or _device_of(text_encoder_2))
+    return embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+
+def encode_prompt(text_encoder, tokenizer, text_encoder_2, tokenizer_2, prompt, prompt_2=None,
+                  num_images_per_prompt: int = 1, max_sequence_length: int = 512, device=None):
+    """(prompt_embeds [B*n, L, 4096], pooled_prompt_embeds [B*n, 768], text_ids [L, 3] zeros), as
+    FluxKontextPipeline.encode_prompt: CLIP reads `prompt`, T5 reads `prompt_2` (default: `prompt`)."""
+    if max_sequence_length > 512:
+        raise ValueError(f"max_sequence_length cannot be greater than 512 but is {max_sequence_length}")
+    device = device or _device_of(text_encoder_2)
+    pooled = get_clip_prompt_embeds(text_encoder, tokenizer, prompt, num_images_per_prompt, device)
+    embeds = get_t5_prompt_embeds(text_encoder_2, tokenizer_2, prompt_2 or prompt, num_images_per_prompt,
+                                  max_sequence_length, device)
+    text_ids = torch.zeros(embeds.shape[1], 3, device=device, dtype=text_encoder.dtype)
+    return embeds, pooled, text_ids
+
+
+# ---------------------------------------------------------------- images
+
+
+def image_size(image) -> tuple[int, int]:
+    """(height, width) of a PIL image, an HWC/BHWC ndarray or a CHW/BCHW tensor."""
+    if isinstance(image, np.ndarray):
+        return image.shape[-3], image.shape[-2]
+    if isinstance(image, torch.Tensor):
+        return image.shape[-2], image.shape[-1]
+    return image.size[1], image.size[0]  # PIL: (width, height)
+
+
+def kontext_size(height: int, width: int, auto_resize: bool) -> tuple[int, int]:
+    """Input-image size the pipeline encodes: the preferred resolution nearest in aspect (auto_resize) or the
+    image's own size, floored to a multiple of 16."""
+    height, width = height // MULTIPLE * MULTIPLE, width // MULTIPLE * MULTIPLE
+    if auto_resize:
+        aspect = width / height
+        _, width, height = min((abs(aspect - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
+    return height // MULTIPLE * MULTIPLE, width // MULTIPLE * MULTIPLE
+
+
+def output_size(height: int, width: int, max_area: int) -> tuple[int, int]:
+    """The pipeline's generation size: height x width rescaled to max_area at the same aspect, floored to 16."""
+    aspect = width / height
+    w, h = round((max_area * aspect) ** 0.5), round((max_area / aspect) ** 0.5)
+    return h // MULTIPLE * MULTIPLE, w // MULTIPLE * MULTIPLE
+
+
+def preprocess_image(image, height: int | None = None, width: int | None = None, auto_resize: bool = False):
+    """PIL / ndarray / tensor -> float32 [B, 3, H, W] in [-1, 1], resized (Lanczos, as the pipeline) to
+    (height, width) or, when not given, to `kontext_size` of the image. H and W are multiples of 16."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    if hasattr(image, "mode") and image.mode != "RGB":
+        image = image.convert("RGB")  # RGBA / L / P inputs: FLUX's VAE takes 3 channels
+    if isinstance(image, np.ndarray) and image.ndim == 3:
+        image = image[None]  # HWC -> BHWC (diffusers reads a 3-d array as a batch of grey images)
+    if height is None or width is None:
+        height, width = kontext_size(*image_size(image), auto_resize)
+    if height < MULTIPLE or width < MULTIPLE:
+        raise ValueError(f"image of size {image_size(image)} is too small: it must be at least {MULTIPLE}x{MULTIPLE} "
+                         f"pixels to encode")
+    proc = VaeImageProcessor(vae_scale_factor=MULTIPLE)
+    return proc.preprocess(proc.resize(image, height, width), height, width)
+
+
+@torch.no_grad()
+def encode_image(vae, image: torch.Tensor, device=None, dtype=None) -> torch.Tensor:
+    """[B, 3, H, W] in [-1, 1] -> [B, 16, H/8, W/8] = (mode of the VAE posterior - shift) * scale
+    (pipeline._encode_vae_image, which uses argmax/mode, not a sample)."""
+    x = image.to(device=_device_of(vae), dtype=vae.dtype)
+    latents = vae.encode(x).latent_dist.mode()
+    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    return latents.to(device=device or latents.device, dtype=dtype or latents.dtype)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Inverse of encode_image: [B, 16, h, w] -> [B, 3, 8h, 8w] in about [-1, 1]."""
+    x = latents.to(device=_device_of(vae), dtype=vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    return vae.decode(x, return_dict=False)[0]
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """[B, 3, H, W] in [-1, 1] -> PIL images (the pipeline's postprocess: clamp, round to uint8)."""
+    from PIL import Image
+
+    arr = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray((a * 255).round().astype("uint8")) for a in arr]
+
+
+# ---------------------------------------------------------------- packing and ids
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/2)(W/2), 4C]; token (i, j) holds the 2x2 patch, channel order c*4 + dy*2 + dx."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of pack_latents; height and width are the latent (not pixel) sizes."""
+    b, _, d = packed.shape
+    x = packed.view(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, d // 4, height, width)
+
+
+def latent_ids(height: int, width: int, marker: float = 0.0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """[(H/2)(W/2), 3] position ids for a latent of size H x W: (marker, row, col). marker 0 marks the target /
+    noise tokens, 1 the control (context) tokens (pipeline.prepare_latents sets image_ids[..., 0] = 1)."""
+    rows = torch.arange(height // 2).repeat_interleave(width // 2)
+    cols = torch.arange(width // 2).repeat(height // 2)
+    ids = torch.stack([torch.full_like(rows, 0), rows, cols], dim=1).to(dtype)
+    ids[:, 0] = marker
+    return ids.to(device)
+
+
+def prepare_latents(image_latents: torch.Tensor | None, batch_size: int, height: int, width: int, dtype, device,
+                    generator=None, latents: torch.Tensor | None = None):
+    """Noise and control tokens for the transformer, as pipeline.prepare_latents (after VAE encoding).
+
+    image_latents: [b, 16, h, w] control latents from encode_image, or None (text-to-image); repeated to
+    batch_size. height/width: output size in pixels. Returns (latents [B, N, 64] packed noise,
+    control_latents [B, M, 64] or None, latent_ids [N, 3], control_ids [M, 3] or None)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    h, w = 2 * (height // MULTIPLE), 2 * (width // MULTIPLE)
+    control = control_ids = None
+    if image_latents is not None:
+        n = image_latents.shape[0]
+        if batch_size % n:
+            raise ValueError(f"cannot repeat {n} control images to a batch of {batch_size}")
+        control = image_latents.to(device=device, dtype=dtype).repeat(batch_size // n, 1, 1, 1)
+        control_ids = latent_ids(*control.shape[2:], marker=1.0, device=device, dtype=dtype)
+        control = pack_latents(control)
+    if latents is None:
+        latents = pack_latents(randn_tensor((batch_size, LATENT_CHANNELS, h, w), generator=generator,
+                                            device=torch.device(device), dtype=dtype))
+    else:
+        latents = latents.to(device=device, dtype=dtype)
+    return latents, control, latent_ids(h, w, device=device, dtype=dtype), control_ids

@@ -1,0 +1,233 @@
+"""Load each FLUX.1 Kontext component from its own source, onto its own device, in its own dtype.
+
+Sources are diffusers folders or Hub repo ids (`from_pretrained(path, subfolder=...)`); components may come from
+different sources (a 4-bit transformer beside bf16 text encoders). No accelerate hooks and no device_map: each
+module goes exactly where its `Part` says. Quantized transformers (fp8 / 4-bit) are read by `quant.py`.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+# component name -> (default subfolder, expected class names in its config, the loader's class, library)
+_EXPECTED = {
+    "clip": ("text_encoder", {"CLIPTextModel", "CLIPTextModelWithProjection"}),
+    "clip_tokenizer": ("tokenizer", None),
+    "t5": ("text_encoder_2", {"T5EncoderModel"}),
+    "t5_tokenizer": ("tokenizer_2", None),
+    "vae": ("vae", {"AutoencoderKL"}),
+    "transformer": ("transformer", {"FluxTransformer2DModel"}),
+}
+
+
+@dataclass
+class Part:
+    """Where one component comes from and where it lives. Empty `path` means ModelConfig.path."""
+
+    path: str = ""
+    subfolder: str = ""  # empty: the diffusers default (text_encoder, tokenizer, text_encoder_2, ...)
+    dtype: str = "bf16"  # fp32 | bf16 | fp16
+    device: str = "cpu"  # "cpu", "cuda:0", "cuda:1", ...
+
+
+@dataclass
+class ModelConfig:
+    path: str = "black-forest-labs/FLUX.1-Kontext-dev"  # diffusers folder or Hub repo id
+    clip: Part = field(default_factory=Part)
+    t5: Part = field(default_factory=Part)
+    vae: Part = field(default_factory=Part)
+    transformer: Part = field(default_factory=Part)
+    # Transformer weights: "none" (as stored), "fp8" (e4m3 + per-row scale), "nf4" / "fp4" (bnb 4-bit layout).
+    # Pre-quantized checkpoints are detected from their files; this quantizes a bf16 one at load time.
+    quant: str = "none"
+    fp8_scales: str = ""  # optional safetensors of per-layer scales for a scaled-fp8 export that lost them
+
+
+@dataclass
+class Components:
+    """The six loaded pieces. Any may be None (cached training loads only the transformer)."""
+
+    clip: torch.nn.Module | None = None
+    clip_tokenizer: object = None
+    t5: torch.nn.Module | None = None
+    t5_tokenizer: object = None
+    vae: torch.nn.Module | None = None
+    transformer: torch.nn.Module | None = None
+
+
+def parse_dtype(name: str, what: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"{what}: unknown dtype {name!r}; expected one of {sorted(set(DTYPES))}")
+    return DTYPES[name]
+
+
+def parse_device(name: str, what: str) -> torch.device:
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"{what}: bad device {name!r} (expected 'cpu', 'cuda:0', ...): {e}") from None
+
+
+def _is_local(path: str) -> bool:
+    # A Hub id is "org/name"; anything that exists, is absolute, or starts with "." is a local path.
+    return Path(path).exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
+
+
+def _resolve(cfg: ModelConfig, part: Part | None, name: str) -> tuple[str, str]:
+    """(path, subfolder) of a component, checked early when local: missing folders and wrong model types."""
+    path = (part.path if part and part.path else cfg.path)
+    default_sub, classes = _EXPECTED[name]
+    # a Part's subfolder names its model; the tokenizer beside it keeps the diffusers default subfolder
+    sub = part.subfolder if part and part.subfolder and classes is not None else default_sub
+    if not path:
+        raise ValueError(f"{name}: no path given (set model.path or model.{name.split('_')[0]}.path)")
+    if not _is_local(path):
+        return path, sub
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"{name}: path {str(root)!r} does not exist (expected a diffusers FLUX.1 Kontext folder "
+                         f"or a Hub repo id like 'black-forest-labs/FLUX.1-Kontext-dev')")
+    folder = root / sub if sub else root
+    if not folder.is_dir():
+        raise ValueError(f"{name}: {str(root)!r} has no subfolder {sub!r} (expected the diffusers layout with "
+                         f"{sub}/ inside; set model.{name.split('_')[0]}.subfolder if it lives elsewhere)")
+    if classes is not None:
+        config_file = folder / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"{name}: {str(folder)!r} has no config.json (expected a {'/'.join(sorted(classes))})")
+        conf = json.loads(config_file.read_text())
+        found = {conf.get("_class_name"), *conf.get("architectures", [])} - {None}
+        if not found & classes:
+            raise ValueError(f"{name}: {str(config_file)!r} describes {sorted(found) or 'an unknown model'}; "
+                             f"expected {'/'.join(sorted(classes))}")
+    return str(root), sub
+
+
+def _from_pretrained(cls, name: str, path: str, sub: str, **kw):
+    try:
+        return cls.from_pretrained(path, subfolder=sub or None, **kw)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{name}: could not load {cls.__name__} from {path!r} subfolder {sub!r}: {e}") from e
+
+
+def _place(module: torch.nn.Module, part: Part, name: str) -> torch.nn.Module:
+    module.to(device=parse_device(part.device, name), dtype=parse_dtype(part.dtype, name))
+    return module.eval().requires_grad_(False)
+
+
+def load_clip(cfg: ModelConfig):
+    from transformers import CLIPTextModel
+
+    parse_dtype(cfg.clip.dtype, "clip")
+    path, sub = _resolve(cfg, cfg.clip, "clip")
+    return _place(_from_pretrained(CLIPTextModel, "clip", path, sub, dtype=DTYPES[cfg.clip.dtype]), cfg.clip, "clip")
+
+
+def load_clip_tokenizer(cfg: ModelConfig):
+    from transformers import CLIPTokenizer
+
+    path, sub = _resolve(cfg, cfg.clip, "clip_tokenizer")
+    return _from_pretrained(CLIPTokenizer, "clip_tokenizer", path, sub)
+
+
+def load_t5(cfg: ModelConfig):
+    from transformers import T5EncoderModel
+
+    parse_dtype(cfg.t5.dtype, "t5")
+    path, sub = _resolve(cfg, cfg.t5, "t5")
+    return _place(_from_pretrained(T5EncoderModel, "t5", path, sub, dtype=DTYPES[cfg.t5.dtype]), cfg.t5, "t5")
+
+
+def load_t5_tokenizer(cfg: ModelConfig):
+    from transformers import T5TokenizerFast
+
+    path, sub = _resolve(cfg, cfg.t5, "t5_tokenizer")
+    return _from_pretrained(T5TokenizerFast, "t5_tokenizer", path, sub)
+
+
+def load_vae(cfg: ModelConfig):
+    from diffusers import AutoencoderKL
+
+    parse_dtype(cfg.vae.dtype, "vae")
+    path, sub = _resolve(cfg, cfg.vae, "vae")
+    return _place(_from_pretrained(AutoencoderKL, "vae", path, sub, dtype=DTYPES[cfg.vae.dtype]), cfg.vae, "vae")
+
+
+def load_transformer(cfg: ModelConfig):
+    """The FluxTransformer2DModel: as stored, or with its Linears replaced by our fp8 / 4-bit ones (quant.py)."""
+    from diffusers import FluxTransformer2DModel
+
+    dtype = parse_dtype(cfg.transformer.dtype, "transformer")
+    path, sub = _resolve(cfg, cfg.transformer, "transformer")
+    if _is_local(path):
+        if cfg.quant != "none" or is_quantized_checkpoint(Path(path) / sub):
+            import quant  # local import: quant.py pulls in the kernels only for a quantized transformer
+
+            return quant.load_quantized_transformer(Path(path) / sub, cfg.quant, dtype,
+                                                    parse_device(cfg.transformer.device, "transformer"),
+                                                    cfg.fp8_scales)
+    elif cfg.quant != "none":
+        raise ValueError(f"transformer: quant={cfg.quant!r} needs a local folder; download {path!r} first "
+                         f"(huggingface-cli download {path}) and pass its path")
+    model = _from_pretrained(FluxTransformer2DModel, "transformer", path, sub, dtype=dtype)
+    return _place(model, cfg.transformer, "transformer")
+
+
+def safetensors_header(file: Path) -> dict:
+    """The JSON header of a safetensors file (names, dtypes, shapes, offsets) without reading any tensor."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or n > 100_000_000:
+            raise ValueError(f"{str(file)!r} is not a safetensors file (header length {n})")
+        return json.loads(f.read(n))
+
+
+def is_quantized_checkpoint(folder: Path) -> bool:
+    """True for a bitsandbytes export (quantization_config) or one holding float8 weights."""
+    conf = folder / "config.json"
+    if conf.is_file() and "quantization_config" in json.loads(conf.read_text()):
+        return True
+    for f in sorted(folder.glob("*.safetensors")):
+        if any(isinstance(v, dict) and v.get("dtype", "").startswith("F8") for v in safetensors_header(f).values()):
+            return True
+    return False
+
+
+def load_components(cfg: ModelConfig, which: tuple[str, ...] = ("clip", "t5", "vae", "transformer")) -> Components:
+    """Load the named components (tokenizers come with their encoders), each onto its configured device."""
+    unknown = set(which) - {"clip", "t5", "vae", "transformer"}
+    if unknown:
+        raise ValueError(f"load_components: unknown component(s) {sorted(unknown)}; expected clip, t5, vae, transformer")
+    c = Components()
+    if "clip" in which:
+        c.clip, c.clip_tokenizer = load_clip(cfg), load_clip_tokenizer(cfg)
+    if "t5" in which:
+        c.t5, c.t5_tokenizer = load_t5(cfg), load_t5_tokenizer(cfg)
+    if "vae" in which:
+        c.vae = load_vae(cfg)
+    if "transformer" in which:
+        c.transformer = load_transformer(cfg)
+    return c
+
+
+def model_identity(cfg: ModelConfig, part: Part, name: str) -> str:
+    """A string naming the weights a component was loaded from (for cache keys): path, subfolder and, for a
+    local folder, a digest of its files so a rewritten checkpoint changes the key."""
+    import hashlib
+
+    path, sub = _resolve(cfg, part, name)
+    h = hashlib.sha256(f"{path}/{sub}:{part.dtype}".encode())
+    if _is_local(path):
+        # Hashing 10-20 GB of weights per run is too slow; the header (names, shapes, offsets), the size and the
+        # first and last 4 MiB of each weight file tell two checkpoints apart, random tiny ones included.
+        for f in sorted((Path(path) / sub).glob("*.safetensors")) + sorted((Path(path) / sub).glob("*.json")):
+            with open(f, "rb") as fh:
+                h.update(f.name.encode() + fh.read(4 << 20))
+                fh.seek(max(0, f.stat().st_size - (4 << 20)))
+                h.update(fh.read())
+    return h.hexdigest()

@@ -1,0 +1,94 @@
+"""load.py against FluxKontextPipeline.from_pretrained on the same folder."""
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from load import load_clip, load_clip_tokenizer, load_components, load_t5, load_t5_tokenizer, load_transformer, load_vae
+
+LONG = " ".join(["a photo of a cat sitting on a red chair in a sunny garden"] * 60)  # > 77 and > 512 tokens
+PROMPTS = ["", "make the sky red", LONG, "une photo d'un chat, café, 日本語 ümlaut", "Turn THE cat   into a dog!"]
+
+
+def assert_same_module(ours, theirs):
+    a, b = dict(ours.named_parameters()), dict(theirs.named_parameters())
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k], b[k]), k
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    assert dict(ours.named_buffers()).keys() == dict(theirs.named_buffers()).keys()
+
+
+@pytest.mark.parametrize("name", ["clip", "t5", "vae", "transformer"])
+def test_models_equal_pipeline(tiny_cfg, pipe, name):
+    ours = {"clip": load_clip, "t5": load_t5, "vae": load_vae, "transformer": load_transformer}[name](tiny_cfg)
+    theirs = {"clip": pipe.text_encoder, "t5": pipe.text_encoder_2, "vae": pipe.vae, "transformer": pipe.transformer}
+    assert type(ours) is type(theirs[name])
+    assert_same_module(ours, theirs[name])
+    assert not any(p.requires_grad for p in ours.parameters())
+
+
+def test_tokenizers_equal_pipeline(tiny_cfg, pipe):
+    for ours, theirs, n in [(load_clip_tokenizer(tiny_cfg), pipe.tokenizer, 77),
+                            (load_t5_tokenizer(tiny_cfg), pipe.tokenizer_2, 512)]:
+        for p in PROMPTS:
+            kw = dict(padding="max_length", max_length=n, truncation=True)
+            assert ours(p, **kw).input_ids == theirs(p, **kw).input_ids
+            assert ours(p).input_ids == theirs(p).input_ids
+        assert len(ours(LONG).input_ids) > n  # the long prompt really is longer than the limit
+
+
+def test_dtype_and_device_per_component(tiny_path):
+    cfg = tiny_config(tiny_path)
+    cfg.t5.dtype, cfg.vae.dtype = "bf16", "fp16"
+    c = load_components(cfg)
+    assert c.t5.dtype == torch.bfloat16 and c.vae.dtype == torch.float16 and c.clip.dtype == torch.float32
+    assert all(p.device.type == "cpu" for p in c.transformer.parameters())
+
+
+def test_components_from_different_sources(tiny_path, tmp_path):
+    other = tmp_path / "transformer_only"
+    shutil.copytree(tiny_path / "transformer", other / "transformer")
+    cfg = tiny_config(tiny_path)
+    cfg.transformer.path = str(other)
+    assert load_components(cfg, which=("transformer",)).transformer is not None
+    cfg.transformer.path, cfg.transformer.subfolder = str(other / "transformer"), "."
+    assert load_transformer(cfg) is not None
+
+
+def test_missing_folder_error(tmp_path):
+    cfg = tiny_config(tmp_path / "nope")
+    with pytest.raises(ValueError, match=r"transformer: path .*nope.* does not exist"):
+        load_transformer(cfg)
+
+
+def test_missing_subfolder_error(tiny_path, tmp_path):
+    broken = tmp_path / "no_transformer"
+    shutil.copytree(tiny_path, broken)
+    shutil.rmtree(broken / "transformer")
+    with pytest.raises(ValueError, match=r"transformer: .*no_transformer.* has no subfolder 'transformer'"):
+        load_components(tiny_config(broken))
+
+
+def test_wrong_model_type_error(tiny_path):
+    cfg = tiny_config(tiny_path)
+    cfg.transformer.subfolder = "vae"
+    with pytest.raises(ValueError, match=r"describes \['AutoencoderKL'\]; expected FluxTransformer2DModel"):
+        load_transformer(cfg)
+
+
+def test_dtype_typo_error(tiny_path):
+    cfg = tiny_config(tiny_path)
+    cfg.vae.dtype = "bf61"
+    with pytest.raises(ValueError, match=r"vae: unknown dtype 'bf61'"):
+        load_vae(cfg)
+
+
+def test_bad_device_error(tiny_path):
+    cfg = tiny_config(tiny_path)
+    cfg.clip.device = "gpu0"
+    with pytest.raises(ValueError, match=r"clip: bad device 'gpu0'"):
+        load_clip(cfg)

@@ -1,0 +1,215 @@
+"""Write a miniature, randomly initialised FLUX.1 Kontext checkpoint in the exact diffusers folder layout.
+
+Nothing is downloaded: the CLIP tokenizer (byte-level BPE) and the T5 tokenizer (Unigram) are trained on
+the spot with the `tokenizers` library from a small built-in corpus, and every model is built from a config
+and a seed. The folder loads unchanged with `FluxKontextPipeline.from_pretrained(path)`.
+
+    python tiny.py --out checkpoints/tiny            # write it
+    from tiny import ensure_tiny; path = ensure_tiny()  # write once, reuse (keyed by spec + library versions)
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+# The two-word vocabulary an edit instruction uses, plus filler, so both tokenizers learn merges for real words.
+_CORPUS = """
+make the sky red. turn the cat into a dog. add a hat to the person. remove the background.
+change the colour of the car to blue. make it night. make it snowy winter. add sunglasses.
+replace the text with hello world. turn the photo into a watercolor painting. invert the colours.
+draw a red square in the middle. make the image brighter. make the image darker. flip it upside down.
+a photo of a cat sitting on a red chair in a sunny garden with green trees and blue sky.
+a portrait of a woman with long hair wearing a yellow dress, studio lighting, high detail.
+the quick brown fox jumps over the lazy dog while the small bird sings on the old wooden fence.
+zero one two three four five six seven eight nine ten hundred thousand million.
+une photo d'un chat. ein foto von einer katze. un gato en la playa. cafe, naive, uber, resume.
+"""
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Every size of the miniature model in one place; `wide()` gives a larger variant for tests."""
+
+    seed: int = 0
+    clip_merges: int = 300
+    clip_hidden: int = 32
+    clip_layers: int = 2
+    clip_heads: int = 2
+    t5_d_model: int = 32
+    t5_layers: int = 2
+    t5_heads: int = 2
+    vae_channels: tuple = (8, 16, 16, 16)  # four blocks -> vae_scale_factor 8, as in FLUX
+    vae_groups: int = 4
+    flux_layers: int = 1
+    flux_single_layers: int = 1
+    flux_heads: int = 2
+    flux_head_dim: int = 16
+    flux_rope: tuple = (4, 6, 6)  # sums to flux_head_dim
+
+    def wide(self) -> "TinySpec":
+        return dataclasses.replace(self, clip_hidden=64, t5_d_model=64, flux_heads=4, flux_head_dim=32,
+                                   flux_rope=(8, 12, 12), flux_layers=2, flux_single_layers=2)
+
+    def key(self) -> str:
+        import diffusers
+        import transformers
+
+        blob = json.dumps([dataclasses.asdict(self), diffusers.__version__, transformers.__version__], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _corpus_lines() -> list[str]:
+    lines = [l.strip() for l in _CORPUS.strip().splitlines() if l.strip()]
+    return lines * 4
+
+
+def _words(pre_tokenizer) -> Counter:
+    words = Counter()
+    for line in _corpus_lines():
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(line.lower()))
+    return words
+
+
+def train_clip_tokenizer(n_merges: int):
+    """Byte-level BPE with CLIP's pre-tokenizer, learnt from the corpus; returns a transformers CLIPTokenizer.
+
+    The merges are learnt here rather than with tokenizers' BpeTrainer, whose tie-breaking between equally
+    frequent pairs varies from run to run: the same spec must always write the same checkpoint."""
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    pre = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                             behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    words = _words(pre)
+    splits = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in words}
+    merges = []
+    for _ in range(n_merges):
+        pairs = Counter()
+        for w, count in words.items():
+            s = splits[w]
+            for p in zip(s, s[1:]):
+                pairs[p] += count
+        if not pairs:
+            break
+        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]  # ties broken by the pair itself
+        merges.append(best)
+        for w, s in splits.items():
+            i = 0
+            while i < len(s) - 1:
+                if (s[i], s[i + 1]) == best:
+                    s[i:i + 2] = [s[i] + s[i + 1]]
+                i += 1
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokens = sorted(alphabet) + [c + "</w>" for c in sorted(alphabet)] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    # transformers 5: vocab=/merges= (a vocab_file= kwarg is silently ignored and gives a 3-token tokenizer).
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def train_t5_tokenizer(extra_ids: int = 100):
+    """Unigram with T5's layout (<pad>=0, </s>=1, <unk>=2): every corpus word and character is a piece scored by
+    its log frequency (deterministic, unlike a trainer's pruning); returns a transformers T5 fast tokenizer."""
+    from tokenizers import pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    words = _words(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"))
+    chars = Counter()
+    for w, c in words.items():
+        chars.update({ch: c for ch in w})
+    total = sum(words.values()) + sum(chars.values())
+    pieces = sorted(words.items()) + sorted((ch, c) for ch, c in chars.items() if ch not in words)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(p, math.log(c / total) - (len(p) == 1) * 5.0) for p, c in pieces]  # prefer whole words
+    vocab += [(f"<extra_id_{i}>", 0.0) for i in range(extra_ids - 1, -1, -1)]
+    return T5TokenizerFast(vocab=vocab, extra_ids=extra_ids, model_max_length=512)
+
+
+def build_components(spec: TinySpec) -> dict:
+    """All pipeline components, randomly initialised from spec.seed (deterministic)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer = train_clip_tokenizer(spec.clip_merges)
+    tokenizer_2 = train_t5_tokenizer()
+    torch.manual_seed(spec.seed)
+    clip_cfg = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=spec.clip_hidden,
+                              intermediate_size=2 * spec.clip_hidden, num_hidden_layers=spec.clip_layers,
+                              num_attention_heads=spec.clip_heads, max_position_embeddings=77,
+                              projection_dim=spec.clip_hidden, hidden_act="quick_gelu",
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(clip_cfg)
+    t5_cfg = T5Config(vocab_size=len(tokenizer_2), d_model=spec.t5_d_model, d_kv=spec.t5_d_model // spec.t5_heads,
+                      d_ff=2 * spec.t5_d_model, num_layers=spec.t5_layers, num_heads=spec.t5_heads,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+                      tie_word_embeddings=False)
+    text_encoder_2 = T5EncoderModel(t5_cfg)
+    n = len(spec.vae_channels)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+                        up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=spec.vae_channels,
+                        layers_per_block=1, latent_channels=16, norm_num_groups=spec.vae_groups, sample_size=64,
+                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=spec.flux_layers, num_single_layers=spec.flux_single_layers,
+        attention_head_dim=spec.flux_head_dim, num_attention_heads=spec.flux_heads,
+        joint_attention_dim=spec.t5_d_model, pooled_projection_dim=spec.clip_hidden, guidance_embeds=True,
+        axes_dims_rope=spec.flux_rope)
+    # FLUX.1-dev's scheduler config (dynamic shifting; mu comes from the pipeline).
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)
+    return dict(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+def write_tiny(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
+    """Write the checkpoint folder atomically (temp dir + rename) and return its path."""
+    from diffusers import FluxKontextPipeline
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    try:
+        FluxKontextPipeline(**build_components(spec)).save_pretrained(tmp, safe_serialization=True)
+        (tmp / "tiny_spec.json").write_text(json.dumps(dataclasses.asdict(spec)))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("KONTEXT_LORA_HOME", Path(__file__).resolve().parent / ".kontext_lora"))
+
+
+def ensure_tiny(spec: TinySpec = TinySpec(), root: str | Path | None = None) -> Path:
+    """Path of the tiny checkpoint for `spec`, writing it first if absent (keyed by content, not by name)."""
+    path = Path(root or default_root()) / f"tiny-{spec.key()}"
+    if not (path / "model_index.json").exists():
+        write_tiny(path, spec)
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="folder to write (default: the cached tiny folder)")
+    ap.add_argument("--wide", action="store_true", help="write the wider test variant")
+    args = ap.parse_args()
+    spec = TinySpec().wide() if args.wide else TinySpec()
+    print(write_tiny(args.out, spec) if args.out else ensure_tiny(spec))
