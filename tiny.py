@@ -204,6 +204,44 @@ def ensure_tiny(spec: TinySpec = TinySpec(), root: str | Path | None = None) -> 
     return path
 
 
+def write_toy_dataset(out: str | Path, n: int = 24, size: int = 64, seed: int = 0) -> Path:
+    """A synthetic edit dataset in the folder layout: control = a coloured square on a plain background,
+    target = the same picture with the square painted red, caption "make the square red"."""
+    import numpy as np
+    from PIL import Image
+
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent if out.parent.exists() else None))
+    try:
+        (tmp / "images").mkdir()
+        (tmp / "control").mkdir()
+        rng = np.random.default_rng(seed)
+        for i in range(n):
+            img = np.empty((size, size, 3), np.uint8)
+            img[:] = rng.integers(40, 200, 3)
+            side = int(rng.integers(size // 4, size // 2))
+            y, x = rng.integers(0, size - side, 2)
+            img[y:y + side, x:x + side] = rng.integers(0, 256, 3)
+            Image.fromarray(img).save(tmp / "control" / f"{i:03d}.png")
+            img[y:y + side, x:x + side] = (230, 20, 20)
+            Image.fromarray(img).save(tmp / "images" / f"{i:03d}.png")
+            (tmp / "images" / f"{i:03d}.txt").write_text("make the square red")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def ensure_toy_dataset(n: int = 24, size: int = 64, seed: int = 0, root: str | Path | None = None) -> Path:
+    path = Path(root or default_root()) / f"toy-edit-{n}-{size}-{seed}"
+    if not (path / "images").is_dir():
+        write_toy_dataset(path, n, size, seed)
+    return path
+
+
 if __name__ == "__main__":
     import argparse
 
