@@ -178,14 +178,16 @@ def lora_state_dict(transformer) -> dict:
     return {f"transformer.{k}": v.detach().float().cpu().contiguous() for k, v in sd.items()}
 
 
-def save_lora(transformer, path: Path, cfg: TrainConfig) -> None:
-    """One safetensors file FluxKontextPipeline.load_lora_weights reads unchanged; rank and alpha recorded in
-    the metadata the way diffusers' save_lora_weights records them."""
+def save_lora(transformer, path: Path) -> None:
+    """One safetensors file FluxKontextPipeline.load_lora_weights reads unchanged. The adapter's LoraConfig
+    (rank, alpha, targets) goes into the metadata exactly as diffusers' save_lora_weights writes it
+    ("transformer.<field>" keys under "lora_adapter_metadata")."""
     from cache import save_atomic
 
-    meta = {"r": cfg.rank, "lora_alpha": cfg.alpha, "target_modules": list(cfg.target_modules)}
+    conf = getattr(transformer, "_orig_mod", transformer).peft_config["default"].to_dict()
+    meta = {f"transformer.{k}": sorted(v) if isinstance(v, set) else v for k, v in conf.items()}
     save_atomic(lora_state_dict(transformer), Path(path),
-                {"format": "pt", "lora_adapter_metadata": json.dumps({"transformer": meta})})
+                {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True, default=str)})
 
 
 def save_checkpoint(out_dir: Path, transformer, optimizer, step: int, cfg: Config, keep: int) -> Path:
@@ -201,7 +203,7 @@ def save_checkpoint(out_dir: Path, transformer, optimizer, step: int, cfg: Confi
         tmp = ckpts / f".tmp-{digest}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_lora(transformer, tmp / "lora.safetensors", cfg.train)
+        save_lora(transformer, tmp / "lora.safetensors")
         opt = optimizer.state_dict()
         tensors = {f"state.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()
                    if isinstance(v, torch.Tensor)}
@@ -411,6 +413,7 @@ def main(cfg: Config) -> dict:
     transformer = load_transformer(mcfg)
     if tc.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    torch.manual_seed(tc.seed)  # LoRA A init draws from the global generator: same seed, same start
     params = add_lora(transformer, tc)
     transformer.train()
     model = transformer
@@ -494,7 +497,7 @@ def main(cfg: Config) -> dict:
             if rank == 0:
                 log_file.write(json.dumps({"step": step + 1, "held_out_loss": val}) + "\n")
     if rank == 0:
-        save_lora(transformer, out_dir / "lora.safetensors", tc)
+        save_lora(transformer, out_dir / "lora.safetensors")
         log(f"wrote {out_dir / 'lora.safetensors'} and checkpoint {last_ckpt}")
         log_file.close()
     if world > 1:

@@ -1,0 +1,166 @@
+"""train.py: objective, cached == uncached, exact resume, DDP == one process, LoRA format, learning, errors."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from config import cli, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(tmp_path, **train_kw):
+    cfg = load_config(ROOT / "configs" / "tiny.py")
+    kw = dict(steps=6, save_every=0, validate_every=-1, log_every=1)
+    kw.update(train_kw)
+    return dataclasses.replace(cfg, out_dir=str(tmp_path / "run"), train=dataclasses.replace(cfg.train, **kw),
+                               data=dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "cache")))
+
+
+def run(cfg):
+    with torch.enable_grad():
+        return train.main(cfg)
+
+
+def test_objective_direction():
+    # x_t interpolates from data (t=0) to noise (t=1) and the target is the velocity noise - x0: a model that
+    # predicts it exactly has zero loss, and the sign flip does not.
+    x0, noise = torch.randn(2, 4, 64), torch.randn(2, 4, 64)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, hidden_states, **kw):
+            return (noise - x0,)
+
+    args = dict(control=None, prompt_embeds=None, pooled_prompt_embeds=None, img_ids=None, text_ids=None,
+                guidance=1.0)
+    assert train.flow_matching_loss(Oracle(), x0, noise, torch.rand(2), **args) == 0
+    class Wrong(Oracle):
+        def forward(self, hidden_states, **kw):
+            return (x0 - noise,)
+    assert train.flow_matching_loss(Wrong(), x0, noise, torch.rand(2), **args) > 1
+
+
+def test_timestep_sampling_and_schedule():
+    cfg = train.TrainConfig(timestep_sampling="logit_normal", warmup_steps=2, steps=10)
+    t = train.sample_timesteps(10000, cfg, 4096, torch.Generator().manual_seed(0))
+    assert 0 < t.min() and t.max() < 1 and abs(t.mean() - 0.5) < 0.02
+    shifted = train.sample_timesteps(10000, dataclasses.replace(cfg, resolution_shift=True), 4096,
+                                     torch.Generator().manual_seed(0))
+    assert shifted.mean() > t.mean() + 0.1  # large images: more weight near noise
+    assert [round(train.lr_factor(s, cfg), 3) for s in (0, 1, 2, 10)] == [0.5, 1.0, 1.0, 0.0]
+
+
+def test_cached_equals_uncached(tmp_path):
+    a = run(tiny_cfg(tmp_path / "a", cached=True))["history"]
+    b = run(tiny_cfg(tmp_path / "b", cached=False))["history"]
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6, abs=0)
+    assert a[0]["loss"] != a[1]["loss"]
+
+
+def test_resume_is_exact(tmp_path):
+    straight = run(tiny_cfg(tmp_path / "s", steps=6, caption_dropout=0.3))
+    first = tiny_cfg(tmp_path / "r", steps=3, caption_dropout=0.3)
+    run(first)
+    ckpts = list((Path(first.out_dir) / "checkpoints").glob("lora-*"))
+    assert len(ckpts) == 1 and json.loads((ckpts[0] / "state.json").read_text())["step"] == 3
+    resumed = dataclasses.replace(tiny_cfg(tmp_path / "r", steps=6, caption_dropout=0.3), resume="latest")
+    run(resumed)
+    a, b = load_file(straight["lora"]), load_file(Path(resumed.out_dir) / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_named_by_content_and_pruned(tmp_path):
+    cfg = tiny_cfg(tmp_path, steps=8, save_every=2, keep_checkpoints=2)
+    run(cfg)
+    ckpts = sorted((Path(cfg.out_dir) / "checkpoints").glob("lora-*"))
+    steps = sorted(json.loads((c / "state.json").read_text())["step"] for c in ckpts)
+    assert steps == [6, 8]
+    latest = json.loads((Path(cfg.out_dir) / "checkpoints" / "latest.json").read_text())
+    assert latest["step"] == 8 and (Path(cfg.out_dir) / "checkpoints" / latest["path"]).is_dir()
+    assert json.loads((ckpts[0] / "config.json").read_text())["train"]["steps"] == 8
+
+
+def test_lora_loads_in_pipeline_and_changes_output(tmp_path, pipe):
+    from tests_util import edit_with_pipe
+
+    cfg = tiny_cfg(tmp_path, steps=20)
+    lora = run(cfg)["lora"]
+    sd = load_file(lora)
+    assert all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in sd)
+    base = edit_with_pipe(pipe)
+    pipe.load_lora_weights(str(lora))
+    try:
+        with_lora = edit_with_pipe(pipe)
+    finally:
+        pipe.unload_lora_weights()
+    assert (with_lora - base).abs().max() > 1e-3
+    assert torch.equal(edit_with_pipe(pipe), base)
+
+
+@pytest.mark.slow
+def test_learns_the_toy_edit(tmp_path, pipe):
+    """600 steps on the toy task: held-out loss drops by >= 25%, and the pipeline with the LoRA moves its edit of
+    held-out controls toward the targets."""
+    from tests_util import mse_to_targets
+
+    cfg = tiny_cfg(tmp_path, steps=600, validate_every=600)
+    run(cfg)
+    log = [json.loads(l) for l in (Path(cfg.out_dir) / "log.jsonl").read_text().splitlines()]
+    held = [r["held_out_loss"] for r in log if "held_out_loss" in r]
+    assert held[-1] < 0.75 * held[0], held
+    before = mse_to_targets(pipe, cfg)
+    pipe.load_lora_weights(str(Path(cfg.out_dir) / "lora.safetensors"))
+    try:
+        after = mse_to_targets(pipe, cfg)
+    finally:
+        pipe.unload_lora_weights()
+    assert after < 0.8 * before, (before, after)
+
+
+def test_nan_loss_stops_with_context(tmp_path):
+    cfg = tiny_cfg(tmp_path, steps=4, lr=1e38, grad_clip=0.0, save_every=1, optimizer="adamw")
+    with pytest.raises(FloatingPointError, match=r"at step \d+ .*on samples \[.*\]; last good checkpoint: .*lora-"):
+        run(cfg)
+
+
+def test_config_typo_fails():
+    with pytest.raises(SystemExit):
+        cli(["--config", str(ROOT / "configs" / "tiny.py"), "--train.lrr", "1e-4"])
+    with pytest.raises(ValueError, match="does not exist"):
+        cli(["--config", "configs/nope.py"])
+
+
+def test_bad_dataset_fails_before_loading(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(tmp_path / "missing")),
+                              model=dataclasses.replace(cfg.model, path=str(tmp_path / "no-model")))
+    with pytest.raises(ValueError, match="dataset .*missing.* does not exist"):
+        run(cfg)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one(tmp_path):
+    """torchrun with 2 gloo processes x batch 2 == one process x batch 4 over the same global batches."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    common = [str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py"), "--train.steps", "3",
+              "--train.validate-every", "-1", "--data.cache-dir", str(tmp_path / "cache")]
+    subprocess.run([sys.executable, *common, "--train.batch-size", "4", "--out-dir", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29533", *common, "--train.batch-size", "2",
+                        "--out-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(tmp_path / "one" / "lora.safetensors"), load_file(tmp_path / "two" / "lora.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
