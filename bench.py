@@ -5,7 +5,9 @@ transformer (speed does not depend on the weights' values). Prints DESIGN.md §5
     python bench.py --rows bf16 --res 1024  # a subset
     python bench.py --tiny                  # the miniature model on CPU: checks the script, times nothing useful
 
-A train step = forward + MSE on the target tokens + backward (LoRA r16 on to_q/to_k/to_v/to_out.0, frozen base)
+"stock" runs diffusers' FluxTransformer2DModel with peft LoRA as a user would, except that attention is pinned to
+PyTorch's flash backend: on the H100 image the default SDPA choice crashed in a Flux backward (its own row shows
+it). A train step = forward + MSE on the target tokens + backward (LoRA r16 on to_q/to_k/to_v/to_out.0, frozen base)
 + AdamW step. Kontext at 1024^2: 4096 target + 4096 control + 512 text tokens. Each row builds the model anew,
 warms up (compilation included) outside the timing, then reports the median of `iters` steps (CUDA events)
 and the peak allocated memory. Every optimisation of "ours" is a flag (--no-compile, --attention flash, ...).
@@ -45,6 +47,7 @@ class BenchConfig:
     tiny: bool = False
     text_tokens: int = 512
     out: str = ""  # also write the rows as JSON here
+    only: int = -1  # internal: run only this row of the plan, in this process
 
 
 # ---------------------------------------------------------------- model and inputs
@@ -102,39 +105,46 @@ def add_lora(model):
 
 
 CUDNN_PROBE = r"""
-import torch, torch.nn.functional as F
+import sys, torch, torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-q, k, v = (torch.randn(1, 24, 8704, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+layout = sys.argv[1]  # bhsd: contiguous [B, H, S, D]; flux: [B, S, H, D] permuted, as diffusers' native backend
+B, H, S, D = 1, 24, 8704, 128
+def qkv():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (B, H, S, D) if layout == "bhsd" else (B, S, H, D)
+    return [torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3)]
 outs = []
 for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+    q, k, v = qkv()
     with sdpa_kernel(b):
-        o = F.scaled_dot_product_attention(q, k, v)
+        if layout == "bhsd":
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            t = [x.permute(0, 2, 1, 3) for x in (q, k, v)]
+            if layout == "flux_contiguous":
+                t = [x.contiguous() for x in t]
+            o = F.scaled_dot_product_attention(*t).permute(0, 2, 1, 3).flatten(2, 3)
         o.float().square().mean().backward()
     torch.cuda.synchronize()
-    outs.append((o.detach(), q.grad.clone()))
-    q.grad = k.grad = v.grad = None
+    outs.append((o.detach().float(), q.grad.float()))
 (o1, g1), (o2, g2) = outs
 e = max(float((o1 - o2).norm() / o2.norm()), float((g1 - g2).norm() / g2.norm()))
-print("rel_err", e)
+print(layout, "rel_err", e)
 assert e < 2e-2
 """
 
 
 def cudnn_attention_ok() -> bool:
-    """Run cuDNN SDPA forward+backward at the Kontext shape in a child process: an illegal memory access there
-    (seen on this image in a full Flux backward) kills only the child, and this process falls back to flash."""
-    r = subprocess.run([sys.executable, "-c", CUDNN_PROBE], capture_output=True, text=True, timeout=300)
-    print(f"cuDNN attention probe: {'ok' if r.returncode == 0 else 'FAILED'} {r.stdout.strip()} "
-          f"{r.stderr.strip()[-300:] if r.returncode else ''}", flush=True)
-    return r.returncode == 0
-
-
-def sdpa_context(name: str):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if name == "default" or not torch.cuda.is_available():
-        return contextlib.nullcontext()
-    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name])
+    """Run cuDNN SDPA forward+backward at the Kontext shape in child processes, in the contiguous layout and in the
+    permuted one diffusers passes: an illegal memory access (seen on this image in a full Flux backward) kills
+    only the child, and this process then uses flash."""
+    ok = {}
+    for layout in ("bhsd", "flux", "flux_contiguous"):
+        r = subprocess.run([sys.executable, "-c", CUDNN_PROBE, layout], capture_output=True, text=True, timeout=300)
+        ok[layout] = r.returncode == 0
+        print(f"cuDNN attention probe [{layout}]: {'ok' if ok[layout] else 'FAILED'} {r.stdout.strip()} "
+              f"{r.stderr.strip()[-200:] if r.returncode else ''}", flush=True)
+    return ok["flux"]
 
 
 # ---------------------------------------------------------------- timing
@@ -169,13 +179,12 @@ def timed(fn, cfg: BenchConfig) -> tuple[float, float]:
     return statistics.median(times), peak
 
 
-def train_step_fn(model, params, inp, attention: str):
+def train_step_fn(model, params, inp):
     opt = torch.optim.AdamW(params, lr=1e-5)
     target = inp["noise"] - inp["x0"]
 
     def step():
-        with sdpa_context(attention):
-            loss = F.mse_loss(forward(model, inp).float(), target.float())
+        loss = F.mse_loss(forward(model, inp).float(), target.float())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -183,11 +192,10 @@ def train_step_fn(model, params, inp, attention: str):
     return step
 
 
-def denoise_fn(model, inp, attention: str):
+def denoise_fn(model, inp):
     @torch.no_grad()
     def step():
-        with sdpa_context(attention):
-            forward(model, inp)
+        forward(model, inp)
 
     return step
 
@@ -219,13 +227,17 @@ def stock_int4(model):
 
 
 def run_row(label: str, cfg: BenchConfig, device, res: int, *, kind: str = "bf16", ckpt: bool = False,
-            compile_: bool = False, attention: str = "default", denoise: bool = False, fuse: bool = False,
+            compile_: bool = False, attention: str = "flash", denoise: bool = False, fuse: bool = False,
             stock4: bool = False) -> dict:
     model = build_transformer(cfg, device)
     if kind != "bf16":
         model = quantize(model, kind)
     if stock4:
         model = stock_int4(model)
+    if torch.cuda.is_available():
+        from train import set_attention
+
+        set_attention(model, attention, device)  # inside the model: holds under compile and checkpoint recompute
     params = add_lora(model)
     if fuse:
         model.fuse_lora(lora_scale=1.0)  # sampling with a fixed LoRA: merge it into the base weights
@@ -234,7 +246,7 @@ def run_row(label: str, cfg: BenchConfig, device, res: int, *, kind: str = "bf16
     if compile_:
         model.compile_repeated_blocks(fullgraph=False)
     inp = make_inputs(cfg, res, device)
-    fn = denoise_fn(model, inp, attention) if denoise else train_step_fn(model.train(), params, inp, attention)
+    fn = denoise_fn(model, inp) if denoise else train_step_fn(model.train(), params, inp)
     t0 = time.perf_counter()
     try:
         sec, peak = timed(fn, cfg)
@@ -258,6 +270,8 @@ def plan(cfg: BenchConfig, attention: str) -> list[tuple[str, int, dict]]:
     for res in cfg.res:
         if "bf16" in cfg.rows:
             rows += [("bf16 train, no recompute: stock", res, {}),
+                     *([("bf16 train, no recompute: stock, default SDPA backend", res, dict(attention="default"))]
+                       if res == big else []),
                      *([("bf16 train, no recompute: stock+compile", res, dict(compile_=True))]
                        if cfg.stock_compile and res == big else []),
                      ("bf16 train, no recompute: ours", res, ours)]
@@ -283,16 +297,38 @@ def plan(cfg: BenchConfig, attention: str) -> list[tuple[str, int, dict]]:
     return rows
 
 
+def run_child(cfg: BenchConfig, i: int, attention: str, label: str, res: int) -> dict:
+    """Each row in its own process: a crash (an illegal memory access poisons the CUDA context) or an
+    out-of-memory loses that row only, and every row starts with an empty GPU."""
+    args = [sys.executable, __file__, "--only", str(i), "--attention", attention, "--rows", *cfg.rows,
+            "--res", *map(str, cfg.res), "--iters", str(cfg.iters), "--warmup", str(cfg.warmup)]
+    args += [f"--{'' if v else 'no-'}{k.replace('_', '-')}" for k, v in
+             (("compile", cfg.compile), ("stock_compile", cfg.stock_compile), ("stock_int4", cfg.stock_int4),
+              ("tiny", cfg.tiny))]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    for line in reversed(r.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    row = dict(row=label, res=res, seconds=None, peak_gib=None, error=f"exit {r.returncode}: {r.stderr[-300:]}")
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main(cfg: BenchConfig) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.tiny:
         cfg = dataclasses.replace(cfg, res=(64, 32)[: len(cfg.res)], text_tokens=16, iters=2, warmup=1)
     attention = cfg.attention
-    if attention == "auto":
+    if attention == "auto" and cfg.only < 0:
         attention = "cudnn" if device.type == "cuda" and cudnn_attention_ok() else "flash"
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"# {gpu}, torch {torch.__version__}, ours: compile={cfg.compile} attention={attention}", flush=True)
-    results = [run_row(label, cfg, device, res, **kw) for label, res, kw in plan(cfg, attention)]
+    if cfg.only < 0:
+        print(f"# {gpu}, torch {torch.__version__}, ours: compile={cfg.compile} attention={attention}", flush=True)
+    rows = plan(cfg, attention)
+    if cfg.only >= 0:  # child: run one row in this process
+        label, res, kw = rows[cfg.only]
+        return [run_row(label, cfg, device, res, **kw)]
+    results = [run_child(cfg, i, attention, label, res) for i, (label, res, _) in enumerate(rows)]
     print(format_table(results))
     if cfg.out:
         with open(cfg.out, "w") as f:

@@ -411,6 +411,7 @@ def main(cfg: Config) -> dict:
     # 3. Transformer + LoRA.
     mcfg = dataclasses.replace(cfg.model, transformer=dataclasses.replace(cfg.model.transformer, device=str(device)))
     transformer = load_transformer(mcfg)
+    set_attention(transformer, tc.attention_backend, device)
     if tc.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     torch.manual_seed(tc.seed)  # LoRA A init draws from the global generator: same seed, same start
@@ -440,9 +441,8 @@ def main(cfg: Config) -> dict:
     last_ckpt = str(ckpt) if ckpt else "none"
     history = []
     per_rank = tc.batch_size
-    sdpa = lambda: _sdpa_context(tc.attention_backend, device)  # noqa: E731  (a fresh context each use)
     if tc.validate_every >= 0 and len(val_data) and start == 0:
-        val = held_out_loss(transformer, val_data, empty, tc, device, dtype, sdpa)
+        val = held_out_loss(transformer, val_data, empty, tc, device, dtype)
         log(f"step 0: held-out loss {val:.4f}")
         if rank == 0:
             log_file.write(json.dumps({"step": 0, "held_out_loss": val}) + "\n")
@@ -459,7 +459,7 @@ def main(cfg: Config) -> dict:
             n = len(entries)
             lo, hi = rank * n // world, (rank + 1) * n // world
             b = collate(entries, empty, tc, ("step", step, micro), device, dtype, slice(lo, hi))
-            with sdpa(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.autocast):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.autocast):
                 loss = flow_matching_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
                                           b["pooled_prompt_embeds"], b["img_ids"], b["text_ids"], tc.guidance,
                                           b["weight"])
@@ -492,7 +492,7 @@ def main(cfg: Config) -> dict:
         if rank == 0 and (done or (tc.save_every and (step + 1) % tc.save_every == 0)):
             last_ckpt = str(save_checkpoint(out_dir, transformer, optimizer, step + 1, cfg, tc.keep_checkpoints))
         if tc.validate_every >= 0 and len(val_data) and (done or (tc.validate_every and (step + 1) % tc.validate_every == 0)):
-            val = held_out_loss(transformer, val_data, empty, tc, device, dtype, sdpa)
+            val = held_out_loss(transformer, val_data, empty, tc, device, dtype)
             log(f"step {step + 1}: held-out loss {val:.4f}")
             if rank == 0:
                 log_file.write(json.dumps({"step": step + 1, "held_out_loss": val}) + "\n")
@@ -534,7 +534,7 @@ def _shape_of(data, i) -> tuple:
 
 
 @torch.no_grad()
-def held_out_loss(transformer, val_data, empty, tc: TrainConfig, device, dtype, sdpa) -> float:
+def held_out_loss(transformer, val_data, empty, tc: TrainConfig, device, dtype) -> float:
     """Flow-matching loss on the held-out samples at fixed noise and t in {0.25, 0.5, 0.75} (comparable across
     steps and runs)."""
     was = transformer.training
@@ -545,10 +545,9 @@ def held_out_loss(transformer, val_data, empty, tc: TrainConfig, device, dtype, 
             vc = dataclasses.replace(tc, caption_dropout=0.0)
             b = collate([val_data[i]], empty, vc, ("val", i), device, dtype, slice(0, 1))
             b["t"] = torch.full_like(b["t"], t)
-            with sdpa():
-                total += flow_matching_loss(transformer, b["x0"], b["noise"], b["t"], b["control"],
-                                            b["prompt_embeds"], b["pooled_prompt_embeds"], b["img_ids"],
-                                            b["text_ids"], 1.0, b["weight"]).item()
+            total += flow_matching_loss(transformer, b["x0"], b["noise"], b["t"], b["control"],
+                                        b["prompt_embeds"], b["pooled_prompt_embeds"], b["img_ids"],
+                                        b["text_ids"], 1.0, b["weight"]).item()
             n += 1
     transformer.train(was)
     return total / n
@@ -564,21 +563,20 @@ def _mean_over_ranks(x: float, world: int) -> float:
     return float(t.item()) / world
 
 
-def _sdpa_context(name: str, device: torch.device):
-    """The SDPA backend for the transformer on CUDA. "auto" picks flash: a full Flux backward through cuDNN
-    attention crashed on the H100 image (illegal memory access)."""
-    import contextlib
+ATTENTION_BACKENDS = {"auto": "_native_flash", "flash": "_native_flash", "cudnn": "_native_cudnn",
+                      "efficient": "_native_efficient", "math": "_native_math", "default": "native"}
 
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    table = {"auto": SDPBackend.FLASH_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-             "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "math": SDPBackend.MATH}
-    if name not in table:
-        raise ValueError(f"train.attention_backend: {name!r}; expected one of {sorted(table)}")
-    return sdpa_kernel(table[name])
+def set_attention(transformer, name: str, device: torch.device) -> None:
+    """Pin the SDPA backend inside the model (diffusers' set_attention_backend), so it holds in compiled blocks and
+    when gradient checkpointing recomputes a block during backward: an outer `sdpa_kernel` context does neither,
+    and a recompute under another backend fails torch.utils.checkpoint's metadata check (logsumexp shapes differ).
+    "auto" is flash: on the H100 image PyTorch's default choice crashed in a Flux backward (illegal memory
+    access); bench.py probes cuDNN, which is faster where it works."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"train.attention_backend: {name!r}; expected one of {sorted(ATTENTION_BACKENDS)}")
+    if device.type == "cuda":
+        transformer.set_attention_backend(ATTENTION_BACKENDS[name])
 
 
 def _tensorboard(out_dir: Path):
