@@ -47,6 +47,7 @@ class BenchConfig:
     tiny: bool = False
     text_tokens: int = 512
     out: str = ""  # also write the rows as JSON here
+    ours_only: bool = False  # skip the stock rows (e.g. when re-measuring ours)
     only: int = -1  # internal: run only this row of the plan, in this process
 
 
@@ -328,7 +329,8 @@ def main(cfg: BenchConfig) -> list[dict]:
     if cfg.only >= 0:  # child: run one row in this process
         label, res, kw = rows[cfg.only]
         return [run_row(label, cfg, device, res, **kw)]
-    results = [run_child(cfg, i, attention, label, res) for i, (label, res, _) in enumerate(rows)]
+    results = [run_child(cfg, i, attention, label, res) for i, (label, res, _) in enumerate(rows)
+               if not (cfg.ours_only and "stock" in label)]
     print(format_table(results))
     if cfg.out:
         with open(cfg.out, "w") as f:

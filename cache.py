@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+import safetensors.torch
+from safetensors.torch import save_file
 
 from config import DataConfig
 
@@ -241,7 +242,8 @@ def read_entry(path: Path, key: str, required: tuple[str, ...]) -> dict | None:
         with safe_open(str(path), "pt") as f:
             if (f.metadata() or {}).get("key") != key:
                 return None
-        tensors = load_file(str(path))
+        # Read the bytes, not a memory map: tensors must not change (or fault) if the file is rewritten later.
+        tensors = safetensors.torch.load(path.read_bytes())
     except (SafetensorError, OSError, ValueError, RuntimeError):
         return None
     if any(k not in tensors or not torch.isfinite(tensors[k]).all() for k in required):

@@ -389,7 +389,7 @@ def main(cfg: Config) -> dict:
     # 2. Latents and embeddings: from the cache, or encoded on the fly.
     device = rank_device(cfg, rank)
     dtype = parse_dtype(cfg.model.transformer.dtype, "transformer")
-    encoders = None
+    encoders = vae = None  # the VAE is loaded for validation grids only when first needed (cached mode)
     if tc.cached:
         if rank == 0:
             files, empty_file = prepare_data(cfg, samples, log)
@@ -403,6 +403,7 @@ def main(cfg: Config) -> dict:
     else:
         encoders = load_components(cfg.model, which=("clip", "t5", "vae"))
         otf = OnTheFly(samples, cfg.data, encoders)
+        vae = encoders.vae
         data, empty = _Slice(otf, 0, len(train_samples)), otf.empty
         val_data = _Slice(otf, len(train_samples), len(samples))
 
@@ -421,6 +422,11 @@ def main(cfg: Config) -> dict:
     if tc.compile:
         transformer.compile_repeated_blocks(fullgraph=False)
     if world > 1:
+        # Only the LoRA is trained: DDP must neither broadcast the frozen base (gloo cannot send float8, and a 12B
+        # broadcast at start is pure waste) nor re-send quantized buffers every forward.
+        frozen = [n for n, p in transformer.named_parameters() if not p.requires_grad]
+        frozen += [n for n, _ in transformer.named_buffers()]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(transformer, frozen)
         model = torch.nn.parallel.DistributedDataParallel(
             transformer, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(params, tc)
@@ -496,6 +502,11 @@ def main(cfg: Config) -> dict:
             log(f"step {step + 1}: held-out loss {val:.4f}")
             if rank == 0:
                 log_file.write(json.dumps({"step": step + 1, "held_out_loss": val}) + "\n")
+                if vae is None:
+                    from load import load_vae
+
+                    vae = load_vae(cfg.model)
+                log(f"validation grid: {validation_grid(transformer, vae, val_samples, val_data, cfg, step + 1, out_dir)}")
     if rank == 0:
         save_lora(transformer, out_dir / "lora.safetensors")
         log(f"wrote {out_dir / 'lora.safetensors'} and checkpoint {last_ckpt}")
@@ -531,6 +542,50 @@ def _shape_of(data, i) -> tuple:
             with Image.open(p) as im:
                 out += target_size((im.height, im.width), data.base.cfg)
     return out
+
+
+@torch.no_grad()
+def validation_grid(transformer, vae, val_samples, val_data, cfg: Config, step: int, out_dir: Path) -> Path:
+    """sample.py on each held-out pair (fixed seeds, cached prompt embeddings), saved as one PNG with a row per
+    sample: control | sample | target."""
+    from PIL import Image
+
+    from cache import open_image
+    from load import Components
+    from sample import sample
+
+    was = transformer.training
+    transformer.eval()
+    rows = []
+    for i, s in enumerate(val_samples):
+        e = val_data[i]
+        control = open_image(s.control) if s.control is not None else None
+        target = open_image(s.image)
+        sc = cfg.sample
+        out = sample(Components(vae=vae, transformer=transformer), control, None,
+                     prompt_embeds=e["prompt_embeds"][None], pooled_prompt_embeds=e["pooled_prompt_embeds"][None],
+                     guidance_scale=sc.guidance_scale, num_inference_steps=sc.num_inference_steps,
+                     generator=torch.Generator().manual_seed(sc.seed + i), size_mode="native",
+                     height=None if control is not None else target.height,
+                     width=None if control is not None else target.width, progress=False).images[0]
+        tiles = ([control] if control is not None else []) + [out, target]
+        h = max(t.height for t in tiles)
+        row = Image.new("RGB", (sum(t.width for t in tiles), h))
+        x = 0
+        for t in tiles:
+            row.paste(t, (x, 0))
+            x += t.width
+        rows.append(row)
+    grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)))
+    y = 0
+    for r in rows:
+        grid.paste(r, (0, y))
+        y += r.height
+    path = out_dir / "validation" / f"step-{step:06d}.png"  # a log artefact, not a checkpoint
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    transformer.train(was)
+    return path
 
 
 @torch.no_grad()

@@ -164,3 +164,9 @@ def test_ddp_two_processes_equal_one(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+
+
+@pytest.mark.parametrize("name", ["tiny", "bf16", "fp8", "fp4", "krea_bf16"])
+def test_every_config_file_loads(name):
+    cfg = load_config(ROOT / "configs" / f"{name}.py")
+    assert cfg.train.steps > 0 and cfg.model.path

@@ -1,0 +1,541 @@
+"""Kontext editing: prompt + image (+ LoRAs) -> image, as FluxKontextPipeline.__call__, with per-stage timings.
+
+    python sample.py --config configs/tiny.py --image in.png --prompt "make the sky red" --out edited.png
+    python sample.py --config configs/bf16.py --image in.png --prompt "..." --lora run/lora.safetensors \
+        --lora-scale 0.8 --negative-prompt "blurry" --true-cfg-scale 2.0 --steps 28 --seed 1 --size-mode native
+
+    from sample import sample, load_lora
+    out = sample(components, image, "make the sky red", generator=torch.Generator().manual_seed(0))
+
+Flow matching, as in train.py: x_t = (1 - t) * x0 + t * noise, the transformer predicts v = noise - x0, and sampling
+runs t from 1 to 0 with Euler steps x_{t'} = x_t + (t' - t) * v (diffusers' FlowMatchEulerDiscreteScheduler.step).
+
+Each component may sit on its own device and dtype (T5 on "cpu", transformer on "cuda:0", VAE on "cuda:1"): tensors
+are moved explicitly between stages, and the denoising loop runs on the transformer's device in its dtype. No
+accelerate hooks. Every result is compared with the pipeline in tests/test_sample.py.
+"""
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from encode import (MULTIPLE, _device_of, decode_latents, encode_image, encode_prompt, image_size, kontext_size,
+                    output_size, prepare_latents, preprocess_image, unpack_latents)
+
+SIZE_MODES = ("pipeline", "native")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+DEFAULT_SIZE = 1024  # the pipeline's default height and width (default_sample_size 128 * vae_scale_factor 8)
+
+
+# ---------------------------------------------------------------- schedule and sizes
+
+
+def flux_scheduler():
+    """A fresh FlowMatchEulerDiscreteScheduler with the scheduler_config.json of FLUX.1-Kontext-dev (the same as
+    FLUX.1-dev and FLUX.1-Krea-dev): dynamic shifting, mu from the image's token count. Fresh per call because the
+    scheduler is stateful (step index)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                           base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                           max_image_seq_len=4096)
+
+
+def sample_sizes(image_hw: tuple[int, int] | None, height: int | None, width: int | None, max_area: int,
+                 size_mode: str, auto_resize: bool) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """((output height, width), (control image height, width) or None), in pixels, multiples of 16.
+
+    "pipeline" (FluxKontextPipeline.__call__): output = height x width (default 1024 x 1024, not the input's
+    aspect) rescaled to max_area at the same aspect; the input image is snapped to the preferred Kontext resolution
+    nearest in aspect when auto_resize, else keeps its own size. "native": output = input = the image's own size
+    (never snapped, max_area unused); text-to-image takes height x width as given."""
+    if size_mode not in SIZE_MODES:
+        raise ValueError(f"size_mode must be one of {SIZE_MODES}, got {size_mode!r}")
+    if size_mode == "pipeline":
+        out = output_size(height or DEFAULT_SIZE, width or DEFAULT_SIZE, max_area)
+        return out, kontext_size(*image_hw, auto_resize) if image_hw else None
+    if image_hw is None:
+        if not (height and width):
+            raise ValueError("size_mode='native' without an image (text-to-image) needs height and width")
+        return (height // MULTIPLE * MULTIPLE, width // MULTIPLE * MULTIPLE), None
+    if height or width:
+        raise ValueError(f"size_mode='native' takes the output size from the image ({image_hw[0]}x{image_hw[1]}); "
+                         f"got height={height}, width={width}: use size_mode='pipeline' for an explicit size")
+    control = kontext_size(*image_hw, auto_resize=False)
+    return control, control
+
+
+# ---------------------------------------------------------------- timings
+
+
+@dataclass
+class Timings:
+    """Seconds per stage, measured after synchronising every CUDA device involved."""
+
+    encode_prompt: float = 0.0  # positive and (true CFG) negative prompts
+    encode_image: float = 0.0  # preprocess + VAE encode of the control image
+    steps: list[float] = field(default_factory=list)  # one per denoising step (CFG: both transformer calls)
+    decode: float = 0.0  # VAE decode + conversion to output_type
+    total: float = 0.0
+
+
+def format_timings(t: Timings) -> str:
+    """The timings as a small table (the first step is listed apart: it holds warm-up and any compilation)."""
+    n = len(t.steps)
+    denoise = sum(t.steps)
+    rows = [("encode_prompt", t.encode_prompt, ""), ("encode_image", t.encode_image, ""),
+            (f"denoise ({n} steps)", denoise, f"{denoise / n:.4f} s/step, first {t.steps[0]:.4f}" if n else ""),
+            ("decode", t.decode, ""), ("total", t.total, "")]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'stage':<{width}}  {'seconds':>9}"]
+    lines += [f"{name:<{width}}  {sec:9.4f}  {note}".rstrip() for name, sec, note in rows]
+    return "\n".join(lines)
+
+
+def _cuda_devices(*modules) -> list[torch.device]:
+    return sorted({p.device for m in modules if m is not None for p in m.parameters() if p.device.type == "cuda"},
+                  key=str)
+
+
+def _clock(devices: list[torch.device]) -> float:
+    # CUDA kernels run asynchronously: without a sync, a stage's time would land in whichever stage syncs next.
+    for d in devices:
+        torch.cuda.synchronize(d)
+    return time.perf_counter()
+
+
+# ---------------------------------------------------------------- sampling
+
+
+@dataclass
+class SampleOutput:
+    images: list | np.ndarray | torch.Tensor | None  # per output_type (pil / np / pt); None for "latent"
+    latents: torch.Tensor  # [B * n, N, 64] final packed latents (what the pipeline returns for output_type="latent")
+    timings: Timings
+
+
+def _as_batch(prompt, batch_size: int, name: str) -> list[str] | None:
+    """None, or `prompt` as a list of batch_size strings: a single string is repeated for every prompt (the pipeline
+    encodes it once and relies on broadcasting inside the transformer, which fails once num_images_per_prompt > 1)."""
+    if prompt is None or isinstance(prompt, str):
+        return None if prompt is None else [prompt] * batch_size
+    if len(prompt) != batch_size:
+        raise ValueError(f"{name} has {len(prompt)} entries but there are {batch_size} prompts")
+    return list(prompt)
+
+
+def _prompt_embeds(components, prompt, prompt_2, prompt_embeds, pooled_prompt_embeds, num_images_per_prompt: int,
+                   max_sequence_length: int, device, dtype):
+    """(prompt_embeds [B*n, L, D], pooled_prompt_embeds [B*n, P], text_ids [L, 3]) on the transformer's device and
+    dtype, encoded on the text encoders' own devices (pipeline.encode_prompt) or taken as given."""
+    c = components
+    if prompt_embeds is None:
+        prompt_embeds, pooled_prompt_embeds, _ = encode_prompt(c.clip, c.clip_tokenizer, c.t5, c.t5_tokenizer,
+                                                               prompt, prompt_2, num_images_per_prompt,
+                                                               max_sequence_length)
+    else:
+        # the pipeline leaves given embeddings as they are: with num_images_per_prompt > 1 that works for a single
+        # prompt only (by broadcasting inside the transformer) and fails for a batch of prompts
+        prompt_embeds = prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        pooled_prompt_embeds = pooled_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+    text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
+    return (prompt_embeds.to(device=device, dtype=dtype), pooled_prompt_embeds.to(device=device, dtype=dtype),
+            text_ids)
+
+
+def _predict(transformer, latents, control_latents, timestep, guidance, prompt_embeds, pooled_prompt_embeds,
+             text_ids, img_ids) -> torch.Tensor:
+    """Velocity for the noise tokens [B, N, 64]: the transformer sees cat([noise tokens, control tokens]) and the
+    prediction is its first N tokens (pipeline.__call__'s denoising loop)."""
+    hidden = latents if control_latents is None else torch.cat([latents, control_latents], dim=1)
+    out = transformer(hidden_states=hidden, timestep=timestep, guidance=guidance,
+                      pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
+                      img_ids=img_ids, return_dict=False)[0]
+    return out[:, :latents.shape[1]]
+
+
+def _check_true_cfg(true_cfg_scale: float, has_negative: bool) -> None:
+    if true_cfg_scale > 1 and not has_negative:  # the pipeline silently samples without CFG here
+        raise ValueError(f"true_cfg_scale={true_cfg_scale} needs a negative prompt (negative_prompt or "
+                         f"negative_prompt_embeds); use true_cfg_scale=1.0 for no true CFG")
+
+
+def _check_inputs(components, image, prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt,
+                  negative_prompt_embeds, negative_pooled_prompt_embeds, true_cfg_scale, output_type):
+    """Loud errors for what the pipeline would reject, or fail on deep inside, or silently ignore."""
+    c = components
+    if c.transformer is None:
+        raise ValueError("components.transformer is None: sampling needs the transformer")
+    if (prompt is None) == (prompt_embeds is None):
+        raise ValueError("pass exactly one of prompt and prompt_embeds")
+    if prompt is not None and (c.clip is None or c.t5 is None):
+        raise ValueError("components.clip / components.t5 is None: load the text encoders or pass prompt_embeds")
+    if prompt_embeds is not None and pooled_prompt_embeds is None:
+        raise ValueError("prompt_embeds needs pooled_prompt_embeds (the CLIP pooled output) too")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError("pass at most one of negative_prompt and negative_prompt_embeds")
+    if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+        raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds too")
+    _check_true_cfg(true_cfg_scale, negative_prompt is not None or negative_prompt_embeds is not None)
+    if (true_cfg_scale > 1 and prompt_embeds is not None and negative_prompt_embeds is not None
+            and prompt_embeds.shape != negative_prompt_embeds.shape):
+        raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                         f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    if c.vae is None and (image is not None or output_type != "latent"):
+        raise ValueError("components.vae is None: it is needed to encode the image and to decode the output")
+    if image is not None and not isinstance(image, (np.ndarray, torch.Tensor)) and not hasattr(image, "size"):
+        raise ValueError(f"image must be a PIL image, an ndarray or a tensor (one image per call), got "
+                         f"{type(image).__name__}")
+
+
+@torch.no_grad()  # as pipeline.__call__ (grad mode also changes which SDPA kernel runs)
+def sample(components, image, prompt, *, prompt_2=None, negative_prompt=None, negative_prompt_2=None,
+           true_cfg_scale: float = 1.0, guidance_scale: float = 3.5, num_inference_steps: int = 28, sigmas=None,
+           generator=None, height: int | None = None, width: int | None = None, max_area: int = 1024 ** 2,
+           size_mode: str = "pipeline", auto_resize: bool = True, max_sequence_length: int = 512,
+           num_images_per_prompt: int = 1, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt_embeds=None,
+           negative_pooled_prompt_embeds=None, latents=None, output_type: str = "pil",
+           progress: bool = True) -> SampleOutput:
+    """FluxKontextPipeline.__call__ for image editing, over loaded `Components` (load.py), with per-stage timings.
+
+    image: one PIL image / HWC ndarray / CHW tensor (values as the pipeline takes them), or None for text-to-image
+    (no control tokens; FLUX.1-Krea-dev). prompt: a string or a list (a batch); a string prompt_2, negative_prompt or
+    negative_prompt_2 is used for every prompt. True CFG runs when true_cfg_scale > 1 with a negative prompt:
+    v = v_neg + true_cfg_scale * (v_pos - v_neg). Sizes: see `sample_sizes` (size_mode "pipeline" or "native").
+    Given prompt_embeds / pooled_prompt_embeds ([B, L, D] / [B, P]) are repeated num_images_per_prompt times.
+    latents: packed starting noise [B * n, N, 64]. Returns SampleOutput(images, latents, timings)."""
+    c = components
+    _check_inputs(c, image, prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt, negative_prompt_embeds,
+                  negative_pooled_prompt_embeds, true_cfg_scale, output_type)
+    devices = _cuda_devices(c.clip, c.t5, c.vae, c.transformer)
+    transformer = c.transformer
+    device, dtype = _device_of(transformer), transformer.dtype
+    start = _clock(devices)
+
+    (height, width), control_hw = sample_sizes(image_size(image) if image is not None else None, height, width,
+                                               max_area, size_mode, auto_resize)
+    if isinstance(prompt, str):
+        batch_size = 1
+    elif prompt is not None:
+        batch_size = len(prompt)
+        if batch_size == 0:
+            raise ValueError("prompt is an empty list")
+    else:
+        batch_size = prompt_embeds.shape[0]
+
+    # 1. prompts, on the text encoders' devices, then moved to the transformer's device and dtype
+    do_true_cfg = true_cfg_scale > 1
+    prompt_embeds, pooled_prompt_embeds, text_ids = _prompt_embeds(
+        c, prompt, _as_batch(prompt_2, batch_size, "prompt_2"), prompt_embeds, pooled_prompt_embeds,
+        num_images_per_prompt, max_sequence_length, device, dtype)
+    if do_true_cfg:
+        negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids = _prompt_embeds(
+            c, _as_batch(negative_prompt, batch_size, "negative_prompt"),
+            _as_batch(negative_prompt_2, batch_size, "negative_prompt_2"), negative_prompt_embeds,
+            negative_pooled_prompt_embeds, num_images_per_prompt, max_sequence_length, device, dtype)
+    t_prompt = _clock(devices)
+
+    # 2. control image: encoded on the VAE's device, its latents moved to the transformer
+    image_latents = None
+    if image is not None:
+        pixels = preprocess_image(image, *control_hw)
+        image_latents = encode_image(c.vae, pixels, device=device, dtype=dtype)
+    t_image = _clock(devices)
+
+    # 3. noise tokens [B*n, N, 64], control tokens [B*n, M, 64] and their ids (target first, as the pipeline)
+    n_total = batch_size * num_images_per_prompt
+    if latents is not None:
+        expected = (n_total, (height // MULTIPLE) * (width // MULTIPLE), transformer.config.in_channels)
+        if tuple(latents.shape) != expected:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {expected} (packed) for "
+                             f"{n_total} images of {height}x{width}")
+    latents, control_latents, img_ids, control_ids = prepare_latents(image_latents, n_total, height, width, dtype,
+                                                                     device, generator, latents)
+    if control_ids is not None:
+        img_ids = torch.cat([img_ids, control_ids], dim=0)
+
+    # 4. schedule: sigmas 1 -> 1/N, shifted by mu(token count) inside set_timesteps
+    from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift, retrieve_timesteps
+
+    scheduler = flux_scheduler()
+    if sigmas is None:
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    cfg = scheduler.config
+    mu = calculate_shift(latents.shape[1], cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift,
+                         cfg.max_shift)
+    timesteps, _ = retrieve_timesteps(scheduler, None, device, sigmas=sigmas, mu=mu)
+    scheduler.set_begin_index(0)
+    guidance = None
+    if transformer.config.guidance_embeds:
+        guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(n_total)
+
+    # 5. denoise
+    from tqdm.auto import tqdm
+
+    steps = []
+    t_step = _clock(devices)
+    for t in tqdm(timesteps, desc="denoise", unit="step", disable=not progress):
+        timestep = t.expand(n_total).to(dtype) / 1000  # the transformer takes t in [0, 1]
+        v = _predict(transformer, latents, control_latents, timestep, guidance, prompt_embeds, pooled_prompt_embeds,
+                     text_ids, img_ids)
+        if do_true_cfg:
+            v_neg = _predict(transformer, latents, control_latents, timestep, guidance, negative_prompt_embeds,
+                             negative_pooled_prompt_embeds, negative_text_ids, img_ids)
+            v = v_neg + true_cfg_scale * (v - v_neg)
+        latents = scheduler.step(v, t, latents, return_dict=False)[0]
+        now = _clock(devices)
+        steps.append(now - t_step)
+        t_step = now
+
+    # 6. decode on the VAE's device; pixels -> output_type with the pipeline's own postprocess
+    images = None
+    if output_type != "latent":
+        from diffusers.image_processor import VaeImageProcessor
+
+        pixels = decode_latents(c.vae, unpack_latents(latents, 2 * (height // MULTIPLE), 2 * (width // MULTIPLE)))
+        images = VaeImageProcessor(vae_scale_factor=MULTIPLE).postprocess(pixels, output_type=output_type)
+    end = _clock(devices)
+    timings = Timings(encode_prompt=t_prompt - start, encode_image=t_image - t_prompt, steps=steps,
+                      decode=end - t_step, total=end - start)
+    return SampleOutput(images=images, latents=latents, timings=timings)
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+_LORA_KEY = re.compile(r"transformer\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
+_FORMAT = ("keys 'transformer.<module>.lora_A.weight' / 'lora_B.weight', as FluxKontextPipeline.save_lora_weights "
+           "writes")
+
+
+def read_lora(path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state_dict, adapter metadata or None) of a LoRA safetensors file. The metadata (r, lora_alpha, targets) is
+    the JSON that save_lora_weights stores in the header under 'lora_adapter_metadata'."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"LoRA file {str(path)!r} does not exist")
+    try:
+        state_dict = load_file(path)
+        with safe_open(path, "pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"LoRA file {str(path)!r} is not a readable safetensors file: {e}") from None
+    raw = header.get("lora_adapter_metadata")
+    try:
+        metadata = json.loads(raw) if raw else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"LoRA file {str(path)!r}: its 'lora_adapter_metadata' is not valid JSON: {e}") from None
+    return state_dict, metadata
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return ", ".join(repr(k) for k in keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+
+
+def check_lora_keys(transformer, state_dict: dict[str, torch.Tensor], path) -> None:
+    """Raise a ValueError naming the file unless every key is 'transformer.<module>.lora_A|B.weight' for a Linear of
+    this transformer, with both halves present and shapes lora_A [r, in_features], lora_B [out_features, r].
+    (peft would only warn about unmatched keys and leave those layers without the LoRA.)"""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    where = f"LoRA file {str(path)!r}"
+    if not state_dict:
+        raise ValueError(f"{where} holds no tensors")
+    unsupported = [k for k in state_dict if not _LORA_KEY.fullmatch(k)]
+    if unsupported:
+        raise ValueError(f"{where}: {len(unsupported)} of {len(state_dict)} keys are not in the supported format "
+                         f"({_FORMAT}): {_few(unsupported)}. Other formats (kohya, xlabs, ...): load them with "
+                         f"FluxKontextPipeline.lora_state_dict and write them with save_lora_weights first")
+    modules = dict(transformer.named_modules())
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    unmatched = []
+    for key, tensor in state_dict.items():
+        m = _LORA_KEY.fullmatch(key)
+        module = modules.get(m["module"])
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if not isinstance(base, torch.nn.Linear):
+            unmatched.append(key)
+        else:
+            halves.setdefault(m["module"], {})[m["ab"]] = tensor
+    if unmatched:
+        raise ValueError(f"{where}: {len(unmatched)} of {len(state_dict)} keys match no Linear module of the "
+                         f"transformer: {_few(unmatched)}; expected e.g. "
+                         f"'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' (is it a LoRA for another "
+                         f"model?)")
+    for name, ab in halves.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{where}: {name!r} has lora_{''.join(ab)} but not lora_{'B' if 'A' in ab else 'A'}")
+        base = modules[name].get_base_layer() if isinstance(modules[name], BaseTunerLayer) else modules[name]
+        a, b = ab["A"].shape, ab["B"].shape
+        if len(a) != 2 or len(b) != 2 or a[1] != base.in_features or b[0] != base.out_features or a[0] != b[1]:
+            raise ValueError(f"{where}: {name!r} has lora_A {tuple(a)} and lora_B {tuple(b)}; expected [r, "
+                             f"{base.in_features}] and [{base.out_features}, r] for this transformer")
+
+
+def _lora_layers(transformer):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _active_adapters(transformer) -> list[str]:
+    layers = _lora_layers(transformer)
+    return list(layers[0].active_adapters) if layers else []
+
+
+def load_lora(transformer, path, adapter_name: str = "default", scale: float = 1.0) -> None:
+    """Load a LoRA file (FluxKontextPipeline.save_lora_weights format) into the transformer as `adapter_name` with
+    diffusers' load_lora_adapter, as FluxKontextPipeline.load_lora_weights does, and make it active at `scale`.
+
+    LoRAs stack: adapters already active stay active at their scales (the pipeline instead leaves only the newest
+    one active). Keys are checked against the transformer before anything is loaded."""
+    state_dict, metadata = read_lora(path)
+    check_lora_keys(transformer, state_dict, path)
+    loaded = list(getattr(transformer, "peft_config", {}))
+    if adapter_name in loaded:
+        raise ValueError(f"LoRA file {str(path)!r}: adapter name {adapter_name!r} is already loaded ({loaded}); "
+                         f"pick another name or unload_lora it first")
+    active = _active_adapters(transformer)
+    transformer.load_lora_adapter(state_dict, prefix="transformer", adapter_name=adapter_name, metadata=metadata)
+    transformer.set_adapter(active + [adapter_name])  # diffusers: activation only, scales untouched
+    for layer in _lora_layers(transformer):
+        layer.set_scale(adapter_name, scale)  # what diffusers' set_adapters does per layer, for this adapter alone
+
+
+def set_lora_scales(transformer, scales: dict[str, float]) -> None:
+    """Activate exactly the named adapters, each at its scale (diffusers' set_adapters); others stay loaded, off."""
+    loaded = list(getattr(transformer, "peft_config", {}))
+    unknown = [n for n in scales if n not in loaded]
+    if unknown:
+        raise ValueError(f"set_lora_scales: no adapter named {unknown}; loaded: {loaded}")
+    transformer.set_adapters(list(scales), list(scales.values()))
+
+
+def unload_lora(transformer, adapter_name: str | None = None) -> None:
+    """Remove one adapter (delete_adapters; the others keep their active state and scales) or, with None, all of
+    them, restoring the transformer's original modules (diffusers' unload_lora). Unloading nothing is a no-op."""
+    loaded = list(getattr(transformer, "peft_config", {}))
+    if adapter_name is not None and adapter_name not in loaded:
+        raise ValueError(f"unload_lora: no adapter named {adapter_name!r}; loaded: {loaded}")
+    if adapter_name is None or loaded == [adapter_name]:
+        if loaded:
+            transformer.unload_lora()
+        return
+    still_active = [a for a in _active_adapters(transformer) if a != adapter_name]
+    transformer.delete_adapters(adapter_name)
+    transformer.set_adapter(still_active)  # peft would activate the first remaining adapter instead
+
+
+# ---------------------------------------------------------------- CLI
+
+
+@dataclass
+class Args:
+    """Edit an image with FLUX.1 Kontext. The model comes from --config (config.model); the defaults below come from
+    its config.sample."""
+
+    prompt: str = ""  # the edit instruction (required)
+    image: str = ""  # input image; empty: text-to-image (FLUX.1-Krea-dev configs)
+    out: str = "edited.png"
+    config: str = ""  # config file (python defining `config = Config(...)`); empty: the Config() defaults
+    lora: tuple[str, ...] = ()  # LoRA safetensors files, applied together
+    lora_scale: tuple[float, ...] = ()  # one per --lora (default 1.0 each)
+    negative_prompt: str | None = None
+    true_cfg_scale: float = 1.0  # > 1 with --negative-prompt: true classifier-free guidance
+    steps: int = 28
+    guidance_scale: float = 3.5  # embedded guidance
+    seed: int = 0
+    size_mode: Literal["native", "pipeline"] = "native"  # native: output = input size | pipeline: diffusers'
+    max_area: int = 1024 ** 2  # size_mode pipeline: output area
+    height: int | None = None  # pipeline: output height before the max_area rescale (1024); native: text-to-image
+    width: int | None = None  # pipeline: output width before the max_area rescale (1024); native: text-to-image
+    max_sequence_length: int = 512  # T5 tokens
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """`--config file.py` supplies the defaults (config.sample), tyro flags override them."""
+    import sys
+
+    import tyro
+
+    from config import Config, load_config, split_config_flag
+
+    path, rest = split_config_flag(sys.argv[1:] if argv is None else argv)
+    s = (load_config(path) if path else Config()).sample
+    default = Args(config=path or "", negative_prompt=s.negative_prompt, true_cfg_scale=s.true_cfg_scale,
+                   steps=s.num_inference_steps, guidance_scale=s.guidance_scale, seed=s.seed, size_mode=s.size_mode,
+                   max_area=s.max_area, max_sequence_length=s.max_sequence_length)
+    return tyro.cli(Args, default=default, args=rest, description=__doc__.splitlines()[0])
+
+
+def load_image(path):
+    """The image at `path` as an RGB PIL image, fully decoded now so a corrupt file fails here, naming it."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"image file {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"could not read image file {str(path)!r}: {e}") from None
+
+
+def main(args: Args) -> Path:
+    """Check every file first, then load the model, apply the LoRAs, sample, save, print the timing table."""
+    from PIL import Image
+
+    from config import Config, load_config
+    from load import load_components
+
+    if not args.prompt:
+        raise ValueError("--prompt is required")
+    image = load_image(args.image) if args.image else None
+    # the checks sample() makes that need no model, made before loading one
+    _check_true_cfg(args.true_cfg_scale, args.negative_prompt is not None)
+    sample_sizes(image_size(image) if image else None, args.height, args.width, args.max_area, args.size_mode, True)
+    out = Path(args.out)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {str(out)!r}: unknown image extension {out.suffix!r} (use .png, .jpg, .webp, ...)")
+    if args.lora_scale and len(args.lora_scale) != len(args.lora):
+        raise ValueError(f"{len(args.lora)} --lora file(s) but {len(args.lora_scale)} --lora-scale value(s)")
+    for path in args.lora:
+        read_lora(path)  # a missing or unreadable file fails now, not after loading the model
+
+    cfg = load_config(args.config) if args.config else Config()
+    components = load_components(cfg.model)
+    for i, path in enumerate(args.lora):
+        load_lora(components.transformer, path, f"lora{i}", args.lora_scale[i] if args.lora_scale else 1.0)
+
+    result = sample(components, image, args.prompt, negative_prompt=args.negative_prompt,
+                    true_cfg_scale=args.true_cfg_scale, guidance_scale=args.guidance_scale,
+                    num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
+                    height=args.height, width=args.width, max_area=args.max_area, size_mode=args.size_mode,
+                    max_sequence_length=args.max_sequence_length)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.images[0].save(out)
+    print(format_timings(result.timings))
+    print(f"saved {out} ({result.images[0].width}x{result.images[0].height})")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except ValueError as e:  # user errors (files, flags, LoRA keys): the message, not a traceback
+        raise SystemExit(f"sample.py: error: {e}") from None
