@@ -211,7 +211,8 @@ def write_toy_dataset(out: str | Path, n: int = 24, size: int = 64, seed: int = 
     from PIL import Image
 
     out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)  # the temp folder must be on out's filesystem for the rename
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
     try:
         (tmp / "images").mkdir()
         (tmp / "control").mkdir()
@@ -226,7 +227,6 @@ def write_toy_dataset(out: str | Path, n: int = 24, size: int = 64, seed: int = 
             img[y:y + side, x:x + side] = (230, 20, 20)
             Image.fromarray(img).save(tmp / "images" / f"{i:03d}.png")
             (tmp / "images" / f"{i:03d}.txt").write_text("make the square red")
-        out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -10,6 +10,7 @@ from encode import (encode_image, encode_prompt, get_clip_prompt_embeds, get_t5_
 
 PROMPTS = ["make the sky red", "turn the cat into a dog"]
 PROMPTS_2 = ["add a hat to the person", "make it night"]
+LONG = " ".join(["a photo of a cat sitting on a red chair in a sunny garden"] * 8)  # > 77 CLIP tokens
 
 
 def rand_image(h, w, seed=0):
@@ -22,6 +23,8 @@ def test_get_clip_prompt_embeds(components, pipe):
     assert ours.shape == theirs.shape == (4, 32)
     assert torch.equal(ours, theirs)
     assert not torch.equal(ours[0], ours[2])  # distinct prompts give distinct embeddings
+    long_ours = get_clip_prompt_embeds(components.clip, components.clip_tokenizer, [LONG])
+    assert torch.equal(long_ours, pipe._get_clip_prompt_embeds([LONG], device="cpu"))  # truncated at 77, as theirs
 
 
 def test_get_t5_prompt_embeds(components, pipe):
