@@ -174,6 +174,13 @@ def build_components(spec: TinySpec) -> dict:
                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
 
 
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Put a fully written temp folder in place of `out` (rename on the same filesystem)."""
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
 def write_tiny(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
     """Write the checkpoint folder atomically (temp dir + rename) and return its path."""
     from diffusers import FluxKontextPipeline
@@ -184,9 +191,7 @@ def write_tiny(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
     try:
         FluxKontextPipeline(**build_components(spec)).save_pretrained(tmp, safe_serialization=True)
         (tmp / "tiny_spec.json").write_text(json.dumps(dataclasses.asdict(spec)))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -227,9 +232,7 @@ def write_toy_dataset(out: str | Path, n: int = 24, size: int = 64, seed: int = 
             img[y:y + side, x:x + side] = (230, 20, 20)
             Image.fromarray(img).save(tmp / "images" / f"{i:03d}.png")
             (tmp / "images" / f"{i:03d}.txt").write_text("make the square red")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
