@@ -13,7 +13,6 @@ warms up (compilation included) outside the timing, then reports the median of `
 and the peak allocated memory. Every optimisation of "ours" is a flag (--no-compile, --attention flash, ...).
 """
 
-import contextlib
 import dataclasses
 import gc
 import json

@@ -279,17 +279,30 @@ def encode_empty(cfg: DataConfig, c, device=None) -> dict:
     return {"empty_prompt_embeds": embeds[0], "empty_pooled_prompt_embeds": pooled[0]}
 
 
-def build_cache(samples: list[Sample], cfg: DataConfig, c, cache_dir: Path, model_ident: str,
-                progress: bool = True) -> tuple[list[Path], Path]:
-    """Encode what is not cached yet (or whose file is corrupt); return (sample files, empty-prompt file)."""
+def cache_paths(samples: list[Sample], cfg: DataConfig, cache_dir: Path, model_ident: str) -> tuple[list[Path], Path]:
+    """(one file per sample, the empty-prompt file): where build_cache keeps them, named by content."""
+    cache_dir = Path(cache_dir)
+    return ([cache_dir / f"{sample_key(s, cfg, model_ident)}.safetensors" for s in samples],
+            cache_dir / f"empty-{empty_key(cfg, model_ident)}.safetensors")
+
+
+def build_cache(samples: list[Sample], cfg: DataConfig, encoders, cache_dir: Path, model_ident: str,
+                progress: bool = True) -> tuple[list[dict], dict]:
+    """Every sample's cached tensors and the empty prompt's, each file read once; what is missing or corrupt is
+    encoded and written. `encoders`: the loaded Components, or a function returning them, called only when
+    something must be encoded (a fully cached run never loads the text encoders or the VAE)."""
     from tqdm import tqdm
 
-    cache_dir = Path(cache_dir)
-    files = [cache_dir / f"{sample_key(s, cfg, model_ident)}.safetensors" for s in samples]
-    todo = [(s, f) for s, f in zip(samples, files) if read_entry(f, f.stem, required_keys(s)) is None]
-    for s, f in tqdm(todo, desc="caching latents and embeddings", disable=not progress or not todo):
-        save_atomic(encode_sample(s, cfg, c, device="cpu"), f, {"key": f.stem, "source": str(s.image)})
-    empty = cache_dir / f"empty-{empty_key(cfg, model_ident)}.safetensors"
-    if read_entry(empty, empty.stem, ("empty_prompt_embeds",)) is None:
-        save_atomic(encode_empty(cfg, c, device="cpu"), empty, {"key": empty.stem})
-    return files, empty
+    files, empty_file = cache_paths(samples, cfg, cache_dir, model_ident)
+    entries = [read_entry(f, f.stem, required_keys(s)) for s, f in zip(samples, files)]
+    empty = read_entry(empty_file, empty_file.stem, ("empty_prompt_embeds",))
+    todo = [i for i, e in enumerate(entries) if e is None]
+    if todo or empty is None:
+        c = encoders() if callable(encoders) else encoders
+        for i in tqdm(todo, desc="caching latents and embeddings", disable=not progress or not todo):
+            entries[i] = encode_sample(samples[i], cfg, c, device="cpu")
+            save_atomic(entries[i], files[i], {"key": files[i].stem, "source": str(samples[i].image)})
+        if empty is None:
+            empty = encode_empty(cfg, c, device="cpu")
+            save_atomic(empty, empty_file, {"key": empty_file.stem})
+    return entries, empty

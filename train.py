@@ -18,10 +18,10 @@ import math
 import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from config import Config, DataConfig, TrainConfig, cli, to_json
 from encode import latent_ids, pack_latents
@@ -84,14 +84,10 @@ def make_batches(shapes: list[tuple], batch_size: int, seed: int, epoch: int) ->
 
 
 def global_batch(shapes: list[tuple], batch_size: int, seed: int, index: int) -> list[int]:
-    """The index-th batch of the endless stream of epochs."""
-    epoch = 0
-    while True:
-        batches = make_batches(shapes, batch_size, seed, epoch)
-        if index < len(batches):
-            return batches[index]
-        index -= len(batches)
-        epoch += 1
+    """The index-th batch of the endless stream of epochs. Every epoch has the same number of batches (shuffling
+    moves samples within their shape bucket), so the epoch is index // that number: O(N) per step, not O(steps)."""
+    per_epoch = sum(math.ceil(n / batch_size) for n in Counter(shapes).values())
+    return make_batches(shapes, batch_size, seed, index // per_epoch)[index % per_epoch]
 
 
 def collate(entries: list[dict], empty: dict, cfg: TrainConfig, step_key: tuple, device, dtype, rank_slice: slice):
@@ -303,8 +299,9 @@ def rank_device(cfg: Config, rank: int) -> torch.device:
 # ---------------------------------------------------------------- data to tensors
 
 
-def prepare_data(cfg: Config, samples, log) -> tuple[list[Path], Path]:
-    """Cached mode: encode what is missing (encoders loaded, used, freed). Returns (sample files, empty file)."""
+def cached_data(cfg: Config, samples, log) -> tuple[list[dict], dict]:
+    """Cached mode: every sample's tensors from the cache; what is missing is encoded first, with the text
+    encoders and VAE loaded only then and freed after."""
     import gc
 
     from cache import build_cache
@@ -312,35 +309,20 @@ def prepare_data(cfg: Config, samples, log) -> tuple[list[Path], Path]:
 
     ident = "|".join(model_identity(cfg.model, getattr(cfg.model, n), n) for n in ("clip", "t5", "vae"))
     cache_dir = Path(cfg.data.cache_dir or Path(cfg.out_dir) / "cache")
-    from cache import empty_key, read_entry, required_keys, sample_key
+    loaded = []
 
-    files = [cache_dir / f"{sample_key(s, cfg.data, ident)}.safetensors" for s in samples]
-    empty = cache_dir / f"empty-{empty_key(cfg.data, ident)}.safetensors"
-    c = None
-    if (any(read_entry(f, f.stem, required_keys(s)) is None for s, f in zip(samples, files))
-            or read_entry(empty, empty.stem, ("empty_prompt_embeds",)) is None):
+    def encoders():
         log(f"caching into {cache_dir}")
-        c = load_components(cfg.model, which=("clip", "t5", "vae"))
-        files, empty = build_cache(samples, cfg.data, c, cache_dir, ident)
-    else:
-        log(f"all {len(files)} samples cached in {cache_dir}; text encoders and VAE not loaded")
-    del c
+        loaded.append(load_components(cfg.model, which=("clip", "t5", "vae")))
+        return loaded[0]
+
+    entries, empty = build_cache(samples, cfg.data, encoders, cache_dir, ident)
+    if not loaded:
+        log(f"all {len(entries)} samples cached in {cache_dir}; text encoders and VAE not loaded")
+    loaded.clear()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return files, empty
-
-
-def read_all(files: list[Path], empty_file: Path, samples) -> tuple[list[dict], dict]:
-    from cache import read_entry, required_keys
-
-    entries = []
-    for f, s in zip(files, samples):
-        e = read_entry(f, f.stem, required_keys(s))
-        if e is None:
-            raise ValueError(f"cache file {f} (for {s.image}) is missing or corrupt after caching")
-        entries.append(e)
-    empty = read_entry(empty_file, empty_file.stem, ("empty_prompt_embeds",))
     return entries, empty
 
 
@@ -392,12 +374,11 @@ def main(cfg: Config) -> dict:
     encoders = vae = None  # the VAE is loaded for validation grids only when first needed (cached mode)
     if tc.cached:
         if rank == 0:
-            files, empty_file = prepare_data(cfg, samples, log)
+            entries, empty = cached_data(cfg, samples, log)
         if world > 1:
             torch.distributed.barrier()
         if rank != 0:
-            files, empty_file = prepare_data(cfg, samples, log)  # all hits now: only reads
-        entries, empty = read_all(files, empty_file, samples)
+            entries, empty = cached_data(cfg, samples, log)  # rank 0 has written everything: only reads
         data = entries[: len(train_samples)]
         val_data = entries[len(train_samples):]
     else:

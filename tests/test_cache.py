@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cache import (DatasetError, Sample, build_cache, encode_sample, read_entry, sample_key, scan_dataset,
+from cache import (DatasetError, Sample, build_cache, cache_paths, encode_sample, read_entry, sample_key, scan_dataset,
                    validate_dataset)
 from config import DataConfig
 from encode import encode_image, encode_prompt, preprocess_image
@@ -108,7 +108,8 @@ def test_keys_follow_content(data, tmp_path):
 def test_cache_equals_encode_and_rebuilds_corrupt(data, tmp_path, components):
     cfg = DataConfig(path=str(data), max_sequence_length=32)
     samples = scan_dataset(cfg)
-    files, empty = build_cache(samples, cfg, components, tmp_path / "cache", "m", progress=False)
+    build_cache(samples, cfg, components, tmp_path / "cache", "m", progress=False)
+    files, empty = cache_paths(samples, cfg, tmp_path / "cache", "m")
     c = components
     for s, f in zip(samples, files):
         e = read_entry(f, f.stem, ("image_latents",))
