@@ -82,13 +82,12 @@ def make_inputs(cfg: BenchConfig, res: int, device):
 
 
 def forward(model, inp, t=0.5):
+    from sample import predict_velocity
+
     tt = torch.full((1,), t, device=inp["x0"].device, dtype=torch.bfloat16)
     x_t = (1 - t) * inp["x0"] + t * inp["noise"]
-    out = model(hidden_states=torch.cat([x_t, inp["control"]], 1), timestep=tt,
-                guidance=torch.ones(1, device=tt.device), pooled_projections=inp["pooled"],
-                encoder_hidden_states=inp["prompt_embeds"], txt_ids=inp["txt_ids"], img_ids=inp["img_ids"],
-                return_dict=False)[0]
-    return out[:, : inp["x0"].shape[1]]
+    return predict_velocity(model, x_t, inp["control"], tt, torch.ones(1, device=tt.device), inp["prompt_embeds"],
+                            inp["pooled"], inp["txt_ids"], inp["img_ids"])
 
 
 def add_lora(model):

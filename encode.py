@@ -130,14 +130,6 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(x, return_dict=False)[0]
 
 
-def to_pil(images: torch.Tensor) -> list:
-    """[B, 3, H, W] in [-1, 1] -> PIL images (the pipeline's postprocess: clamp, round to uint8)."""
-    from PIL import Image
-
-    arr = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray((a * 255).round().astype("uint8")) for a in arr]
-
-
 # ---------------------------------------------------------------- packing and ids
 
 

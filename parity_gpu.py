@@ -68,18 +68,15 @@ def pipeline_run(pipe, image, kw, steps):
 
 
 def main():
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
+    from diffusers import FluxKontextPipeline
     from PIL import Image
 
-    from sample import format_timings, sample
+    from sample import flux_scheduler, format_timings, sample
 
     torch.backends.cuda.matmul.allow_tf32 = False
     c = build_components()
     c.transformer.set_attention_backend("_native_flash")  # both sides: see train.set_attention
-    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-                                            base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                            max_image_seq_len=4096)
-    pipe = FluxKontextPipeline(scheduler=sched, vae=c.vae, text_encoder=c.clip, tokenizer=c.clip_tokenizer,
+    pipe = FluxKontextPipeline(scheduler=flux_scheduler(), vae=c.vae, text_encoder=c.clip, tokenizer=c.clip_tokenizer,
                                text_encoder_2=c.t5, tokenizer_2=c.t5_tokenizer, transformer=c.transformer)
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(0)

@@ -149,10 +149,10 @@ def _prompt_embeds(components, prompt, prompt_2, prompt_embeds, pooled_prompt_em
             text_ids)
 
 
-def _predict(transformer, latents, control_latents, timestep, guidance, prompt_embeds, pooled_prompt_embeds,
+def predict_velocity(transformer, latents, control_latents, timestep, guidance, prompt_embeds, pooled_prompt_embeds,
              text_ids, img_ids) -> torch.Tensor:
     """Velocity for the noise tokens [B, N, 64]: the transformer sees cat([noise tokens, control tokens]) and the
-    prediction is its first N tokens (pipeline.__call__'s denoising loop)."""
+    prediction is its first N tokens (pipeline.__call__'s denoising loop; train.py's loss uses it too)."""
     hidden = latents if control_latents is None else torch.cat([latents, control_latents], dim=1)
     out = transformer(hidden_states=hidden, timestep=timestep, guidance=guidance,
                       pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
@@ -286,10 +286,10 @@ def sample(components, image, prompt, *, prompt_2=None, negative_prompt=None, ne
     t_step = _clock(devices)
     for t in tqdm(timesteps, desc="denoise", unit="step", disable=not progress):
         timestep = t.expand(n_total).to(dtype) / 1000  # the transformer takes t in [0, 1]
-        v = _predict(transformer, latents, control_latents, timestep, guidance, prompt_embeds, pooled_prompt_embeds,
+        v = predict_velocity(transformer, latents, control_latents, timestep, guidance, prompt_embeds, pooled_prompt_embeds,
                      text_ids, img_ids)
         if do_true_cfg:
-            v_neg = _predict(transformer, latents, control_latents, timestep, guidance, negative_prompt_embeds,
+            v_neg = predict_velocity(transformer, latents, control_latents, timestep, guidance, negative_prompt_embeds,
                              negative_pooled_prompt_embeds, negative_text_ids, img_ids)
             v = v_neg + true_cfg_scale * (v - v_neg)
         latents = scheduler.step(v, t, latents, return_dict=False)[0]

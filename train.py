@@ -25,6 +25,7 @@ import torch
 
 from config import Config, DataConfig, TrainConfig, cli, to_json
 from encode import latent_ids, pack_latents
+from sample import predict_velocity
 
 # ---------------------------------------------------------------- the objective
 
@@ -53,11 +54,9 @@ def flow_matching_loss(transformer, x0: torch.Tensor, noise: torch.Tensor, t: to
     t_ = t.view(-1, 1, 1).to(x0.dtype)
     x_t = (1 - t_) * x0 + t_ * noise
     target = noise - x0
-    hidden = x_t if control is None else torch.cat([x_t, control], dim=1)
     g = torch.full((x0.shape[0],), guidance, device=x0.device, dtype=torch.float32)
-    pred = transformer(hidden_states=hidden, timestep=t.to(x0.dtype), guidance=g,
-                       pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds,
-                       txt_ids=text_ids, img_ids=img_ids, return_dict=False)[0][:, : x0.shape[1]]
+    pred = predict_velocity(transformer, x_t, control, t.to(x0.dtype), g, prompt_embeds, pooled_prompt_embeds,
+                            text_ids, img_ids)
     err = (pred.float() - target.float()) ** 2
     if weight is None:
         return err.mean()
