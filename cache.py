@@ -176,8 +176,6 @@ def validate_dataset(samples: list[Sample], cfg: DataConfig) -> None:
         if "mask" in sizes and "image" in sizes and sizes["mask"] != sizes["image"]:
             problems.append(f"{s.mask}: mask is {sizes['mask'][1]}x{sizes['mask'][0]} but its image {s.image} "
                             f"is {sizes['image'][1]}x{sizes['image'][0]}")
-        if not s.prompt and not cfg.text_to_image:
-            pass  # an empty instruction is legal (the model then reconstructs); nothing to report
     if problems:
         raise DatasetError(f"{len(problems)} problem(s) in dataset {cfg.path}:\n  " + "\n  ".join(problems))
 

@@ -116,7 +116,8 @@ def _from_pretrained(cls, name: str, path: str, sub: str, **kw):
 
 
 def _place(module: torch.nn.Module, part: Part, name: str) -> torch.nn.Module:
-    module.to(device=parse_device(part.device, name), dtype=parse_dtype(part.dtype, name))
+    # the dtype was set by from_pretrained(dtype=...); a second cast here would only trigger diffusers' warning
+    module.to(device=parse_device(part.device, name))
     return module.eval().requires_grad_(False)
 
 

@@ -575,9 +575,9 @@ def held_out_loss(transformer, val_data, empty, tc: TrainConfig, device, dtype) 
     was = transformer.training
     transformer.eval()
     total, n = 0.0, 0
+    vc = dataclasses.replace(tc, caption_dropout=0.0)
     for i in range(len(val_data)):
         for t in (0.25, 0.5, 0.75):
-            vc = dataclasses.replace(tc, caption_dropout=0.0)
             b = collate([val_data[i]], empty, vc, ("val", i), device, dtype, slice(0, 1))
             b["t"] = torch.full_like(b["t"], t)
             total += flow_matching_loss(transformer, b["x0"], b["noise"], b["t"], b["control"],

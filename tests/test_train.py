@@ -61,7 +61,7 @@ def test_timestep_sampling_and_schedule():
 def test_cached_equals_uncached(tmp_path):
     a = run(tiny_cfg(tmp_path / "a", cached=True))["history"]
     b = run(tiny_cfg(tmp_path / "b", cached=False))["history"]
-    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6, abs=0)
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # same tensors in, same losses out
     assert a[0]["loss"] != a[1]["loss"]
 
 
