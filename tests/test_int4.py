@@ -7,9 +7,6 @@ interpreter); bf16 / fp16 kernel numerics, bnb's CUDA kernels and speed-relevant
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -432,9 +429,9 @@ def test_lora_from_linear4bit_loads_in_pipeline(quantized, dense_transformer, ti
 
 @pytest.mark.skipif(INTERPRET or triton is None, reason="driver: runs the interpret tests with TRITON_INTERPRET=1")
 def test_triton_kernels_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpret"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    from tests_util import run_interpret_tests
+
+    r = run_interpret_tests(__file__)
     assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-4000:] + r.stderr[-4000:]
 
 

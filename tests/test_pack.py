@@ -4,9 +4,6 @@ The Triton kernel's fp32 instantiation runs under TRITON_INTERPRET=1 in a subpro
 interpreter); bf16 numerics need the GPU (marker `gpu`).
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -61,9 +58,9 @@ def test_cpu_without_interpreter_uses_the_reference():
 
 @pytest.mark.skipif(INTERPRET or triton is None, reason="driver: runs the interpret tests with TRITON_INTERPRET=1")
 def test_pack_kernel_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpret"],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    from tests_util import run_interpret_tests
+
+    r = run_interpret_tests(__file__)
     assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-4000:] + r.stderr[-4000:]
 
 

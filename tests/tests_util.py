@@ -1,5 +1,10 @@
 """Helpers shared by tests (not a test module)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -31,3 +36,12 @@ def mse_to_targets(pipe, cfg) -> float:
         want = pack_latents(encode_image(pipe.vae, preprocess_image(target)))
         errs.append(float(((out - want) ** 2).mean()))
     return float(np.mean(errs))
+
+
+def run_interpret_tests(test_file: str) -> subprocess.CompletedProcess:
+    """Run test_file's `interpret` tests in a child process with TRITON_INTERPRET=1 (Triton reads it when it is
+    imported, so it cannot be switched on inside this process)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k",
+                           "interpret"], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+                          text=True, timeout=600)
