@@ -40,7 +40,8 @@ class BenchConfig:
     iters: int = 5
     warmup: int = 2
     compile: bool = True  # ours: torch.compile each repeated block (diffusers' compile_repeated_blocks)
-    attention: str = "auto"  # ours: auto (cuDNN when the probe passes, else flash) | flash | cudnn | default
+    attention: str = "cudnn"  # ours: cudnn (kernels/attention.py) | flash | default (train.ATTENTION_BACKENDS)
+    profile: bool = True  # ours: one extra step under torch.profiler, GPU time by kernel kind
     stock_compile: bool = True  # also time stock + compile_repeated_blocks
     stock_int4: bool = True  # stock bitsandbytes nf4 + peft (needs bitsandbytes)
     tiny: bool = False
@@ -100,52 +101,6 @@ def add_lora(model):
     return params
 
 
-# ---------------------------------------------------------------- attention backends
-
-
-CUDNN_PROBE = r"""
-import sys, torch, torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-layout = sys.argv[1]  # bhsd: contiguous [B, H, S, D]; flux: [B, S, H, D] permuted, as diffusers' native backend
-B, H, S, D = 1, 24, 8704, 128
-def qkv():
-    g = torch.Generator(device="cuda").manual_seed(0)
-    shape = (B, H, S, D) if layout == "bhsd" else (B, S, H, D)
-    return [torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in range(3)]
-outs = []
-for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
-    q, k, v = qkv()
-    with sdpa_kernel(b):
-        if layout == "bhsd":
-            o = F.scaled_dot_product_attention(q, k, v)
-        else:
-            t = [x.permute(0, 2, 1, 3) for x in (q, k, v)]
-            if layout == "flux_contiguous":
-                t = [x.contiguous() for x in t]
-            o = F.scaled_dot_product_attention(*t).permute(0, 2, 1, 3).flatten(2, 3)
-        o.float().square().mean().backward()
-    torch.cuda.synchronize()
-    outs.append((o.detach().float(), q.grad.float()))
-(o1, g1), (o2, g2) = outs
-e = max(float((o1 - o2).norm() / o2.norm()), float((g1 - g2).norm() / g2.norm()))
-print(layout, "rel_err", e)
-assert e < 2e-2
-"""
-
-
-def cudnn_attention_ok() -> bool:
-    """Run cuDNN SDPA forward+backward at the Kontext shape in child processes, in the contiguous layout and in the
-    permuted one diffusers passes: an illegal memory access (seen on this image in a full Flux backward) kills
-    only the child, and this process then uses flash."""
-    ok = {}
-    for layout in ("bhsd", "flux", "flux_contiguous"):
-        r = subprocess.run([sys.executable, "-c", CUDNN_PROBE, layout], capture_output=True, text=True, timeout=300)
-        ok[layout] = r.returncode == 0
-        print(f"cuDNN attention probe [{layout}]: {'ok' if ok[layout] else 'FAILED'} {r.stdout.strip()} "
-              f"{r.stderr.strip()[-200:] if r.returncode else ''}", flush=True)
-    return ok["flux"]
-
-
 # ---------------------------------------------------------------- timing
 
 
@@ -176,6 +131,40 @@ def timed(fn, cfg: BenchConfig) -> tuple[float, float]:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
     return statistics.median(times), peak
+
+
+KERNEL_KINDS = (  # first match wins; names as the profiler reports CUDA kernels
+    ("attention", ("sdpa", "fmha", "flash", "attention")),
+    ("quant", ("quantize", "dequant")),  # our Triton fp8/4-bit kernels
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "triton_tem", "_mm_", "matmul")),
+    ("fused elementwise (triton)", ("triton",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other (aten)")
+
+
+def profile_step(fn) -> dict:
+    """One call of fn under torch.profiler: milliseconds of GPU kernel time per kind, the wall time of the step,
+    and the gap (wall minus kernel time: launch overhead, host work and syncs while the GPU idles)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    wall = (time.perf_counter() - t0) * 1e3
+    kinds: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0:
+            k = kernel_kind(e.key)
+            kinds[k] = kinds.get(k, 0.0) + e.self_device_time_total / 1e3
+    busy = sum(kinds.values())
+    return dict({k: round(v, 1) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+                kernels_ms=round(busy, 1), wall_ms=round(wall, 1), gap_ms=round(wall - busy, 1))
 
 
 def train_step_fn(model, params, inp):
@@ -250,6 +239,8 @@ def run_row(label: str, cfg: BenchConfig, device, res: int, *, kind: str = "bf16
     try:
         sec, peak = timed(fn, cfg)
         row = dict(row=label, res=res, seconds=round(sec, 4), peak_gib=round(peak, 2))
+        if cfg.profile and "stock" not in label and torch.cuda.is_available():
+            row["profile_ms"] = profile_step(fn)
     except Exception as e:  # a failing variant is a finding to print, not a reason to lose the other rows
         row = dict(row=label, res=res, seconds=None, peak_gib=None, error=f"{type(e).__name__}: {str(e)[:200]}")
     row["wall_s"] = round(time.perf_counter() - t0, 1)
@@ -269,8 +260,6 @@ def plan(cfg: BenchConfig, attention: str) -> list[tuple[str, int, dict]]:
     for res in cfg.res:
         if "bf16" in cfg.rows:
             rows += [("bf16 train, no recompute: stock", res, {}),
-                     *([("bf16 train, no recompute: stock, default SDPA backend", res, dict(attention="default"))]
-                       if res == big else []),
                      *([("bf16 train, no recompute: stock+compile", res, dict(compile_=True))]
                        if cfg.stock_compile and res == big else []),
                      ("bf16 train, no recompute: ours", res, ours)]
@@ -303,7 +292,7 @@ def run_child(cfg: BenchConfig, i: int, attention: str, label: str, res: int) ->
             "--res", *map(str, cfg.res), "--iters", str(cfg.iters), "--warmup", str(cfg.warmup)]
     args += [f"--{'' if v else 'no-'}{k.replace('_', '-')}" for k, v in
              (("compile", cfg.compile), ("stock_compile", cfg.stock_compile), ("stock_int4", cfg.stock_int4),
-              ("tiny", cfg.tiny))]
+              ("tiny", cfg.tiny), ("profile", cfg.profile))]
     r = subprocess.run(args, capture_output=True, text=True, timeout=900)
     for line in reversed(r.stdout.splitlines()):
         if line.startswith("{"):
@@ -318,8 +307,6 @@ def main(cfg: BenchConfig) -> list[dict]:
     if cfg.tiny:
         cfg = dataclasses.replace(cfg, res=(64, 32)[: len(cfg.res)], text_tokens=16, iters=2, warmup=1)
     attention = cfg.attention
-    if attention == "auto" and cfg.only < 0:
-        attention = "cudnn" if device.type == "cuda" and cudnn_attention_ok() else "flash"
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     if cfg.only < 0:
         print(f"# {gpu}, torch {torch.__version__}, ours: compile={cfg.compile} attention={attention}", flush=True)
@@ -338,11 +325,12 @@ def main(cfg: BenchConfig) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| work | res | s/step | peak GiB |", "|---|---|---|---|"]
+    lines = ["| work | res | s/step | peak GiB | GPU ms by kernel kind (one profiled step) |", "|---|---|---|---|---|"]
     for r in rows:
         s = f"{r['seconds']:.3f}" if r["seconds"] is not None else f"failed: {r.get('error', '')[:60]}"
         p = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
-        lines.append(f"| {r['row']} | {r['res']} | {s} | {p} |")
+        prof = " · ".join(f"{k} {v:g}" for k, v in r.get("profile_ms", {}).items())
+        lines.append(f"| {r['row']} | {r['res']} | {s} | {p} | {prof} |")
     return "\n".join(lines)
 
 

@@ -598,7 +598,7 @@ def _mean_over_ranks(x: float, world: int) -> float:
     return float(t.item()) / world
 
 
-ATTENTION_BACKENDS = {"auto": "_native_flash", "flash": "_native_flash", "cudnn": "_native_cudnn",
+ATTENTION_BACKENDS = {"auto": "_native_cudnn", "flash": "_native_flash", "cudnn": "_native_cudnn",
                       "efficient": "_native_efficient", "math": "_native_math", "default": "native"}
 
 
@@ -606,11 +606,15 @@ def set_attention(transformer, name: str, device: torch.device) -> None:
     """Pin the SDPA backend inside the model (diffusers' set_attention_backend), so it holds in compiled blocks and
     when gradient checkpointing recomputes a block during backward: an outer `sdpa_kernel` context does neither,
     and a recompute under another backend fails torch.utils.checkpoint's metadata check (logsumexp shapes differ).
-    "auto" is flash: on the H100 image PyTorch's default choice crashed in a Flux backward (illegal memory
-    access); bench.py probes cuDNN, which is faster where it works."""
+    "auto" is cuDNN (1.7x flash at Kontext shapes) through kernels/attention.py: a Flux backward through PyTorch's
+    own cuDNN SDPA path crashed on the H100 image (diag_attention.py), the explicit aten calls there did not."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"train.attention_backend: {name!r}; expected one of {sorted(ATTENTION_BACKENDS)}")
     if device.type == "cuda":
+        if ATTENTION_BACKENDS[name] == "_native_cudnn":
+            from kernels.attention import install_cudnn
+
+            install_cudnn()
         transformer.set_attention_backend(ATTENTION_BACKENDS[name])
 
 
