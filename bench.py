@@ -47,7 +47,7 @@ class BenchConfig:
     tiny: bool = False
     text_tokens: int = 512
     out: str = ""  # also write the rows as JSON here
-    ours_only: bool = False  # skip the stock rows (e.g. when re-measuring ours)
+    match: tuple[str, ...] = ()  # run only rows whose label contains one of these (e.g. --match ours)
     only: int = -1  # internal: run only this row of the plan, in this process
 
 
@@ -134,10 +134,10 @@ def timed(fn, cfg: BenchConfig) -> tuple[float, float]:
 
 
 KERNEL_KINDS = (  # first match wins; names as the profiler reports CUDA kernels
-    ("attention", ("sdpa", "fmha", "flash", "attention")),
-    ("quant", ("quantize", "dequant")),  # our Triton fp8/4-bit kernels
-    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "triton_tem", "_mm_", "matmul")),
-    ("fused elementwise (triton)", ("triton",)),
+    ("quant", ("_quantize_rows", "_dequant")),  # our Triton fp8/4-bit kernels
+    ("gemm", ("triton_tem", "gemm", "xmma", "cutlass", "nvjet")),  # cuBLAS/CUTLASS and inductor GEMM templates
+    ("fused elementwise (triton)", ("triton_",)),  # inductor; checked before attention: its kernel names can
+    ("attention", ("sdpa", "fmha", "flash")),  # spell the aten ops they fused (e.g. ..._flash_attention_...)
 )
 
 
@@ -216,13 +216,18 @@ def stock_int4(model):
 
 def run_row(label: str, cfg: BenchConfig, device, res: int, *, kind: str = "bf16", ckpt: bool = False,
             compile_: bool = False, attention: str = "flash", denoise: bool = False, fuse: bool = False,
-            stock4: bool = False) -> dict:
+            stock4: bool = False, fp8_backward: bool = False) -> dict:
+    import kernels.fp8
+
+    kernels.fp8.BACKWARD_FP8 = fp8_backward  # input gradient as an e5m2 x e4m3 GEMM instead of bf16
     model = build_transformer(cfg, device)
     if kind != "bf16":
         model = quantize(model, kind)
     if stock4:
         model = stock_int4(model)
-    if torch.cuda.is_available():
+    if attention == "cudnn_torch":  # diffusers' own cuDNN backend (F.sdpa): crashes in a backward without ckpt
+        model.set_attention_backend("_native_cudnn")
+    elif torch.cuda.is_available():
         from train import set_attention
 
         set_attention(model, attention, device)  # inside the model: holds under compile and checkpoint recompute
@@ -269,7 +274,9 @@ def plan(cfg: BenchConfig, attention: str) -> list[tuple[str, int, dict]]:
             rows += [("bf16 train, full ckpt: stock", res, dict(ckpt=True)),
                      *([("bf16 train, full ckpt: stock+compile", res, dict(ckpt=True, compile_=True))]
                        if cfg.stock_compile else []),
-                     ("bf16 train, full ckpt: ours", res, dict(ours, ckpt=True))]
+                     ("bf16 train, full ckpt: ours", res, dict(ours, ckpt=True)),
+                     ("bf16 train, full ckpt: ours with PyTorch's cuDNN SDPA path", res,
+                      dict(ours, ckpt=True, attention="cudnn_torch"))]
         if "denoise" in cfg.rows:
             rows += [("denoise step: stock", res, dict(denoise=True)),
                      *([("denoise step: stock+compile", res, dict(denoise=True, compile_=True))]
@@ -277,7 +284,10 @@ def plan(cfg: BenchConfig, attention: str) -> list[tuple[str, int, dict]]:
                      ("denoise step: ours (LoRA fused)", res, dict(ours, denoise=True, fuse=True))]
         if "fp8" in cfg.rows:
             rows += [("fp8 train, no recompute: ours", res, dict(ours, kind="fp8")),
-                     ("fp8 train, full ckpt: ours", res, dict(ours, kind="fp8", ckpt=True))]
+                     ("fp8 train, no recompute: ours, fp8 input gradient", res,
+                      dict(ours, kind="fp8", fp8_backward=True)),
+                     ("fp8 train, full ckpt: ours", res, dict(ours, kind="fp8", ckpt=True)),
+                     ("denoise step: ours fp8 (LoRA unfused)", res, dict(ours, kind="fp8", denoise=True))]
         if "int4" in cfg.rows:
             if cfg.stock_int4:
                 rows += [("nf4 train, full ckpt: stock bnb", res, dict(ckpt=True, stock4=True))]
@@ -315,7 +325,7 @@ def main(cfg: BenchConfig) -> list[dict]:
         label, res, kw = rows[cfg.only]
         return [run_row(label, cfg, device, res, **kw)]
     results = [run_child(cfg, i, attention, label, res) for i, (label, res, _) in enumerate(rows)
-               if not (cfg.ours_only and "stock" in label)]
+               if not cfg.match or any(m in label for m in cfg.match)]
     print(format_table(results))
     if cfg.out:
         with open(cfg.out, "w") as f:

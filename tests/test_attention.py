@@ -36,7 +36,7 @@ def test_cudnn_attention_matches_math_gpu(shape, recompute):
     grad = torch.randn(*shape, device="cuda", generator=g)
 
     def run(fn, dtype):
-        t = [x.to(dtype).requires_grad_() for x in qkv]
+        t = [x.detach().to(dtype).requires_grad_() for x in qkv]  # fresh leaves for each run
         out = fn(*t)
         out.backward(grad.to(dtype))
         return [out.detach()] + [x.grad for x in t]
