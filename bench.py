@@ -40,7 +40,7 @@ class BenchConfig:
     iters: int = 5
     warmup: int = 2
     compile: bool = True  # ours: torch.compile each repeated block (diffusers' compile_repeated_blocks)
-    attention: str = "cudnn"  # ours: cudnn (kernels/attention.py) | flash | default (train.ATTENTION_BACKENDS)
+    attention: str = "auto"  # ours: auto | cudnn | cudnn_torch | flash | default (train.resolve_attention)
     profile: bool = True  # ours: one extra step under torch.profiler, GPU time by kernel kind
     stock_compile: bool = True  # also time stock + compile_repeated_blocks
     stock_int4: bool = True  # stock bitsandbytes nf4 + peft (needs bitsandbytes)
@@ -207,7 +207,8 @@ def stock_int4(model):
                 parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
                 new = bnb.nn.Linear4bit(mod.in_features, mod.out_features, mod.bias is not None,
                                         compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
-                new.weight = bnb.nn.Params4bit(mod.weight.data.cpu(), requires_grad=False, quant_type="nf4").cuda()
+                # quantized on the GPU where the weight lies (a CPU round trip copies 12B weights twice)
+                new.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, quant_type="nf4").cuda()
                 if mod.bias is not None:
                     new.bias = torch.nn.Parameter(mod.bias.data, requires_grad=False)
                 setattr(parent, name.rsplit(".", 1)[-1], new)
@@ -225,12 +226,11 @@ def run_row(label: str, cfg: BenchConfig, device, res: int, *, kind: str = "bf16
         model = quantize(model, kind)
     if stock4:
         model = stock_int4(model)
-    if attention == "cudnn_torch":  # diffusers' own cuDNN backend (F.sdpa): crashes in a backward without ckpt
-        model.set_attention_backend("_native_cudnn")
-    elif torch.cuda.is_available():
+    if torch.cuda.is_available():
         from train import set_attention
 
-        set_attention(model, attention, device)  # inside the model: holds under compile and checkpoint recompute
+        # inside the model: holds under compile and checkpoint recompute
+        set_attention(model, attention, device, checkpointed=ckpt, compiled=compile_)
     params = add_lora(model)
     if fuse:
         model.fuse_lora(lora_scale=1.0)  # sampling with a fixed LoRA: merge it into the base weights
@@ -275,8 +275,8 @@ def plan(cfg: BenchConfig, attention: str) -> list[tuple[str, int, dict]]:
                      *([("bf16 train, full ckpt: stock+compile", res, dict(ckpt=True, compile_=True))]
                        if cfg.stock_compile else []),
                      ("bf16 train, full ckpt: ours", res, dict(ours, ckpt=True)),
-                     ("bf16 train, full ckpt: ours with PyTorch's cuDNN SDPA path", res,
-                      dict(ours, ckpt=True, attention="cudnn_torch"))]
+                     ("bf16 train, full ckpt: ours with kernels/attention.py's cuDNN path", res,
+                      dict(ours, ckpt=True, attention="cudnn"))]
         if "denoise" in cfg.rows:
             rows += [("denoise step: stock", res, dict(denoise=True)),
                      *([("denoise step: stock+compile", res, dict(denoise=True, compile_=True))]
@@ -306,6 +306,7 @@ def run_child(cfg: BenchConfig, i: int, attention: str, label: str, res: int) ->
     r = subprocess.run(args, capture_output=True, text=True, timeout=900)
     for line in reversed(r.stdout.splitlines()):
         if line.startswith("{"):
+            print(line, flush=True)  # as each row ends: a parent stopped later keeps what finished
             return json.loads(line)
     row = dict(row=label, res=res, seconds=None, peak_gib=None, error=f"exit {r.returncode}: {r.stderr[-300:]}")
     print(json.dumps(row), flush=True)

@@ -61,7 +61,7 @@ class TrainConfig:
     validate_every: int = 0  # 0: only at the end; <0: never
     log_every: int = 1
     compile: bool = False  # torch.compile each transformer block (regional)
-    attention_backend: str = "auto"  # auto | flash | cudnn | efficient | math (SDPA backend on CUDA)
+    attention_backend: str = "auto"  # auto | cudnn | cudnn_torch | flash | efficient | math (train.resolve_attention)
 
 
 @dataclass

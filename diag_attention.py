@@ -49,14 +49,13 @@ def model_step(double: int, single: int, res: int, attention: str):
     dims = dict(bench.FLUX_KONTEXT, num_layers=double, num_single_layers=single)
     bench.FLUX_KONTEXT.update(dims)  # build_transformer reads it
     model = bench.build_transformer(cfg, "cuda")
-    if attention.startswith("guarded"):
-        from kernels.attention import install_cudnn
-
-        install_cudnn(recompute=attention.endswith("recompute"))
-        attention = "cudnn"
+    from kernels.attention import install_cudnn
     from train import set_attention
 
-    set_attention(model, attention, torch.device("cuda"))
+    # "cudnn": PyTorch's own cuDNN SDPA path (diffusers' _native_cudnn); "guarded*": kernels/attention.py
+    set_attention(model, "cudnn" if attention.startswith("guarded") else "cudnn_torch", torch.device("cuda"))
+    if attention.startswith("guarded"):
+        install_cudnn(guarded=True, recompute=attention.endswith("recompute"))
     params = bench.add_lora(model)
     inp = bench.make_inputs(dataclasses.replace(cfg), res, "cuda")
     step = bench.train_step_fn(model.train(), params, inp)

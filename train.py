@@ -392,7 +392,7 @@ def main(cfg: Config) -> dict:
     # 3. Transformer + LoRA.
     mcfg = dataclasses.replace(cfg.model, transformer=dataclasses.replace(cfg.model.transformer, device=str(device)))
     transformer = load_transformer(mcfg)
-    set_attention(transformer, tc.attention_backend, device)
+    set_attention(transformer, tc.attention_backend, device, tc.gradient_checkpointing, tc.compile)
     if tc.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     torch.manual_seed(tc.seed)  # LoRA A init draws from the global generator: same seed, same start
@@ -599,23 +599,35 @@ def _mean_over_ranks(x: float, world: int) -> float:
 
 
 ATTENTION_BACKENDS = {"auto": "_native_cudnn", "flash": "_native_flash", "cudnn": "_native_cudnn",
-                      "efficient": "_native_efficient", "math": "_native_math", "default": "native"}
+                      "cudnn_torch": "_native_cudnn", "efficient": "_native_efficient", "math": "_native_math",
+                      "default": "native"}
 
 
-def set_attention(transformer, name: str, device: torch.device) -> None:
+def resolve_attention(name: str, checkpointed: bool, compiled: bool) -> str:
+    """"auto" -> cuDNN: PyTorch's own cuDNN SDPA path where it was measured safe and faster (full gradient
+    checkpointing + torch.compile), else kernels/attention.py's explicit aten calls. A Flux backward through PyTorch's
+    path without checkpointing crashed on the H100 image (illegal memory access; diag_attention.py)."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"train.attention_backend: {name!r}; expected one of {sorted(ATTENTION_BACKENDS)}")
+    if name == "auto":
+        return "cudnn_torch" if checkpointed and compiled else "cudnn"
+    return name
+
+
+def set_attention(transformer, name: str, device: torch.device, checkpointed: bool = False,
+                  compiled: bool = False) -> str:
     """Pin the SDPA backend inside the model (diffusers' set_attention_backend), so it holds in compiled blocks and
     when gradient checkpointing recomputes a block during backward: an outer `sdpa_kernel` context does neither,
     and a recompute under another backend fails torch.utils.checkpoint's metadata check (logsumexp shapes differ).
-    "auto" is cuDNN (1.7x flash at Kontext shapes) through kernels/attention.py: a Flux backward through PyTorch's
-    own cuDNN SDPA path crashed on the H100 image (diag_attention.py), the explicit aten calls there did not."""
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"train.attention_backend: {name!r}; expected one of {sorted(ATTENTION_BACKENDS)}")
+    Returns the backend chosen (see resolve_attention)."""
+    name = resolve_attention(name, checkpointed, compiled)
     if device.type == "cuda":
         if ATTENTION_BACKENDS[name] == "_native_cudnn":
             from kernels.attention import install_cudnn
 
-            install_cudnn()
+            install_cudnn(guarded=name == "cudnn")
         transformer.set_attention_backend(ATTENTION_BACKENDS[name])
+    return name
 
 
 def _tensorboard(out_dir: Path):

@@ -1,9 +1,10 @@
 """kernels/attention.py: cuDNN attention through explicit aten calls.
 
-- CPU: the diffusers backend wrapper refuses what it does not implement, by name.
+- CPU: the diffusers backend wrapper refuses what it does not implement, by name; install_cudnn switches diffusers'
+  "_native_cudnn" entry both ways; train.resolve_attention's "auto" choice.
 - GPU (-m gpu): forward and q/k/v gradients vs PyTorch's math backend in fp32 (the reference), with and without
   recompute, at shapes whose sequence length is not a multiple of the cuDNN tile, and through a diffusers Flux
-  transformer after install_cudnn (same loss and LoRA gradients as the flash backend, within bf16 tolerance).
+  transformer with train.set_attention("cudnn") (same loss and LoRA gradients as the flash backend, within bf16 tolerance).
 """
 
 import pytest
@@ -20,6 +21,33 @@ def test_backend_refuses_mask_and_dropout():
         backend(q, q, q, attn_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool))
     with pytest.raises(NotImplementedError, match="dropout"):
         backend(q, q, q, dropout_p=0.1)
+
+
+def test_auto_attention_choice():
+    from train import resolve_attention
+
+    assert resolve_attention("auto", checkpointed=True, compiled=True) == "cudnn_torch"
+    assert resolve_attention("auto", checkpointed=True, compiled=False) == "cudnn"
+    assert resolve_attention("auto", checkpointed=False, compiled=True) == "cudnn"
+    assert resolve_attention("flash", checkpointed=True, compiled=True) == "flash"
+    with pytest.raises(ValueError, match="cudnn_torch"):
+        resolve_attention("cuddn", False, False)
+
+
+def test_install_cudnn_switches_diffusers_backend():
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    from kernels.attention import install_cudnn
+
+    name = AttentionBackendName._NATIVE_CUDNN
+    original = _AttentionBackendRegistry._backends[name]
+    try:
+        install_cudnn(guarded=True)
+        assert _AttentionBackendRegistry._backends[name].__module__ == "kernels.attention"
+        install_cudnn(guarded=False)
+        assert _AttentionBackendRegistry._backends[name] is original
+    finally:
+        _AttentionBackendRegistry._backends[name] = original
 
 
 def rel(a, b):
@@ -58,7 +86,6 @@ def test_flux_train_step_cudnn_equals_flash_gpu():
     """Tiny-width Flux (full depth is not needed for the numerics) with LoRA: loss and LoRA grads through our cuDNN
     path vs flash."""
     import bench
-    from kernels.attention import install_cudnn
     from train import set_attention
 
     cfg = bench.BenchConfig(tiny=True)
@@ -66,8 +93,6 @@ def test_flux_train_step_cudnn_equals_flash_gpu():
     for backend in ("flash", "cudnn"):
         torch.manual_seed(0)
         model = bench.build_transformer(cfg, "cuda")
-        if backend == "cudnn":
-            install_cudnn()
         set_attention(model, backend, torch.device("cuda"))
         params = bench.add_lora(model)
         for p in params:  # lora_B starts at zero: give it values so every gradient path is non-trivial
