@@ -1,16 +1,16 @@
-"""Benchmark: stock diffusers+peft vs ours, side by side in one process, on a full-size random FLUX.1 Kontext
+"""Benchmark: stock diffusers+peft vs ours, side by side in one run, on a full-size random FLUX.1 Kontext
 transformer (speed does not depend on the weights' values). Prints DESIGN.md §5's table and a JSON last line.
 
-    python bench.py                         # every row (H100: ~10 min)
-    python bench.py --rows bf16 --res 1024  # a subset
+    python bench.py                         # every row (H100: ~20 min)
+    python bench.py --rows bf16 --res 1024  # a subset; --match ours / --match stock select rows by label
     python bench.py --tiny                  # the miniature model on CPU: checks the script, times nothing useful
 
 "stock" runs diffusers' FluxTransformer2DModel with peft LoRA as a user would, except that attention is pinned to
-PyTorch's flash backend: on the H100 image the default SDPA choice crashed in a Flux backward (its own row shows
-it). A train step = forward + MSE on the target tokens + backward (LoRA r16 on to_q/to_k/to_v/to_out.0, frozen base)
-+ AdamW step. Kontext at 1024^2: 4096 target + 4096 control + 512 text tokens. Each row builds the model anew,
-warms up (compilation included) outside the timing, then reports the median of `iters` steps (CUDA events)
-and the peak allocated memory. Every optimisation of "ours" is a flag (--no-compile, --attention flash, ...).
+PyTorch's flash backend: on the H100 image the default SDPA choice crashed in a Flux backward (diag_attention.py). A
+train step = forward + MSE on the target tokens + backward (LoRA r16 on to_q/to_k/to_v/to_out.0, frozen base) +
+AdamW step. Kontext at 1024^2: 4096 target + 4096 control + 512 text tokens. Each row builds the model anew, warms
+up (compilation included) outside the timing, then reports the median of `iters` steps (CUDA events) and the peak
+allocated memory. Every optimisation of "ours" is a flag (--no-compile, --attention flash, ...).
 """
 
 import dataclasses
@@ -54,10 +54,10 @@ class BenchConfig:
 # ---------------------------------------------------------------- model and inputs
 
 
-def build_transformer(cfg: BenchConfig, device):
+def build_transformer(cfg: BenchConfig, device, **dims_override):
     from diffusers import FluxTransformer2DModel
 
-    dims = TINY if cfg.tiny else FLUX_KONTEXT
+    dims = dict(TINY if cfg.tiny else FLUX_KONTEXT, **dims_override)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # build straight in bf16 on the device: no fp32 copy of 12B weights
     try:

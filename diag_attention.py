@@ -41,23 +41,19 @@ def standalone(n: int = 57):
 
 
 def model_step(double: int, single: int, res: int, attention: str):
-    import dataclasses
-
     import bench
-
-    cfg = bench.BenchConfig()
-    dims = dict(bench.FLUX_KONTEXT, num_layers=double, num_single_layers=single)
-    bench.FLUX_KONTEXT.update(dims)  # build_transformer reads it
-    model = bench.build_transformer(cfg, "cuda")
     from kernels.attention import install_cudnn
     from train import set_attention
+
+    cfg = bench.BenchConfig()
+    model = bench.build_transformer(cfg, "cuda", num_layers=double, num_single_layers=single)
 
     # "cudnn": PyTorch's own cuDNN SDPA path (diffusers' _native_cudnn); "guarded*": kernels/attention.py
     set_attention(model, "cudnn" if attention.startswith("guarded") else "cudnn_torch", torch.device("cuda"))
     if attention.startswith("guarded"):
         install_cudnn(guarded=True, recompute=attention.endswith("recompute"))
     params = bench.add_lora(model)
-    inp = bench.make_inputs(dataclasses.replace(cfg), res, "cuda")
+    inp = bench.make_inputs(cfg, res, "cuda")
     step = bench.train_step_fn(model.train(), params, inp)
     for _ in range(2):
         step()
