@@ -392,7 +392,7 @@ def main(cfg: Config) -> dict:
     # 3. Transformer + LoRA.
     mcfg = dataclasses.replace(cfg.model, transformer=dataclasses.replace(cfg.model.transformer, device=str(device)))
     transformer = load_transformer(mcfg)
-    set_attention(transformer, tc.attention_backend, device, tc.gradient_checkpointing, tc.compile)
+    set_attention(transformer, tc.attention_backend, device, tc.gradient_checkpointing, tc.compile, tc.autocast)
     if tc.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     torch.manual_seed(tc.seed)  # LoRA A init draws from the global generator: same seed, same start
@@ -603,24 +603,31 @@ ATTENTION_BACKENDS = {"auto": "_native_cudnn", "flash": "_native_flash", "cudnn"
                       "default": "native"}
 
 
-def resolve_attention(name: str, checkpointed: bool, compiled: bool) -> str:
+def resolve_attention(name: str, checkpointed: bool, compiled: bool, cudnn_ok: bool = True) -> str:
     """"auto" -> cuDNN: PyTorch's own cuDNN SDPA path where it was measured safe and faster (full gradient
     checkpointing + torch.compile), else kernels/attention.py's explicit aten calls. A Flux backward through PyTorch's
-    path without checkpointing crashed on the H100 image (illegal memory access; diag_attention.py)."""
+    path without checkpointing crashed on the H100 image (illegal memory access; diag_attention.py). Where cuDNN
+    attention cannot run (`cudnn_ok` False: fp32 attention or a GPU before Ampere) "auto" is the memory-efficient
+    kernel, which takes fp32 too."""
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"train.attention_backend: {name!r}; expected one of {sorted(ATTENTION_BACKENDS)}")
     if name == "auto":
+        if not cudnn_ok:
+            return "efficient"
         return "cudnn_torch" if checkpointed and compiled else "cudnn"
     return name
 
 
 def set_attention(transformer, name: str, device: torch.device, checkpointed: bool = False,
-                  compiled: bool = False) -> str:
+                  compiled: bool = False, autocast: bool = False) -> str:
     """Pin the SDPA backend inside the model (diffusers' set_attention_backend), so it holds in compiled blocks and
     when gradient checkpointing recomputes a block during backward: an outer `sdpa_kernel` context does neither,
     and a recompute under another backend fails torch.utils.checkpoint's metadata check (logsumexp shapes differ).
     Returns the backend chosen (see resolve_attention)."""
-    name = resolve_attention(name, checkpointed, compiled)
+    # the input embedder sets the hidden states' dtype (block Linears may hold fp8 or 4-bit codes)
+    half = autocast or transformer.x_embedder.weight.dtype in (torch.bfloat16, torch.float16)
+    cudnn_ok = device.type == "cuda" and half and torch.cuda.get_device_capability(device) >= (8, 0)
+    name = resolve_attention(name, checkpointed, compiled, cudnn_ok)
     if device.type == "cuda":
         if ATTENTION_BACKENDS[name] == "_native_cudnn":
             from kernels.attention import install_cudnn

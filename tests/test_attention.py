@@ -30,6 +30,7 @@ def test_auto_attention_choice():
     assert resolve_attention("auto", checkpointed=True, compiled=False) == "cudnn"
     assert resolve_attention("auto", checkpointed=False, compiled=True) == "cudnn"
     assert resolve_attention("flash", checkpointed=True, compiled=True) == "flash"
+    assert resolve_attention("auto", checkpointed=False, compiled=False, cudnn_ok=False) == "efficient"
     with pytest.raises(ValueError, match="cudnn_torch"):
         resolve_attention("cuddn", False, False)
 
