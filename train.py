@@ -598,9 +598,8 @@ def _mean_over_ranks(x: float, world: int) -> float:
     return float(t.item()) / world
 
 
-ATTENTION_BACKENDS = {"auto": "_native_cudnn", "flash": "_native_flash", "cudnn": "_native_cudnn",
-                      "cudnn_torch": "_native_cudnn", "efficient": "_native_efficient", "math": "_native_math",
-                      "default": "native"}
+ATTENTION_BACKENDS = {"flash": "_native_flash", "cudnn": "_native_cudnn", "cudnn_torch": "_native_cudnn",
+                      "efficient": "_native_efficient", "math": "_native_math", "default": "native"}
 
 
 def resolve_attention(name: str, checkpointed: bool, compiled: bool, cudnn_ok: bool = True) -> str:
@@ -609,8 +608,8 @@ def resolve_attention(name: str, checkpointed: bool, compiled: bool, cudnn_ok: b
     path without checkpointing crashed on the H100 image (illegal memory access; diag_attention.py). Where cuDNN
     attention cannot run (`cudnn_ok` False: fp32 attention or a GPU before Ampere) "auto" is the memory-efficient
     kernel, which takes fp32 too."""
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"train.attention_backend: {name!r}; expected one of {sorted(ATTENTION_BACKENDS)}")
+    if name != "auto" and name not in ATTENTION_BACKENDS:
+        raise ValueError(f"train.attention_backend: {name!r}; expected auto or one of {sorted(ATTENTION_BACKENDS)}")
     if name == "auto":
         if not cudnn_ok:
             return "efficient"

@@ -214,8 +214,9 @@ def test_peft_lora_on_fp8linear(dtype):
 
 
 # --------------------------------------------------------------------------------------------------- GPU
+# fp8 GEMM for the first two; the others have M, N or K off a multiple of 16 (weight-only path)
 SHAPES = [(8704, 3072, 3072), (336, 3072, 1008), (77, 3072, 12288), (333, 3072, 1008), (5, 15360, 3072),
-          (333, 3072, 1000), (333, 1000, 3072)]  # fp8 GEMM for the first two: the others have M, N or K off 16 (weight-only path)
+          (333, 3072, 1000), (333, 1000, 3072)]
 
 
 def poison_allocator(*shape, dtype=torch.bfloat16):
