@@ -83,7 +83,7 @@ def make_inputs(cfg: BenchConfig, res: int, device):
 
 
 def forward(model, inp, t=0.5):
-    from sample import predict_velocity
+    from encode import predict_velocity
 
     tt = torch.full((1,), t, device=inp["x0"].device, dtype=torch.bfloat16)
     x_t = (1 - t) * inp["x0"] + t * inp["noise"]

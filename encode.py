@@ -181,3 +181,14 @@ def prepare_latents(image_latents: torch.Tensor | None, batch_size: int, height:
     else:
         latents = latents.to(device=device, dtype=dtype)
     return latents, control, latent_ids(h, w, device=device, dtype=dtype), control_ids
+
+
+def predict_velocity(transformer, latents, control_latents, timestep, guidance, prompt_embeds, pooled_prompt_embeds,
+             text_ids, img_ids) -> torch.Tensor:
+    """Velocity for the noise tokens [B, N, 64]: the transformer sees cat([noise tokens, control tokens]) and the
+    prediction is its first N tokens (pipeline.__call__'s denoising loop; train.py's loss and sample.py's loop both call it)."""
+    hidden = latents if control_latents is None else torch.cat([latents, control_latents], dim=1)
+    out = transformer(hidden_states=hidden, timestep=timestep, guidance=guidance,
+                      pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
+                      img_ids=img_ids, return_dict=False)[0]
+    return out[:, :latents.shape[1]]

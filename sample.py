@@ -4,7 +4,7 @@
     python sample.py --config configs/bf16.py --image in.png --prompt "..." --lora run/lora.safetensors \
         --lora-scale 0.8 --negative-prompt "blurry" --true-cfg-scale 2.0 --steps 28 --seed 1 --size-mode native
 
-    from sample import sample, load_lora
+    from sample import sample; from lora import load_lora
     out = sample(components, image, "make the sky red", generator=torch.Generator().manual_seed(0))
 
 Flow matching, as in train.py: x_t = (1 - t) * x0 + t * noise, the transformer predicts v = noise - x0, and sampling
@@ -15,8 +15,6 @@ are moved explicitly between stages, and the denoising loop runs on the transfor
 accelerate hooks. Every result is compared with the pipeline in tests/test_sample.py.
 """
 
-import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,8 @@ import numpy as np
 import torch
 
 from encode import (MULTIPLE, _device_of, decode_latents, encode_image, encode_prompt, image_size, kontext_size,
-                    output_size, prepare_latents, preprocess_image, unpack_latents)
+                    output_size, predict_velocity, prepare_latents, preprocess_image, unpack_latents)
+from lora import load_lora, read_lora
 
 SIZE_MODES = ("pipeline", "native")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -147,17 +146,6 @@ def _prompt_embeds(components, prompt, prompt_2, prompt_embeds, pooled_prompt_em
     text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
     return (prompt_embeds.to(device=device, dtype=dtype), pooled_prompt_embeds.to(device=device, dtype=dtype),
             text_ids)
-
-
-def predict_velocity(transformer, latents, control_latents, timestep, guidance, prompt_embeds, pooled_prompt_embeds,
-             text_ids, img_ids) -> torch.Tensor:
-    """Velocity for the noise tokens [B, N, 64]: the transformer sees cat([noise tokens, control tokens]) and the
-    prediction is its first N tokens (pipeline.__call__'s denoising loop; train.py's loss uses it too)."""
-    hidden = latents if control_latents is None else torch.cat([latents, control_latents], dim=1)
-    out = transformer(hidden_states=hidden, timestep=timestep, guidance=guidance,
-                      pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
-                      img_ids=img_ids, return_dict=False)[0]
-    return out[:, :latents.shape[1]]
 
 
 def _check_true_cfg(true_cfg_scale: float, has_negative: bool) -> None:
@@ -311,136 +299,6 @@ def sample(components, image, prompt, *, prompt_2=None, negative_prompt=None, ne
 
 
 # ---------------------------------------------------------------- LoRA
-
-
-_LORA_KEY = re.compile(r"transformer\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
-_FORMAT = ("keys 'transformer.<module>.lora_A.weight' / 'lora_B.weight', as FluxKontextPipeline.save_lora_weights "
-           "writes")
-
-
-def read_lora(path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(state_dict, adapter metadata or None) of a LoRA safetensors file. The metadata (r, lora_alpha, targets) is
-    the JSON that save_lora_weights stores in the header under 'lora_adapter_metadata'."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"LoRA file {str(path)!r} does not exist")
-    try:
-        state_dict = load_file(path)
-        with safe_open(path, "pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"LoRA file {str(path)!r} is not a readable safetensors file: {e}") from None
-    raw = header.get("lora_adapter_metadata")
-    try:
-        metadata = json.loads(raw) if raw else None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"LoRA file {str(path)!r}: its 'lora_adapter_metadata' is not valid JSON: {e}") from None
-    return state_dict, metadata
-
-
-def _few(keys: list[str], n: int = 3) -> str:
-    return ", ".join(repr(k) for k in keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
-
-
-def check_lora_keys(transformer, state_dict: dict[str, torch.Tensor], path) -> None:
-    """Raise a ValueError naming the file unless every key is 'transformer.<module>.lora_A|B.weight' for a Linear of
-    this transformer, with both halves present and shapes lora_A [r, in_features], lora_B [out_features, r].
-    (peft would only warn about unmatched keys and leave those layers without the LoRA.)"""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    where = f"LoRA file {str(path)!r}"
-    if not state_dict:
-        raise ValueError(f"{where} holds no tensors")
-    unsupported = [k for k in state_dict if not _LORA_KEY.fullmatch(k)]
-    if unsupported:
-        raise ValueError(f"{where}: {len(unsupported)} of {len(state_dict)} keys are not in the supported format "
-                         f"({_FORMAT}): {_few(unsupported)}. Other formats (kohya, xlabs, ...): load them with "
-                         f"FluxKontextPipeline.lora_state_dict and write them with save_lora_weights first")
-    modules = dict(transformer.named_modules())
-    halves: dict[str, dict[str, torch.Tensor]] = {}
-    unmatched = []
-    for key, tensor in state_dict.items():
-        m = _LORA_KEY.fullmatch(key)
-        module = modules.get(m["module"])
-        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        if not isinstance(base, torch.nn.Linear):
-            unmatched.append(key)
-        else:
-            halves.setdefault(m["module"], {})[m["ab"]] = tensor
-    if unmatched:
-        raise ValueError(f"{where}: {len(unmatched)} of {len(state_dict)} keys match no Linear module of the "
-                         f"transformer: {_few(unmatched)}; expected e.g. "
-                         f"'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' (is it a LoRA for another "
-                         f"model?)")
-    for name, ab in halves.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"{where}: {name!r} has lora_{''.join(ab)} but not lora_{'B' if 'A' in ab else 'A'}")
-        base = modules[name].get_base_layer() if isinstance(modules[name], BaseTunerLayer) else modules[name]
-        a, b = ab["A"].shape, ab["B"].shape
-        if len(a) != 2 or len(b) != 2 or a[1] != base.in_features or b[0] != base.out_features or a[0] != b[1]:
-            raise ValueError(f"{where}: {name!r} has lora_A {tuple(a)} and lora_B {tuple(b)}; expected [r, "
-                             f"{base.in_features}] and [{base.out_features}, r] for this transformer")
-
-
-def _lora_layers(transformer):
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
-
-
-def _active_adapters(transformer) -> list[str]:
-    layers = _lora_layers(transformer)
-    return list(layers[0].active_adapters) if layers else []
-
-
-def load_lora(transformer, path, adapter_name: str = "default", scale: float = 1.0) -> None:
-    """Load a LoRA file (FluxKontextPipeline.save_lora_weights format) into the transformer as `adapter_name` with
-    diffusers' load_lora_adapter, as FluxKontextPipeline.load_lora_weights does, and make it active at `scale`.
-
-    LoRAs stack: adapters already active stay active at their scales (the pipeline instead leaves only the newest
-    one active). Keys are checked against the transformer before anything is loaded."""
-    state_dict, metadata = read_lora(path)
-    check_lora_keys(transformer, state_dict, path)
-    loaded = list(getattr(transformer, "peft_config", {}))
-    if adapter_name in loaded:
-        raise ValueError(f"LoRA file {str(path)!r}: adapter name {adapter_name!r} is already loaded ({loaded}); "
-                         f"pick another name or unload_lora it first")
-    active = _active_adapters(transformer)
-    transformer.load_lora_adapter(state_dict, prefix="transformer", adapter_name=adapter_name, metadata=metadata)
-    transformer.set_adapter(active + [adapter_name])  # diffusers: activation only, scales untouched
-    for layer in _lora_layers(transformer):
-        layer.set_scale(adapter_name, scale)  # what diffusers' set_adapters does per layer, for this adapter alone
-
-
-def set_lora_scales(transformer, scales: dict[str, float]) -> None:
-    """Activate exactly the named adapters, each at its scale (diffusers' set_adapters); others stay loaded, off."""
-    loaded = list(getattr(transformer, "peft_config", {}))
-    unknown = [n for n in scales if n not in loaded]
-    if unknown:
-        raise ValueError(f"set_lora_scales: no adapter named {unknown}; loaded: {loaded}")
-    transformer.set_adapters(list(scales), list(scales.values()))
-
-
-def unload_lora(transformer, adapter_name: str | None = None) -> None:
-    """Remove one adapter (delete_adapters; the others keep their active state and scales) or, with None, all of
-    them, restoring the transformer's original modules (diffusers' unload_lora). Unloading nothing is a no-op."""
-    loaded = list(getattr(transformer, "peft_config", {}))
-    if adapter_name is not None and adapter_name not in loaded:
-        raise ValueError(f"unload_lora: no adapter named {adapter_name!r}; loaded: {loaded}")
-    if adapter_name is None or loaded == [adapter_name]:
-        if loaded:
-            transformer.unload_lora()
-        return
-    still_active = [a for a in _active_adapters(transformer) if a != adapter_name]
-    transformer.delete_adapters(adapter_name)
-    transformer.set_adapter(still_active)  # peft would activate the first remaining adapter instead
-
-
-# ---------------------------------------------------------------- CLI
-
 
 @dataclass
 class Args:

@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,8 +23,8 @@ from pathlib import Path
 import torch
 
 from config import Config, DataConfig, TrainConfig, cli, to_json
-from encode import latent_ids, pack_latents
-from sample import predict_velocity
+from encode import latent_ids, pack_latents, predict_velocity
+from lora import add_lora, load_checkpoint, resolve_resume, save_checkpoint, save_lora
 
 # ---------------------------------------------------------------- the objective
 
@@ -121,20 +120,6 @@ def collate(entries: list[dict], empty: dict, cfg: TrainConfig, step_key: tuple,
 # ---------------------------------------------------------------- model, optimizer, schedule
 
 
-def add_lora(transformer, cfg: TrainConfig):
-    from peft import LoraConfig
-
-    init = True if cfg.lora_init == "default" else cfg.lora_init
-    transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
-                                       init_lora_weights=init))
-    params = [p for n, p in transformer.named_parameters() if "lora_" in n]
-    if not params:
-        raise ValueError(f"train.target_modules {list(cfg.target_modules)} matched no module of the transformer")
-    for p in params:
-        p.data = p.data.float()  # fp32 master LoRA weights; the frozen base keeps its own dtype
-    return params
-
-
 def make_optimizer(params, cfg: TrainConfig):
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -160,119 +145,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     if cfg.scheduler == "cosine":
         return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
     raise ValueError(f"train.scheduler: {cfg.scheduler!r}; expected constant | linear | cosine")
-
-
-# ---------------------------------------------------------------- LoRA files and checkpoints
-
-
-def lora_state_dict(transformer) -> dict:
-    """diffusers-format LoRA: transformer.<module>.lora_A.weight / lora_B.weight (from the uncompiled module)."""
-    from peft.utils import get_peft_model_state_dict
-
-    sd = get_peft_model_state_dict(getattr(transformer, "_orig_mod", transformer))
-    return {f"transformer.{k}": v.detach().float().cpu().contiguous() for k, v in sd.items()}
-
-
-def save_lora(transformer, path: Path) -> None:
-    """One safetensors file FluxKontextPipeline.load_lora_weights reads unchanged. The adapter's LoraConfig
-    (rank, alpha, targets) goes into the metadata exactly as diffusers' save_lora_weights writes it
-    ("transformer.<field>" keys under "lora_adapter_metadata")."""
-    from cache import save_atomic
-
-    conf = getattr(transformer, "_orig_mod", transformer).peft_config["default"].to_dict()
-    meta = {f"transformer.{k}": sorted(v) if isinstance(v, set) else v for k, v in conf.items()}
-    save_atomic(lora_state_dict(transformer), Path(path),
-                {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True, default=str)})
-
-
-def save_checkpoint(out_dir: Path, transformer, optimizer, step: int, cfg: Config, keep: int) -> Path:
-    """A folder named by the hash of its LoRA weights (content, not step), written under a temp name and renamed;
-    `latest.json` then points at it (also atomically). Old ones are pruned to `keep`."""
-    from cache import save_atomic
-
-    lora = lora_state_dict(transformer)
-    digest = hashlib.sha256(b"".join(lora[k].numpy().tobytes() for k in sorted(lora))).hexdigest()[:16]
-    ckpts = out_dir / "checkpoints"
-    final = ckpts / f"lora-{digest}"
-    if not final.exists():
-        tmp = ckpts / f".tmp-{digest}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_lora(transformer, tmp / "lora.safetensors")
-        opt = optimizer.state_dict()
-        tensors = {f"state.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()
-                   if isinstance(v, torch.Tensor)}
-        save_atomic(tensors, tmp / "optimizer.safetensors")
-        scalars = {str(i): {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)}
-                   for i, s in opt["state"].items()}
-        (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": opt["param_groups"],
-                                                    "scalars": scalars}, default=float))
-        (tmp / "config.json").write_text(to_json(cfg))
-        os.replace(tmp, final)
-    _write_json_atomic(ckpts / "latest.json", {"step": step, "path": final.name})
-    _prune(ckpts, keep)
-    return final
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
-def _prune(ckpts: Path, keep: int) -> None:
-    found = []
-    for d in ckpts.glob("lora-*"):
-        try:
-            found.append((json.loads((d / "state.json").read_text())["step"], d))
-        except (OSError, ValueError, KeyError):
-            continue
-    for _, d in sorted(found)[:-keep] if keep > 0 else []:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def resolve_resume(resume: str, out_dir: Path) -> Path | None:
-    if not resume:
-        return None
-    if resume == "latest":
-        latest = out_dir / "checkpoints" / "latest.json"
-        if not latest.is_file():
-            raise ValueError(f"--resume latest: no {latest} (no checkpoint saved yet in {out_dir})")
-        return out_dir / "checkpoints" / json.loads(latest.read_text())["path"]
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise ValueError(f"--resume {resume}: expected a checkpoint folder with state.json and lora.safetensors")
-    return path
-
-
-def load_checkpoint(path: Path, transformer, optimizer) -> int:
-    """Restore LoRA weights and optimizer state; return the step to continue from."""
-    from safetensors.torch import load_file
-
-    lora = load_file(str(path / "lora.safetensors"))
-    own = {f"transformer.{n}": p for n, p in _lora_named_params(transformer)}
-    missing = set(own) ^ set(lora)
-    if missing:
-        raise ValueError(f"{path}: LoRA keys differ from the model's (e.g. {sorted(missing)[:3]}): "
-                         f"was it trained with other target_modules or rank?")
-    with torch.no_grad():
-        for k, p in own.items():
-            p.copy_(lora[k])
-    state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    opt_state = {}
-    for i, scal in state["scalars"].items():
-        s = dict(scal)
-        s.update({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"state.{i}.")})
-        opt_state[int(i)] = s
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    return int(state["step"])
-
-
-def _lora_named_params(transformer):
-    """LoRA parameters under the names get_peft_model_state_dict uses (adapter name dropped)."""
-    base = getattr(transformer, "_orig_mod", transformer)
-    return [(n.replace(".default", ""), p) for n, p in base.named_parameters() if "lora_" in n]
 
 
 # ---------------------------------------------------------------- distributed

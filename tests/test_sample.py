@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, tiny_config
-from sample import (Timings, flux_scheduler, format_timings, load_lora, main, parse_args, sample, sample_sizes,
-                    set_lora_scales, unload_lora)
+from lora import load_lora, set_lora_scales, unload_lora
+from sample import Timings, flux_scheduler, format_timings, main, parse_args, sample, sample_sizes
 
 PROMPT = "make the sky red"
 PROMPTS = ["make the sky red", "turn the cat into a dog"]

@@ -1,0 +1,277 @@
+"""The LoRA contract: add a peft adapter for training, save it in the format FluxKontextPipeline.load_lora_weights
+reads unchanged, read and check such a file, load / scale / unload adapters for sampling, and training checkpoints
+(save, resume, prune).
+
+The file format, written and parsed only here: safetensors with keys `transformer.<module>.lora_A.weight` /
+`lora_B.weight` (diffusers' save_lora_weights layout) and the adapter's LoraConfig (r, lora_alpha, targets) as JSON
+in the header under "lora_adapter_metadata".
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from cache import save_atomic
+from config import Config, TrainConfig, to_json
+
+PREFIX = "transformer"  # diffusers' LoRA key prefix for the transformer (FluxKontextPipeline.transformer_name)
+
+
+# ---------------------------------------------------------------- training: add and save
+
+
+def add_lora(transformer, cfg: TrainConfig):
+    from peft import LoraConfig
+
+    init = True if cfg.lora_init == "default" else cfg.lora_init
+    transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
+                                       init_lora_weights=init))
+    params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+    if not params:
+        raise ValueError(f"train.target_modules {list(cfg.target_modules)} matched no module of the transformer")
+    for p in params:
+        p.data = p.data.float()  # fp32 master LoRA weights; the frozen base keeps its own dtype
+    return params
+
+
+def lora_state_dict(transformer) -> dict:
+    """diffusers-format LoRA: transformer.<module>.lora_A.weight / lora_B.weight (from the uncompiled module)."""
+    from peft.utils import get_peft_model_state_dict
+
+    sd = get_peft_model_state_dict(getattr(transformer, "_orig_mod", transformer))
+    return {f"{PREFIX}.{k}": v.detach().float().cpu().contiguous() for k, v in sd.items()}
+
+
+def save_lora(transformer, path: Path) -> None:
+    """One safetensors file FluxKontextPipeline.load_lora_weights reads unchanged. The adapter's LoraConfig
+    (rank, alpha, targets) goes into the metadata exactly as diffusers' save_lora_weights writes it
+    ("transformer.<field>" keys under "lora_adapter_metadata")."""
+    conf = getattr(transformer, "_orig_mod", transformer).peft_config["default"].to_dict()
+    meta = {f"{PREFIX}.{k}": sorted(v) if isinstance(v, set) else v for k, v in conf.items()}
+    save_atomic(lora_state_dict(transformer), Path(path),
+                {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True, default=str)})
+
+
+def save_checkpoint(out_dir: Path, transformer, optimizer, step: int, cfg: Config, keep: int) -> Path:
+    """A folder named by the hash of its LoRA weights (content, not step), written under a temp name and renamed;
+    `latest.json` then points at it (also atomically). Old ones are pruned to `keep`."""
+    lora = lora_state_dict(transformer)
+    digest = hashlib.sha256(b"".join(lora[k].numpy().tobytes() for k in sorted(lora))).hexdigest()[:16]
+    ckpts = out_dir / "checkpoints"
+    final = ckpts / f"lora-{digest}"
+    if not final.exists():
+        tmp = ckpts / f".tmp-{digest}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_lora(transformer, tmp / "lora.safetensors")
+        opt = optimizer.state_dict()
+        tensors = {f"state.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()
+                   if isinstance(v, torch.Tensor)}
+        save_atomic(tensors, tmp / "optimizer.safetensors")
+        scalars = {str(i): {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)}
+                   for i, s in opt["state"].items()}
+        (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": opt["param_groups"],
+                                                    "scalars": scalars}, default=float))
+        (tmp / "config.json").write_text(to_json(cfg))
+        os.replace(tmp, final)
+    _write_json_atomic(ckpts / "latest.json", {"step": step, "path": final.name})
+    _prune(ckpts, keep)
+    return final
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _prune(ckpts: Path, keep: int) -> None:
+    found = []
+    for d in ckpts.glob("lora-*"):
+        try:
+            found.append((json.loads((d / "state.json").read_text())["step"], d))
+        except (OSError, ValueError, KeyError):
+            continue
+    for _, d in sorted(found)[:-keep] if keep > 0 else []:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def resolve_resume(resume: str, out_dir: Path) -> Path | None:
+    if not resume:
+        return None
+    if resume == "latest":
+        latest = out_dir / "checkpoints" / "latest.json"
+        if not latest.is_file():
+            raise ValueError(f"--resume latest: no {latest} (no checkpoint saved yet in {out_dir})")
+        return out_dir / "checkpoints" / json.loads(latest.read_text())["path"]
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise ValueError(f"--resume {resume}: expected a checkpoint folder with state.json and lora.safetensors")
+    return path
+
+
+def load_checkpoint(path: Path, transformer, optimizer) -> int:
+    """Restore LoRA weights and optimizer state; return the step to continue from."""
+    from safetensors.torch import load_file
+
+    lora = load_file(str(path / "lora.safetensors"))
+    own = {f"{PREFIX}.{n}": p for n, p in _lora_named_params(transformer)}
+    missing = set(own) ^ set(lora)
+    if missing:
+        raise ValueError(f"{path}: LoRA keys differ from the model's (e.g. {sorted(missing)[:3]}): "
+                         f"was it trained with other target_modules or rank?")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(lora[k])
+    state = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    opt_state = {}
+    for i, scal in state["scalars"].items():
+        s = dict(scal)
+        s.update({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"state.{i}.")})
+        opt_state[int(i)] = s
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    return int(state["step"])
+
+
+def _lora_named_params(transformer):
+    """LoRA parameters under the names get_peft_model_state_dict uses (adapter name dropped)."""
+    base = getattr(transformer, "_orig_mod", transformer)
+    return [(n.replace(".default", ""), p) for n, p in base.named_parameters() if "lora_" in n]
+
+
+# ---------------------------------------------------------------- sampling: read, check, load, scale, unload
+
+
+_LORA_KEY = re.compile(rf"{PREFIX}\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
+_FORMAT = ("keys 'transformer.<module>.lora_A.weight' / 'lora_B.weight', as FluxKontextPipeline.save_lora_weights "
+           "writes")
+
+
+def read_lora(path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state_dict, adapter metadata or None) of a LoRA safetensors file. The metadata (r, lora_alpha, targets) is
+    the JSON that save_lora_weights stores in the header under 'lora_adapter_metadata'."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"LoRA file {str(path)!r} does not exist")
+    try:
+        state_dict = load_file(path)
+        with safe_open(path, "pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"LoRA file {str(path)!r} is not a readable safetensors file: {e}") from None
+    raw = header.get("lora_adapter_metadata")
+    try:
+        metadata = json.loads(raw) if raw else None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"LoRA file {str(path)!r}: its 'lora_adapter_metadata' is not valid JSON: {e}") from None
+    return state_dict, metadata
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    return ", ".join(repr(k) for k in keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
+
+
+def check_lora_keys(transformer, state_dict: dict[str, torch.Tensor], path) -> None:
+    """Raise a ValueError naming the file unless every key is 'transformer.<module>.lora_A|B.weight' for a Linear of
+    this transformer, with both halves present and shapes lora_A [r, in_features], lora_B [out_features, r].
+    (peft would only warn about unmatched keys and leave those layers without the LoRA.)"""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    where = f"LoRA file {str(path)!r}"
+    if not state_dict:
+        raise ValueError(f"{where} holds no tensors")
+    unsupported = [k for k in state_dict if not _LORA_KEY.fullmatch(k)]
+    if unsupported:
+        raise ValueError(f"{where}: {len(unsupported)} of {len(state_dict)} keys are not in the supported format "
+                         f"({_FORMAT}): {_few(unsupported)}. Other formats (kohya, xlabs, ...): load them with "
+                         f"FluxKontextPipeline.lora_state_dict and write them with save_lora_weights first")
+    modules = dict(transformer.named_modules())
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    unmatched = []
+    for key, tensor in state_dict.items():
+        m = _LORA_KEY.fullmatch(key)
+        module = modules.get(m["module"])
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if not isinstance(base, torch.nn.Linear):
+            unmatched.append(key)
+        else:
+            halves.setdefault(m["module"], {})[m["ab"]] = tensor
+    if unmatched:
+        raise ValueError(f"{where}: {len(unmatched)} of {len(state_dict)} keys match no Linear module of the "
+                         f"transformer: {_few(unmatched)}; expected e.g. "
+                         f"'transformer.transformer_blocks.0.attn.to_q.lora_A.weight' (is it a LoRA for another "
+                         f"model?)")
+    for name, ab in halves.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{where}: {name!r} has lora_{''.join(ab)} but not lora_{'B' if 'A' in ab else 'A'}")
+        base = modules[name].get_base_layer() if isinstance(modules[name], BaseTunerLayer) else modules[name]
+        a, b = ab["A"].shape, ab["B"].shape
+        if len(a) != 2 or len(b) != 2 or a[1] != base.in_features or b[0] != base.out_features or a[0] != b[1]:
+            raise ValueError(f"{where}: {name!r} has lora_A {tuple(a)} and lora_B {tuple(b)}; expected [r, "
+                             f"{base.in_features}] and [{base.out_features}, r] for this transformer")
+
+
+def _lora_layers(transformer):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _active_adapters(transformer) -> list[str]:
+    layers = _lora_layers(transformer)
+    return list(layers[0].active_adapters) if layers else []
+
+
+def load_lora(transformer, path, adapter_name: str = "default", scale: float = 1.0) -> None:
+    """Load a LoRA file (FluxKontextPipeline.save_lora_weights format) into the transformer as `adapter_name` with
+    diffusers' load_lora_adapter, as FluxKontextPipeline.load_lora_weights does, and make it active at `scale`.
+
+    LoRAs stack: adapters already active stay active at their scales (the pipeline instead leaves only the newest
+    one active). Keys are checked against the transformer before anything is loaded."""
+    state_dict, metadata = read_lora(path)
+    check_lora_keys(transformer, state_dict, path)
+    loaded = list(getattr(transformer, "peft_config", {}))
+    if adapter_name in loaded:
+        raise ValueError(f"LoRA file {str(path)!r}: adapter name {adapter_name!r} is already loaded ({loaded}); "
+                         f"pick another name or unload_lora it first")
+    active = _active_adapters(transformer)
+    transformer.load_lora_adapter(state_dict, prefix=PREFIX, adapter_name=adapter_name, metadata=metadata)
+    transformer.set_adapter(active + [adapter_name])  # diffusers: activation only, scales untouched
+    for layer in _lora_layers(transformer):
+        layer.set_scale(adapter_name, scale)  # what diffusers' set_adapters does per layer, for this adapter alone
+
+
+def set_lora_scales(transformer, scales: dict[str, float]) -> None:
+    """Activate exactly the named adapters, each at its scale (diffusers' set_adapters); others stay loaded, off."""
+    loaded = list(getattr(transformer, "peft_config", {}))
+    unknown = [n for n in scales if n not in loaded]
+    if unknown:
+        raise ValueError(f"set_lora_scales: no adapter named {unknown}; loaded: {loaded}")
+    transformer.set_adapters(list(scales), list(scales.values()))
+
+
+def unload_lora(transformer, adapter_name: str | None = None) -> None:
+    """Remove one adapter (delete_adapters; the others keep their active state and scales) or, with None, all of
+    them, restoring the transformer's original modules (diffusers' unload_lora). Unloading nothing is a no-op."""
+    loaded = list(getattr(transformer, "peft_config", {}))
+    if adapter_name is not None and adapter_name not in loaded:
+        raise ValueError(f"unload_lora: no adapter named {adapter_name!r}; loaded: {loaded}")
+    if adapter_name is None or loaded == [adapter_name]:
+        if loaded:
+            transformer.unload_lora()
+        return
+    still_active = [a for a in _active_adapters(transformer) if a != adapter_name]
+    transformer.delete_adapters(adapter_name)
+    transformer.set_adapter(still_active)  # peft would activate the first remaining adapter instead
+
+
+# ---------------------------------------------------------------- CLI
