@@ -245,6 +245,60 @@ def ensure_toy_dataset(n: int = 24, size: int = 64, seed: int = 0, root: str | P
     return path
 
 
+# ---------------------------------------------------------------- random models and data for bench and GPU tests
+
+# FLUX.1 Kontext's transformer (black-forest-labs/FLUX.1-Kontext-dev transformer/config.json): 12B parameters.
+FLUX_KONTEXT_DIMS = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                         guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+# The same layout at toy width, for running bench.py's code paths on a CPU.
+MINI_DIMS = dict(FLUX_KONTEXT_DIMS, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                 joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+
+
+def random_transformer(device, dtype=None, **dims):
+    """A randomly initialised FluxTransformer2DModel (FLUX_KONTEXT_DIMS updated by `dims`), frozen, built directly on
+    `device` in `dtype` (default bf16): no fp32 copy of 12B weights on the host. Speed does not depend on the values."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = FluxTransformer2DModel(**dict(FLUX_KONTEXT_DIMS, **dims))
+    finally:
+        torch.set_default_dtype(prev)
+    return model.requires_grad_(False)
+
+
+def random_entries(n: int, res: int, text_tokens: int, dims: dict = FLUX_KONTEXT_DIMS, control: bool = True,
+                   seed: int = 0) -> list[dict]:
+    """n cache entries as cache.py stores them (image_latents / control_latents [C, res/8, res/8], prompt_embeds
+    [text_tokens, joint_attention_dim], pooled_prompt_embeds [pooled_projection_dim]), random, fp32 on the CPU."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    c, hw = dims["in_channels"] // 4, res // 8
+    out = []
+    for _ in range(n):
+        e = dict(image_latents=torch.randn(c, hw, hw, generator=g),
+                 prompt_embeds=torch.randn(text_tokens, dims["joint_attention_dim"], generator=g),
+                 pooled_prompt_embeds=torch.randn(dims["pooled_projection_dim"], generator=g))
+        if control:
+            e["control_latents"] = torch.randn(c, hw, hw, generator=g)
+        out.append(e)
+    return out
+
+
+def random_empty(text_tokens: int, dims: dict = FLUX_KONTEXT_DIMS) -> dict:
+    """The empty-prompt embeddings entry (caption dropout), zeros of the cached shapes."""
+    import torch
+
+    return dict(empty_prompt_embeds=torch.zeros(text_tokens, dims["joint_attention_dim"]),
+                empty_pooled_prompt_embeds=torch.zeros(dims["pooled_projection_dim"]))
+
+
 if __name__ == "__main__":
     import argparse
 
