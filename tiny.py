@@ -256,7 +256,7 @@ MINI_DIMS = dict(FLUX_KONTEXT_DIMS, num_layers=1, num_single_layers=1, attention
                  joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
 
 
-def random_transformer(device, dtype=None, **dims):
+def full_size_transformer(device, dtype=None, **dims):
     """A randomly initialised FluxTransformer2DModel (FLUX_KONTEXT_DIMS updated by `dims`), frozen, built directly on
     `device` in `dtype` (default bf16): no fp32 copy of 12B weights on the host. Speed does not depend on the values."""
     import torch
