@@ -2,6 +2,8 @@
 
 A config file is python that defines `config = Config(...)` (see configs/). Flags override its fields:
 `python train.py --config configs/fp8.py --train.lr 2e-5`. Unknown flags and unknown fields fail.
+
+The ground floor of the import order: this file imports no project module, so every other file may import it.
 """
 
 import dataclasses
@@ -11,10 +13,31 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from load import ModelConfig, Part
-
 __all__ = ["Config", "DataConfig", "TrainConfig", "SampleConfig", "ModelConfig", "Part", "load_config", "cli",
            "to_json"]
+
+
+@dataclass
+class Part:
+    """Where one model component comes from and where it lives. Empty `path` means ModelConfig.path."""
+
+    path: str = ""
+    subfolder: str = ""  # empty: the diffusers default (text_encoder, tokenizer, text_encoder_2, ...)
+    dtype: str = "bf16"  # fp32 | bf16 | fp16 (checked by load.parse_dtype)
+    device: str = "cpu"  # "cpu", "cuda:0", "cuda:1", ... (checked by load.parse_device)
+
+
+@dataclass
+class ModelConfig:
+    path: str = "black-forest-labs/FLUX.1-Kontext-dev"  # diffusers folder or Hub repo id
+    clip: Part = field(default_factory=Part)
+    t5: Part = field(default_factory=Part)
+    vae: Part = field(default_factory=Part)
+    transformer: Part = field(default_factory=Part)
+    # Transformer weights: "none" (as stored), "fp8" (e4m3 + per-row scale), "nf4" / "fp4" (bnb 4-bit layout).
+    # Pre-quantized checkpoints are detected from their files; this quantizes a bf16 one at load time.
+    quant: str = "none"
+    fp8_scales: str = ""  # optional safetensors of per-layer scales for a scaled-fp8 export that lost them
 
 
 @dataclass

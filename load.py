@@ -2,19 +2,22 @@
 
 Sources are diffusers folders or Hub repo ids (`from_pretrained(path, subfolder=...)`); components may come from
 different sources (a 4-bit transformer beside bf16 text encoders). No accelerate hooks and no device_map: each
-module goes exactly where its `Part` says. Quantized transformers (fp8 / 4-bit) are read by `quant.py`.
+module goes exactly where its `Part` says. Quantized transformers (fp8 / 4-bit) are read by `quant.py`, which also
+owns every look inside a checkpoint's files (config.json, safetensors headers): this file only chooses and places.
 """
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import quant
+from config import ModelConfig, Part
+
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
-# component name -> (default subfolder, expected class names in its config, the loader's class, library)
+# component name -> (default subfolder, the class names its config.json may give; None: a tokenizer, not checked)
 _EXPECTED = {
     "clip": ("text_encoder", {"CLIPTextModel", "CLIPTextModelWithProjection"}),
     "clip_tokenizer": ("tokenizer", None),
@@ -23,29 +26,6 @@ _EXPECTED = {
     "vae": ("vae", {"AutoencoderKL"}),
     "transformer": ("transformer", {"FluxTransformer2DModel"}),
 }
-
-
-@dataclass
-class Part:
-    """Where one component comes from and where it lives. Empty `path` means ModelConfig.path."""
-
-    path: str = ""
-    subfolder: str = ""  # empty: the diffusers default (text_encoder, tokenizer, text_encoder_2, ...)
-    dtype: str = "bf16"  # fp32 | bf16 | fp16
-    device: str = "cpu"  # "cpu", "cuda:0", "cuda:1", ...
-
-
-@dataclass
-class ModelConfig:
-    path: str = "black-forest-labs/FLUX.1-Kontext-dev"  # diffusers folder or Hub repo id
-    clip: Part = field(default_factory=Part)
-    t5: Part = field(default_factory=Part)
-    vae: Part = field(default_factory=Part)
-    transformer: Part = field(default_factory=Part)
-    # Transformer weights: "none" (as stored), "fp8" (e4m3 + per-row scale), "nf4" / "fp4" (bnb 4-bit layout).
-    # Pre-quantized checkpoints are detected from their files; this quantizes a bf16 one at load time.
-    quant: str = "none"
-    fp8_scales: str = ""  # optional safetensors of per-layer scales for a scaled-fp8 export that lost them
 
 
 @dataclass
@@ -97,14 +77,11 @@ def _resolve(cfg: ModelConfig, part: Part | None, name: str) -> tuple[str, str]:
         raise ValueError(f"{name}: {str(root)!r} has no subfolder {sub!r} (expected the diffusers layout with "
                          f"{sub}/ inside; set model.{name.split('_')[0]}.subfolder if it lives elsewhere)")
     if classes is not None:
-        config_file = folder / "config.json"
-        if not config_file.is_file():
-            raise ValueError(f"{name}: {str(folder)!r} has no config.json (expected a {'/'.join(sorted(classes))})")
-        conf = json.loads(config_file.read_text())
+        conf = quant.read_config(folder, name, "/".join(sorted(classes)))
         found = {conf.get("_class_name"), *conf.get("architectures", [])} - {None}
         if not found & classes:
-            raise ValueError(f"{name}: {str(config_file)!r} describes {sorted(found) or 'an unknown model'}; "
-                             f"expected {'/'.join(sorted(classes))}")
+            raise ValueError(f"{name}: {str(folder / 'config.json')!r} describes "
+                             f"{sorted(found) or 'an unknown model'}; expected {'/'.join(sorted(classes))}")
     return str(root), sub
 
 
@@ -166,9 +143,7 @@ def load_transformer(cfg: ModelConfig):
     dtype = parse_dtype(cfg.transformer.dtype, "transformer")
     path, sub = _resolve(cfg, cfg.transformer, "transformer")
     if _is_local(path):
-        if cfg.quant != "none" or is_quantized_checkpoint(Path(path) / sub):
-            import quant  # local import: quant.py pulls in the kernels only for a quantized transformer
-
+        if cfg.quant != "none" or quant.is_quantized_checkpoint(Path(path) / sub):
             return quant.load_quantized_transformer(Path(path) / sub, cfg.quant, dtype,
                                                     parse_device(cfg.transformer.device, "transformer"),
                                                     cfg.fp8_scales)
@@ -177,26 +152,6 @@ def load_transformer(cfg: ModelConfig):
                          f"(huggingface-cli download {path}) and pass its path")
     model = _from_pretrained(FluxTransformer2DModel, "transformer", path, sub, dtype=dtype)
     return _place(model, cfg.transformer, "transformer")
-
-
-def safetensors_header(file: Path) -> dict:
-    """The JSON header of a safetensors file (names, dtypes, shapes, offsets) without reading any tensor."""
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n <= 0 or n > 100_000_000:
-            raise ValueError(f"{str(file)!r} is not a safetensors file (header length {n})")
-        return json.loads(f.read(n))
-
-
-def is_quantized_checkpoint(folder: Path) -> bool:
-    """True for a bitsandbytes export (quantization_config) or one holding float8 weights."""
-    conf = folder / "config.json"
-    if conf.is_file() and "quantization_config" in json.loads(conf.read_text()):
-        return True
-    for f in sorted(folder.glob("*.safetensors")):
-        if any(isinstance(v, dict) and v.get("dtype", "").startswith("F8") for v in safetensors_header(f).values()):
-            return True
-    return False
 
 
 def load_components(cfg: ModelConfig, which: tuple[str, ...] = ("clip", "t5", "vae", "transformer")) -> Components:

@@ -1,14 +1,12 @@
-"""4-bit (bitsandbytes nf4 / fp4) weights: the checkpoint layout, a Triton dequant, and a Linear that trains LoRA.
+"""4-bit (bitsandbytes nf4 / fp4) weights: a Triton dequant beside its pure-torch reference, and a Linear that trains
+LoRA. Reading a bitsandbytes checkpoint and choosing which Linears to quantize is quant.py's.
 
-Layout (bitsandbytes `QuantState.as_dict(packed=True)`, what diffusers writes per quantized Linear `<m>`):
-  <m>.weight              uint8 [ceil(n/2), 1]   n = out*in codes, row-major; element 2i in the HIGH nibble
-  <m>.weight.absmax       fp32 [ceil(n/blocksize)] per-block max |w|; under double quant uint8 codes of
-                          (absmax - offset) in bnb's 8-bit dynamic map, blocks of nested_blocksize (256)
-  <m>.weight.nested_absmax     fp32 [ceil(len(absmax)/256)]   (double quant only)
-  <m>.weight.nested_quant_map  fp32 [256]                      (double quant only)
-  <m>.weight.quant_map    fp32 [16]  the nf4 / fp4 code book
-  <m>.weight.quant_state.bitsandbytes__nf4|fp4  uint8 JSON: quant_type, blocksize, dtype, shape
-                          (+ nested_blocksize, nested_dtype, nested_offset under double quant)
+Storage, bitsandbytes' own (so a checkpoint's tensors are used as read), n = out*in values, row-major:
+  codes       uint8 [ceil(n/2)]  two codes per byte, element 2i in the HIGH nibble
+  absmax      fp32 [ceil(n/blocksize)] per-block max |w|; under double quant uint8 codes of (absmax - offset) in
+              bnb's 8-bit dynamic map, blocks of nested_blocksize (256), with nested_absmax
+              fp32 [ceil(len(absmax)/256)], nested_quant_map fp32 [256] and a scalar offset
+  quant_map   fp32 [16]  the nf4 / fp4 code book
 Dequant (bitsandbytes.functional.dequantize_4bit, bit for bit): w[i] = quant_map[code[i]] * absmax[i // blocksize] in
 fp32, rounded once to the output dtype; double quant first rebuilds
 absmax[j] = nested_quant_map[absmax_u8[j]] * nested_absmax[j // 256] + offset in fp32 (no fused multiply-add).
@@ -18,24 +16,13 @@ dequantises to the compute dtype and runs a tensor-core GEMM; backward dequantis
 autograd never holds a dequantised weight. There is no weight gradient (the base model is frozen; LoRA trains).
 """
 
-import json
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton (macOS, some CPU installs): everything runs the pure-torch references
-    triton = None
-
-# TRITON_INTERPRET=1 (decided by Triton when this file is imported) runs the kernels on CPU tensors: correct for fp32,
-# wrong for bf16 / fp16 (DESIGN.md §4), so CI tests only the fp32 instantiation that way.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from kernels import tl, triton, use_triton
 
 # bitsandbytes.functional.get_4bit_type, computed the same way (fp32 division by the largest magnitude).
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -50,10 +37,6 @@ def get_4bit_type(quant_type: str) -> torch.Tensor:
         raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
     data = torch.tensor(NF4 if quant_type == "nf4" else FP4, dtype=torch.float32)
     return data / data.abs().max()
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return triton is not None and (t.is_cuda or INTERPRET)
 
 
 # ---------------------------------------------------------------- dequantisation
@@ -111,7 +94,7 @@ def dequant_4bit(codes_u8, absmax, quant_map, shape, blocksize: int, dtype: torc
     """dequant_4bit_ref in one Triton pass (unpack, code book, block scale, double-quant scales fused, cast).
 
     CUDA tensors (or any under TRITON_INTERPRET=1) take the kernel; CPU tensors the reference (same bits)."""
-    if not _use_triton(codes_u8):
+    if not use_triton(codes_u8):
         return dequant_4bit_ref(codes_u8, absmax, quant_map, shape, blocksize, dtype, nested_absmax,
                                 nested_quant_map, offset, nested_blocksize, out)
     n = math.prod(shape)
@@ -264,146 +247,3 @@ class Linear4bit(nn.Linear):
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(linear.in_features, linear.out_features, codes, absmax, get_4bit_type(quant_type).to(codes.device),
                    blocksize, bias, linear.weight.dtype, quant_type)
-
-
-def quantize_transformer_4bit(model: nn.Module, quant_type: str, blocksize: int = 64) -> nn.Module:
-    """Replace every nn.Linear inside transformer_blocks / single_transformer_blocks with a Linear4bit (in place, one
-    layer at a time, on the layer's device); embedders, norm_out and the top-level proj_out stay dense."""
-    get_4bit_type(quant_type)  # validates quant_type
-    for prefix in ("transformer_blocks", "single_transformer_blocks"):
-        for name, module in list(model.get_submodule(prefix).named_modules(prefix=prefix)):
-            if type(module) is nn.Linear:
-                model.set_submodule(name, Linear4bit.from_linear(module, quant_type, blocksize))
-    return model
-
-
-# ---------------------------------------------------------------- reading a bitsandbytes export
-
-
-_STATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-
-
-def _read_quant_state(file: str, key: str, tensor: torch.Tensor) -> dict:
-    try:
-        return json.loads(bytes(tensor.to(torch.uint8).cpu().numpy()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: {key} does not hold bitsandbytes quant_state JSON: {e}") from None
-
-
-def _linear4bit_from_tensors(file: str, name: str, module: nn.Module, t: dict, dtype, device) -> Linear4bit:
-    """Check one quantized Linear's tensors against the module it replaces and build the Linear4bit."""
-    w = f"{name}.weight"
-    if not isinstance(module, nn.Linear):
-        raise ValueError(f"{file}: {w} is 4-bit quantized but {name!r} is a {type(module).__name__}, not a Linear")
-    qs_keys = [k for k in t if k.startswith("quant_state.")]
-    unknown = set(t) - {"weight", "bias", *_STATS, *qs_keys}
-    if unknown:
-        raise ValueError(f"{file}: unexpected tensors {sorted(f'{w}.{k}' for k in unknown)} beside a 4-bit weight")
-    for need in ("weight", "absmax", "quant_map"):
-        if need not in t:
-            raise ValueError(f"{file}: quantized weight {w} has no {w if need == 'weight' else w + '.' + need} "
-                             f"(a bitsandbytes 4-bit Linear needs weight, weight.absmax, weight.quant_map and "
-                             f"weight.quant_state.bitsandbytes__nf4|fp4)")
-    if len(qs_keys) != 1 or not qs_keys[0].startswith("quant_state.bitsandbytes__"):
-        raise ValueError(f"{file}: quantized weight {w} needs exactly one {w}.quant_state.bitsandbytes__nf4|fp4 "
-                         f"entry, found {[f'{w}.{k}' for k in qs_keys] or 'none'}")
-    qs = _read_quant_state(file, f"{w}.{qs_keys[0]}", t[qs_keys[0]])
-    quant_type = qs_keys[0].rsplit("__", 1)[1]
-    shape, blocksize = qs.get("shape"), qs.get("blocksize")
-    expected = [module.out_features, module.in_features]
-    if qs.get("quant_type", quant_type) != quant_type or quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"{file}: {w}.{qs_keys[0]} says quant_type {qs.get('quant_type')!r}; expected nf4 or fp4 "
-                         f"matching the key")
-    if shape is None or list(shape) != expected:
-        raise ValueError(f"{file}: {w}.{qs_keys[0]} has shape {shape}, but {name} is a Linear of shape {expected} "
-                         f"(out, in) in this config.json")
-    if not isinstance(blocksize, int) or blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-        raise ValueError(f"{file}: {w}.{qs_keys[0]} has blocksize {blocksize!r}; expected a power of 2 in 32..4096")
-    n = math.prod(expected)
-    nested = "nested_absmax" in t or "nested_offset" in qs
-    sizes = {"weight": ((n + 1) // 2, torch.uint8), "absmax": (-(-n // blocksize), torch.uint8 if nested else
-                                                                  torch.float32), "quant_map": (16, torch.float32)}
-    if nested:
-        nb = qs.get("nested_blocksize")
-        if "nested_quant_map" not in t or "nested_absmax" not in t or "nested_offset" not in qs or nb is None:
-            raise ValueError(f"{file}: {w} is double-quantized but lacks one of {w}.nested_absmax, "
-                             f"{w}.nested_quant_map, nested_offset / nested_blocksize in its quant_state")
-        sizes.update(nested_absmax=(-(-sizes["absmax"][0] // nb), torch.float32), nested_quant_map=(256, torch.float32))
-    for k, (numel, dt) in sizes.items():
-        if t[k].numel() != numel or t[k].dtype != dt:
-            key = w if k == "weight" else f"{w}.{k}"
-            raise ValueError(f"{file}: {key} is {t[k].dtype} with {t[k].numel()} elements; expected {dt} with {numel} "
-                             f"for a {expected} weight in blocks of {blocksize}")
-    on = lambda k: t[k].to(device) if k in t else None  # noqa: E731
-    return Linear4bit(module.in_features, module.out_features, on("weight"), on("absmax"), on("quant_map"), blocksize,
-                      None if t.get("bias") is None else t["bias"].to(device, dtype), dtype, quant_type,
-                      on("nested_absmax"), on("nested_quant_map"),
-                      torch.tensor(float(qs["nested_offset"]), device=device) if nested else None,
-                      qs.get("nested_blocksize", 256))
-
-
-def _owner(key: str) -> str:
-    """The module a tensor belongs to: "<m>.weight.absmax", "<m>.weight", "<m>.bias" -> "<m>"."""
-    return key.split(".weight.", 1)[0] if ".weight." in key else key.rsplit(".", 1)[0]
-
-
-def load_bnb_transformer(folder: Path, dtype: torch.dtype, device: torch.device):
-    """A FluxTransformer2DModel from a diffusers bitsandbytes 4-bit folder (config.json + *.safetensors), read
-    directly (bitsandbytes is not needed): quantized Linears become Linear4bit computing in `dtype` (the export's
-    bnb_4bit_compute_dtype is ignored), every other tensor is cast to `dtype`. On `device`, eval mode, frozen."""
-    from contextlib import ExitStack
-
-    from diffusers import FluxTransformer2DModel
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    conf_file = folder / "config.json"
-    if not conf_file.is_file():
-        raise ValueError(f"{str(folder)!r} has no config.json (expected a diffusers FluxTransformer2DModel folder)")
-    config = json.loads(conf_file.read_text())
-    qc = config.pop("quantization_config", None)
-    if not qc or qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
-        raise ValueError(f"{conf_file}: quantization_config {qc} is not bitsandbytes 4-bit (expected quant_method "
-                         f"'bitsandbytes' and load_in_4bit true)")
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{str(folder)!r} holds no *.safetensors files")
-    with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(config)
-
-    with ExitStack() as stack:
-        where, groups = {}, {}  # key -> open file; module name -> its keys
-        for f in files:
-            sf = stack.enter_context(safe_open(f, framework="pt"))
-            for k in sf.keys():
-                if k in where:
-                    raise ValueError(f"{k} appears in two files of {str(folder)!r} (one is {f.name})")
-                where[k] = (f, sf)
-                groups.setdefault(_owner(k), []).append(k)
-        # A Linear is quantized when its weight is uint8 or it has any 4-bit statistic.
-        quantized = {m for m, keys in groups.items() if any(".weight." in k for k in keys) or
-                     (f"{m}.weight" in keys and where[f"{m}.weight"][1].get_slice(f"{m}.weight").get_dtype() == "U8")}
-        for name in sorted(quantized):
-            keys = groups[name]
-            file = str(where[keys[0]][0])
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"{file}: {keys[0]} names no module of this FluxTransformer2DModel") from None
-            tensors = {k[len(name) + 1:].removeprefix("weight."): where[k][1].get_tensor(k) for k in keys}
-            model.set_submodule(name, _linear4bit_from_tensors(file, name, module, tensors, dtype, device))
-
-        expected = {k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta}
-        plain = {k for m, keys in groups.items() if m not in quantized for k in keys}
-        if expected - plain:
-            raise ValueError(f"{str(folder)!r}: missing tensors {sorted(expected - plain)[:8]} in "
-                             f"{[f.name for f in files]}")
-        if plain - expected:
-            extra = sorted(plain - expected)[:8]
-            raise ValueError(f"{where[extra[0]][0]}: unexpected tensors {extra} for this FluxTransformer2DModel config")
-        state = {}
-        for k in plain:
-            t = where[k][1].get_tensor(k)
-            state[k] = t.to(device, dtype) if t.is_floating_point() else t.to(device)
-    model.load_state_dict(state, strict=False, assign=True)
-    return model.eval().requires_grad_(False)

@@ -2,7 +2,9 @@
 
 pack:   [B, 16, H, W] (the VAE posterior's mode, unscaled) -> [B, (H/2)(W/2), 64] = pack_latents((x - shift) * scale)
 unpack: [B, (h/2)(w/2), 64] -> [B, 16, h, w] = unpack_latents(packed) / scale + shift   (what the VAE decodes)
-Token (i, j) holds the 2x2 patch at rows 2i.., cols 2j..; channel order c*4 + dy*2 + dx (encode.pack_latents).
+Token (i, j) holds the 2x2 patch at rows 2i.., cols 2j..; channel order c*4 + dy*2 + dx. The references below write
+that permutation out here (kernels/ sits below encode.py and imports nothing above it); tests/test_pack.py checks it
+equals encode.pack_latents / unpack_latents.
 
 Rounding follows the reference op by op (encode_image computes `(mode - shift) * scale` in the VAE's dtype): each
 step is computed in fp32 and rounded to the tensor's dtype, so bf16 rounds twice as the reference does. Division by
@@ -10,32 +12,25 @@ the scale is a multiplication by fp32(1 / scale), as PyTorch's CUDA kernel does 
 CPU divides, which can differ in the last bit).
 """
 
-import os
-
 import numpy as np
 import torch
 
-from encode import pack_latents, unpack_latents
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")  # as kernels/int4.py
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    return triton is not None and (t.is_cuda or INTERPRET)
+from kernels import tl, triton, use_triton
 
 
 def pack_latents_fused_ref(latents: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
-    return pack_latents((latents - shift) * scale)
+    """[B, C, H, W] -> [B, (H/2)(W/2), 4C] of (x - shift) * scale, in pure torch."""
+    x = (latents - shift) * scale
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # [B, H/2, W/2, C, dy, dx]
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
 def unpack_latents_fused_ref(packed: torch.Tensor, height: int, width: int, shift: float, scale: float) -> torch.Tensor:
-    return unpack_latents(packed, height, width) / scale + shift
+    """[B, (h/2)(w/2), 4C] -> [B, C, h, w] of unpack(packed) / scale + shift, in pure torch."""
+    b, _, d = packed.shape
+    x = packed.reshape(b, height // 2, width // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # [B, C, H/2, dy, W/2, dx]
+    return x.reshape(b, d // 4, height, width) / scale + shift
 
 
 if triton is not None:
@@ -79,7 +74,7 @@ def pack_latents_fused(latents: torch.Tensor, shift: float, scale: float) -> tor
     b, c, h, w = latents.shape
     if c != 16 or h % 2 or w % 2:
         raise ValueError(f"pack_latents_fused: expected [B, 16, H, W] with even H and W, got {list(latents.shape)}")
-    if not _use_triton(latents):
+    if not use_triton(latents):
         return pack_latents_fused_ref(latents, shift, scale)
     out = torch.empty(b, (h // 2) * (w // 2), 64, dtype=latents.dtype, device=latents.device)
     return _launch(latents, out, float(shift), float(scale), b, (h // 2) * (w // 2), w // 2, latents.stride(), False)
@@ -90,7 +85,7 @@ def unpack_latents_fused(packed: torch.Tensor, height: int, width: int, shift: f
     b, n, d = packed.shape
     if d != 64 or height % 2 or width % 2 or n != (height // 2) * (width // 2):
         raise ValueError(f"unpack_latents_fused: {list(packed.shape)} is not [B, ({height}/2)({width}/2), 64]")
-    if not _use_triton(packed):
+    if not use_triton(packed):
         return unpack_latents_fused_ref(packed, height, width, shift, scale)
     out = torch.empty(b, 16, height, width, dtype=packed.dtype, device=packed.device)
     inv_scale = float(np.float32(1.0) / np.float32(scale))  # PyTorch CUDA: x / s -> x * (1 / s), in fp32

@@ -7,7 +7,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from load import ModelConfig, Part  # noqa: E402
+from config import ModelConfig, Part  # noqa: E402
 from tiny import TinySpec, ensure_tiny  # noqa: E402
 
 

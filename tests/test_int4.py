@@ -1,5 +1,6 @@
 """kernels/int4.py against bitsandbytes (quantize_4bit / dequantize_4bit on the CPU, bit for bit), a real diffusers
-bitsandbytes export of the tiny transformer, and peft LoRA on top.
+bitsandbytes export of the tiny transformer, and peft LoRA on top. quant.py's 4-bit paths (load_bnb_transformer,
+quantize_transformer_4bit) are tested here too: they share this file's bitsandbytes fixtures and Linear4bit checks.
 
 The Triton kernel's fp32 instantiation runs under TRITON_INTERPRET=1 in a subprocess (test_triton_kernels_under_
 interpreter); bf16 / fp16 kernel numerics, bnb's CUDA kernels and speed-relevant shapes need the GPU (marker `gpu`).
@@ -14,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.int4 import (INTERPRET, Linear4bit, dequant_4bit, dequant_4bit_ref, get_4bit_type,
-                          load_bnb_transformer, quantize_4bit_ref, quantize_transformer_4bit, triton)
+from kernels import INTERPRET, triton
+from kernels.int4 import Linear4bit, dequant_4bit, dequant_4bit_ref, get_4bit_type, quantize_4bit_ref
+from quant import load_bnb_transformer, quantize_transformer_4bit
 
 ROOT = Path(__file__).resolve().parents[1]
 # blocks straddling rows (96x40), a partial last block (33x17, 5x3, 250x333), an odd element count (33x17, 5x3)

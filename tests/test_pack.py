@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from encode import encode_image, pack_latents, unpack_latents
-from kernels.pack import (INTERPRET, pack_latents_fused, pack_latents_fused_ref, triton, unpack_latents_fused,
-                          unpack_latents_fused_ref)
+from kernels import INTERPRET, triton
+from kernels.pack import pack_latents_fused, pack_latents_fused_ref, unpack_latents_fused, unpack_latents_fused_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIFT, SCALE = 0.1159, 0.3611  # FLUX's VAE shift_factor / scaling_factor
@@ -43,6 +43,19 @@ def test_refs_are_the_pipeline_math(tiny_cfg):
     x = vae_mode(2, 10, 8)
     back = unpack_latents_fused_ref(pack_latents_fused_ref(x, SHIFT, SCALE), 10, 8, SHIFT, SCALE)
     torch.testing.assert_close(back, x, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bhw", SIZES, ids=str)
+def test_refs_equal_encode_pack_unpack(bhw):
+    """kernels/pack.py writes the permutation out itself (kernels/ may not import encode.py): the same bits as
+    encode.pack_latents / unpack_latents, for strided inputs and a channel count other than 16 too."""
+    b, h, w = bhw
+    for x in (vae_mode(*bhw), vae_mode(*bhw).transpose(2, 3).contiguous().transpose(2, 3),
+              torch.randn(b, 3, h, w)):
+        packed = pack_latents_fused_ref(x, SHIFT, SCALE)
+        assert torch.equal(packed, pack_latents((x - SHIFT) * SCALE))
+        assert torch.equal(unpack_latents_fused_ref(packed, h, w, SHIFT, SCALE),
+                           unpack_latents(packed, h, w) / SCALE + SHIFT)
 
 
 def test_cpu_without_interpreter_uses_the_reference():

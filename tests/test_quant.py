@@ -11,8 +11,6 @@ Error bounds (relative L2 of the transformer output on the same inputs, tiny mod
 
 import json
 import shutil
-import sys
-import types
 
 import pytest
 import torch
@@ -179,6 +177,38 @@ def test_quantize_transformer_in_memory(tiny_path, reference):
         quant.quantize_transformer(model, "int8")
 
 
+def test_quantized_linears_rule(reference):
+    """The one rule every quantize path uses: the plain Linears of the blocks, with the parent and attribute that
+    hold each; the embedders, norm_out and the top-level proj_out are left out."""
+    found = quant.quantized_linears(reference)
+    names = [n for n, _, _, _ in found]
+    every = [n for n, m in reference.named_modules() if type(m) is nn.Linear]
+    assert names == [n for n in every if n.startswith(("transformer_blocks.", "single_transformer_blocks."))]
+    assert {"transformer_blocks.0.attn.to_out.0", "single_transformer_blocks.0.proj_mlp"} <= set(names)
+    assert {"proj_out", "x_embedder", "context_embedder", "norm_out.linear"}.isdisjoint(names)
+    for name, parent, attr, linear in found:
+        assert getattr(parent, attr) is linear is reference.get_submodule(name), name
+    with pytest.raises(ValueError, match="no nn.Linear under transformer_blocks / single_transformer_blocks"):
+        quant.quantized_linears(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_format_sniffing(tiny_path, tmp_path, fp32_state):
+    folder = tiny_path / "transformer"
+    assert quant.read_config(folder)["_class_name"] == "FluxTransformer2DModel"
+    assert not quant.is_quantized_checkpoint(folder)
+    tensors, _ = comfy_scaled(fp32_state)
+    assert quant.is_quantized_checkpoint(write(tmp_path / "fp8", tiny_path, tensors) / "transformer")
+    with pytest.raises(ValueError, match=r"vae: .*empty.* has no config.json \(expected a diffusers AutoencoderKL"):
+        quant.read_config(tmp_path / "empty", "vae", "AutoencoderKL")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=r"transformer: .*broken/config.json.* is not valid JSON"):
+        quant.read_config(tmp_path / "broken")
+    (tmp_path / "broken" / "w.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(ValueError, match=r"w.safetensors.* is not a safetensors file"):
+        quant.safetensors_header(tmp_path / "broken" / "w.safetensors")
+
+
 def test_saved_fp8_model_reloads(tiny_path, tmp_path):
     cfg = tiny_config(tiny_path)
     cfg.quant = "fp8"
@@ -255,12 +285,13 @@ def test_lora_from_fp8_model_loads_in_pipeline(tiny_path, tmp_path):
 
 
 def test_bitsandbytes_and_4bit_dispatch(tiny_path, tmp_path, monkeypatch):
-    """Only the dispatch to kernels.int4 (its functions are tested beside it): a stand-in module records calls."""
+    """Only the dispatch to load_bnb_transformer / quantize_transformer_4bit (tested in test_int4.py beside the
+    bitsandbytes fixtures): stand-ins record the calls."""
     calls = []
-    fake = types.ModuleType("kernels.int4")
-    fake.load_bnb_transformer = lambda folder, dtype, device: calls.append(("bnb", folder, dtype, device)) or "bnb"
-    fake.quantize_transformer_4bit = lambda model, quant_type: calls.append(("q4", model, quant_type)) or "q4"
-    monkeypatch.setitem(sys.modules, "kernels.int4", fake)
+    monkeypatch.setattr(quant, "load_bnb_transformer",
+                        lambda folder, dtype, device: calls.append(("bnb", folder, dtype, device)) or "bnb")
+    monkeypatch.setattr(quant, "quantize_transformer_4bit",
+                        lambda model, quant_type: calls.append(("q4", model, quant_type)) or "q4")
     root = tmp_path / "bnb"
     shutil.copytree(tiny_path / "transformer", root / "transformer")
     conf = json.loads((root / "transformer" / "config.json").read_text())
