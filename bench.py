@@ -1,20 +1,25 @@
 """Benchmark: stock diffusers+peft vs ours, side by side in one run, on a full-size random FLUX.1 Kontext
-transformer (speed does not depend on the weights' values). Prints DESIGN.md §5's table and a JSON last line.
+transformer (speed does not depend on the weights' values). Prints a markdown table and a JSON last line.
 
-    python bench.py                         # every row (H100: ~20 min)
-    python bench.py --rows bf16 --res 1024  # a subset; --match ours / --match stock select rows by label
-    python bench.py --tiny                  # the miniature model on CPU: checks the script, times nothing useful
+    python bench.py                          # every row (H200: ~20 min; each row in its own process)
+    python bench.py --rows bf16 ckpt         # a subset of the groups; --match ours / --match stock select by label
+    python bench.py --tiny                   # the miniature model on CPU: checks the script, times nothing useful
 
-"stock" runs diffusers' FluxTransformer2DModel with peft LoRA as a user would, except that attention is pinned to
-PyTorch's flash backend: on the H100 image the default SDPA choice crashed in a Flux backward (diag_attention.py). A
-train step = forward + MSE on the target tokens + backward (LoRA r16 on to_q/to_k/to_v/to_out.0, frozen base) +
-AdamW step. Kontext at 1024^2: 4096 target + 4096 control + 512 text tokens. Each row builds the model anew, warms
-up (compilation included) outside the timing, then reports the median of `iters` steps (CUDA events) and the peak
-allocated memory. Every optimisation of "ours" is a flag (--no-compile, --attention flash, ...).
+"ours" rows run train.py's own step: the TrainConfig of the shipped config file (configs/bf16.py, configs/fp8.py,
+configs/fp4.py; a row may change gradient_checkpointing), then train.prepare_transformer (attention, fp8 backward,
+checkpointing, LoRA, compile), train.make_optimizer, and per step train.micro_batches + train.train_step on random
+cache entries, as `python train.py` does. Denoise rows run sample.prepare_transformer and encode.predict_velocity,
+the call of sample.py's denoising loop. "stock" rows are diffusers' FluxTransformer2DModel with peft LoRA (r16 on
+to_q/to_k/to_v/to_out.0) as a diffusers user writes them, attention pinned to PyTorch's flash backend: PyTorch's
+default SDPA choice crashed in the first Flux LoRA backward on the H100 and H200 images. Kontext at 1024^2: 4096
+target + 4096 control + 512 text tokens, batch 1. Each row: a fresh process, the model built anew, the first step
+timed on its own (compilation, reported as first_s), one more warm-up, then the median of `iters` steps (CUDA
+events) and the peak allocated memory.
 """
 
 import dataclasses
 import gc
+import itertools
 import json
 import statistics
 import subprocess
@@ -25,22 +30,25 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-FLUX_KONTEXT = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
-                    guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-TINY = dict(FLUX_KONTEXT, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-            joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+import quant
+import sample
+import tiny
+import train
+from config import SampleConfig, TrainConfig, load_config
+from encode import latent_ids, predict_velocity
+
+STOCK_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+CONFIGS = {"bf16": "configs/bf16.py", "fp8": "configs/fp8.py", "nf4": "configs/fp4.py"}  # kind -> shipped config
 
 
 @dataclass
 class BenchConfig:
     rows: tuple[str, ...] = ("bf16", "ckpt", "denoise", "fp8", "int4")  # which groups of the table to run
-    res: tuple[int, ...] = (1024, 512)  # 512 runs only the bf16 no-recompute row
+    res: tuple[int, ...] = (1024, 512)  # 512 runs only the bf16 no-recompute rows
     iters: int = 5
-    warmup: int = 2
-    compile: bool = True  # ours: torch.compile each repeated block (diffusers' compile_repeated_blocks)
-    attention: str = "auto"  # ours: auto | cudnn | cudnn_torch | flash | default (train.resolve_attention)
+    warmup: int = 1  # untimed steps after the first (timed apart) step
+    compile: bool = True  # ours: TrainConfig.compile (False: eager, for debugging)
+    attention: str = "auto"  # ours: TrainConfig.attention_backend
     profile: bool = True  # ours: one extra step under torch.profiler, GPU time by kernel kind
     stock_compile: bool = True  # also time stock + compile_repeated_blocks
     stock_int4: bool = True  # stock bitsandbytes nf4 + peft (needs bitsandbytes)
@@ -51,54 +59,137 @@ class BenchConfig:
     only: int = -1  # internal: run only this row of the plan, in this process
 
 
-# ---------------------------------------------------------------- model and inputs
+def dims(cfg: BenchConfig) -> dict:
+    return tiny.MINI_DIMS if cfg.tiny else tiny.FLUX_KONTEXT_DIMS
 
 
-def build_transformer(cfg: BenchConfig, device, **dims_override):
-    from diffusers import FluxTransformer2DModel
-
-    dims = dict(TINY if cfg.tiny else FLUX_KONTEXT, **dims_override)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # build straight in bf16 on the device: no fp32 copy of 12B weights
-    try:
-        with torch.device(device):
-            model = FluxTransformer2DModel(**dims)
-    finally:
-        torch.set_default_dtype(prev)
-    return model.requires_grad_(False)
+def build(cfg: BenchConfig, device, kind: str = "bf16"):
+    """The random transformer, quantized as load.py does at load (quant.quantize_transformer)."""
+    model = tiny.full_size_transformer(device, **dims(cfg))
+    return model if kind == "bf16" else quant.quantize_transformer(model, kind)
 
 
-def make_inputs(cfg: BenchConfig, res: int, device):
-    dims = TINY if cfg.tiny else FLUX_KONTEXT
-    from encode import latent_ids
+def ours_config(kind: str, cfg: BenchConfig, **overrides) -> TrainConfig:
+    """The shipped config's TrainConfig for this kind, with the bench's flags and the row's overrides."""
+    tc = load_config(CONFIGS[kind]).train
+    return dataclasses.replace(tc, batch_size=1, grad_accum=1, compile=cfg.compile, attention_backend=cfg.attention,
+                               **overrides)
 
+
+# ---------------------------------------------------------------- the step functions timed
+
+
+def ours_train_fn(model, tc: TrainConfig, cfg: BenchConfig, res: int, device):
+    """train.py's step on random cache entries of the Kontext shape."""
+    params, attention = train.prepare_transformer(model, tc, device)
+    optimizer = train.make_optimizer(params, tc)
+    entries = tiny.random_entries(tc.batch_size, res, cfg.text_tokens, dims(cfg))
+    empty = tiny.random_empty(cfg.text_tokens, dims(cfg))
+    shapes = [tuple(e["image_latents"].shape) + tuple(e["control_latents"].shape) for e in entries]
+    steps = itertools.count()
+
+    def step():
+        i = next(steps)
+        for g in optimizer.param_groups:
+            g["lr"] = tc.lr * train.lr_factor(i, tc)
+        batches = train.micro_batches(entries, shapes, empty, tc, i, 0, 1, device, torch.bfloat16)
+        train.train_step(model, params, optimizer, batches, tc)
+
+    return step, attention
+
+
+def stock_inputs(cfg: BenchConfig, res: int, device) -> dict:
+    d = dims(cfg)
     n = (res // 16) ** 2  # target tokens; the control image has the same size
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g).to(device, torch.bfloat16)  # noqa: E731
     ids = torch.cat([latent_ids(res // 8, res // 8, 0.0), latent_ids(res // 8, res // 8, 1.0)])
     return dict(x0=r(1, n, 64), noise=r(1, n, 64), control=r(1, n, 64),
-                prompt_embeds=r(1, cfg.text_tokens, dims["joint_attention_dim"]),
-                pooled=r(1, dims["pooled_projection_dim"]), img_ids=ids.to(device, torch.bfloat16),
+                prompt_embeds=r(1, cfg.text_tokens, d["joint_attention_dim"]), pooled=r(1, d["pooled_projection_dim"]),
+                img_ids=ids.to(device, torch.bfloat16),
                 txt_ids=torch.zeros(cfg.text_tokens, 3, device=device, dtype=torch.bfloat16))
 
 
-def forward(model, inp, t=0.5):
-    from encode import predict_velocity
-
-    tt = torch.full((1,), t, device=inp["x0"].device, dtype=torch.bfloat16)
+def stock_forward(model, inp, t=0.5):
+    """The Kontext call as a diffusers user writes it (pipeline_flux_kontext's denoising loop)."""
     x_t = (1 - t) * inp["x0"] + t * inp["noise"]
-    return predict_velocity(model, x_t, inp["control"], tt, torch.ones(1, device=tt.device), inp["prompt_embeds"],
-                            inp["pooled"], inp["txt_ids"], inp["img_ids"])
+    out = model(hidden_states=torch.cat([x_t, inp["control"]], 1),
+                timestep=torch.full((1,), t, device=x_t.device, dtype=x_t.dtype),
+                guidance=torch.ones(1, device=x_t.device), pooled_projections=inp["pooled"],
+                encoder_hidden_states=inp["prompt_embeds"], txt_ids=inp["txt_ids"], img_ids=inp["img_ids"],
+                return_dict=False)[0]
+    return out[:, :x_t.shape[1]]
 
 
-def add_lora(model):
+def stock_train_fn(model, inp, ckpt: bool, compile_: bool):
     from peft import LoraConfig
 
-    model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=LORA_TARGETS))
+    model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=STOCK_TARGETS))
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     for p in params:
         p.data = p.data.float()
-    return params
+    if ckpt:
+        model.enable_gradient_checkpointing()
+    if compile_:
+        model.compile_repeated_blocks(fullgraph=False)
+    model.train()
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    target = inp["noise"] - inp["x0"]
+
+    def step():
+        F.mse_loss(stock_forward(model, inp).float(), target.float()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def ours_denoise_fn(model, cfg: BenchConfig, res: int, device, fuse: bool):
+    """One denoising step as sample.py runs it: sample.prepare_transformer, then predict_velocity."""
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=STOCK_TARGETS))  # a LoRA being sampled
+    if fuse:
+        model.fuse_lora(lora_scale=1.0)
+    sc = dataclasses.replace(SampleConfig(), compile=cfg.compile, attention_backend=cfg.attention)
+    attention = sample.prepare_transformer(model, sc, device)
+    inp = stock_inputs(cfg, res, device)
+    t = torch.full((1,), 0.5, device=device, dtype=torch.bfloat16)
+    guidance = torch.full((1,), 3.5, device=device)
+
+    @torch.no_grad()
+    def step():
+        predict_velocity(model, inp["x0"], inp["control"], t, guidance, inp["prompt_embeds"], inp["pooled"],
+                         inp["txt_ids"], inp["img_ids"])
+
+    return step, attention
+
+
+def stock_denoise_fn(model, inp, compile_: bool):
+    if compile_:
+        model.compile_repeated_blocks(fullgraph=False)
+    model.eval()
+
+    @torch.no_grad()
+    def step():
+        stock_forward(model, inp)
+
+    return step
+
+
+def stock_int4(model):
+    """diffusers' bitsandbytes path: every Linear quant.py would quantize as bnb.nn.Linear4bit nf4, bf16 compute."""
+    import bitsandbytes as bnb
+
+    for _, parent, attr, mod in quant.quantized_linears(model):
+        new = bnb.nn.Linear4bit(mod.in_features, mod.out_features, mod.bias is not None,
+                                compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+        # quantized on the GPU where the weight lies (a CPU round trip copies 12B weights twice)
+        new.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, quant_type="nf4").cuda()
+        if mod.bias is not None:
+            new.bias = torch.nn.Parameter(mod.bias.data, requires_grad=False)
+        setattr(parent, attr, new)
+    return model
 
 
 # ---------------------------------------------------------------- timing
@@ -109,8 +200,13 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed(fn, cfg: BenchConfig) -> tuple[float, float]:
-    """(median seconds, peak GiB) of fn() after cfg.warmup untimed calls."""
+def timed(fn, cfg: BenchConfig) -> dict:
+    """first_s (the first call: compilation and warm-up), then the median seconds and peak GiB of cfg.iters calls
+    after cfg.warmup more untimed ones."""
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - t0
     for _ in range(cfg.warmup):
         fn()
     sync()
@@ -126,11 +222,11 @@ def timed(fn, cfg: BenchConfig) -> tuple[float, float]:
             b.synchronize()
             times.append(a.elapsed_time(b) / 1000)
         else:
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
+            times.append(time.perf_counter() - t1)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else float("nan")
-    return statistics.median(times), peak
+    return dict(seconds=round(statistics.median(times), 4), peak_gib=round(peak, 2), first_s=round(first, 1))
 
 
 KERNEL_KINDS = (  # first match wins; names as the profiler reports CUDA kernels
@@ -164,141 +260,81 @@ def profile_step(fn) -> dict:
                 kernels_ms=round(sum(kinds.values()), 1))
 
 
-def train_step_fn(model, params, inp):
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    target = inp["noise"] - inp["x0"]
-
-    def step():
-        loss = F.mse_loss(forward(model, inp).float(), target.float())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
-def denoise_fn(model, inp):
-    @torch.no_grad()
-    def step():
-        forward(model, inp)
-
-    return step
-
-
 # ---------------------------------------------------------------- the rows
 
 
-def quantize(model, kind: str):
-    import quant
-
-    return quant.quantize_transformer(model, kind)
-
-
-def stock_int4(model):
-    """diffusers' bitsandbytes path: every Linear of the blocks as bnb.nn.Linear4bit nf4, bf16 compute."""
-    import bitsandbytes as bnb
-
-    for block in list(model.transformer_blocks) + list(model.single_transformer_blocks):
-        for name, mod in list(block.named_modules()):
-            if isinstance(mod, torch.nn.Linear):
-                parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
-                new = bnb.nn.Linear4bit(mod.in_features, mod.out_features, mod.bias is not None,
-                                        compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
-                # quantized on the GPU where the weight lies (a CPU round trip copies 12B weights twice)
-                new.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, quant_type="nf4").cuda()
-                if mod.bias is not None:
-                    new.bias = torch.nn.Parameter(mod.bias.data, requires_grad=False)
-                setattr(parent, name.rsplit(".", 1)[-1], new)
-    return model
-
-
-def run_row(label: str, cfg: BenchConfig, device, res: int, *, kind: str = "bf16", ckpt: bool = False,
-            compile_: bool = False, attention: str = "flash", denoise: bool = False, fuse: bool = False,
-            stock4: bool = False, fp8_backward: bool = False) -> dict:
-    import kernels.fp8
-
-    kernels.fp8.BACKWARD_FP8 = fp8_backward  # input gradient as an e5m2 x e4m3 GEMM instead of bf16
-    model = build_transformer(cfg, device)
-    if kind != "bf16":
-        model = quantize(model, kind)
-    if stock4:
-        model = stock_int4(model)
-    if torch.cuda.is_available():
-        from train import set_attention
-
-        # inside the model: holds under compile and checkpoint recompute
-        set_attention(model, attention, device, checkpointed=ckpt, compiled=compile_)
-    params = add_lora(model)
-    if fuse:
-        model.fuse_lora(lora_scale=1.0)  # sampling with a fixed LoRA: merge it into the base weights
-    if ckpt:
-        model.enable_gradient_checkpointing()
-    if compile_:
-        model.compile_repeated_blocks(fullgraph=False)
-    inp = make_inputs(cfg, res, device)
-    fn = denoise_fn(model, inp) if denoise else train_step_fn(model.train(), params, inp)
+def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: str = "bf16", ckpt: bool = False,
+            compile_: bool = False, denoise: bool = False, fuse: bool = False, fp8_backward: bool = False) -> dict:
     t0 = time.perf_counter()
+    row = dict(row=label, res=res)
     try:
-        sec, peak = timed(fn, cfg)
-        row = dict(row=label, res=res, seconds=round(sec, 4), peak_gib=round(peak, 2))
-        if cfg.profile and "stock" not in label and torch.cuda.is_available():
+        model = build(cfg, device, "bf16" if who == "stock" else kind)
+        if who == "stock":
+            if kind == "nf4":
+                model = stock_int4(model)
+            if torch.cuda.is_available():
+                model.set_attention_backend("_native_flash")
+            inp = stock_inputs(cfg, res, device)
+            fn = stock_denoise_fn(model, inp, compile_) if denoise else stock_train_fn(model, inp, ckpt, compile_)
+        elif denoise:
+            fn, row["attention"] = ours_denoise_fn(model, cfg, res, device, fuse)
+        else:
+            tc = ours_config(kind, cfg, gradient_checkpointing=ckpt, fp8_backward=fp8_backward)
+            fn, row["attention"] = ours_train_fn(model, tc, cfg, res, device)
+        row.update(timed(fn, cfg))
+        if cfg.profile and who == "ours" and torch.cuda.is_available():
             prof = profile_step(fn)
             # timed step minus GPU kernel time: launch overhead, host work and syncs while the GPU idles
-            row["profile_ms"] = dict(prof, gap_ms=round(sec * 1e3 - prof["kernels_ms"], 1))
+            row["profile_ms"] = dict(prof, gap_ms=round(row["seconds"] * 1e3 - prof["kernels_ms"], 1))
     except Exception as e:  # a failing variant is a finding to print, not a reason to lose the other rows
-        row = dict(row=label, res=res, seconds=None, peak_gib=None, error=f"{type(e).__name__}: {str(e)[:200]}")
+        row.update(seconds=None, peak_gib=None, error=f"{type(e).__name__}: {str(e)[:300]}")
     row["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(row), flush=True)
-    del model, params, inp, fn
     gc.collect()
-    torch._dynamo.reset()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return row
 
 
-def plan(cfg: BenchConfig, attention: str) -> list[tuple[str, int, dict]]:
-    ours = dict(compile_=cfg.compile, attention=attention)
+def plan(cfg: BenchConfig) -> list[tuple[str, int, dict]]:
+    stock, ours = dict(who="stock"), dict(who="ours")
+    sc = [True] if cfg.stock_compile else []
     rows = []
     big = cfg.res[0]  # the full-size rows run at the first resolution only (1024 by default)
     for res in cfg.res:
         if "bf16" in cfg.rows:
-            rows += [("bf16 train, no recompute: stock", res, {}),
-                     *([("bf16 train, no recompute: stock+compile", res, dict(compile_=True))]
-                       if cfg.stock_compile and res == big else []),
+            rows += [("bf16 train, no recompute: stock", res, stock),
+                     *[("bf16 train, no recompute: stock+compile", res, dict(stock, compile_=True)) for _ in sc
+                       if res == big],
                      ("bf16 train, no recompute: ours", res, ours)]
         if res != big:
             continue
         if "ckpt" in cfg.rows:
-            rows += [("bf16 train, full ckpt: stock", res, dict(ckpt=True)),
-                     *([("bf16 train, full ckpt: stock+compile", res, dict(ckpt=True, compile_=True))]
-                       if cfg.stock_compile else []),
-                     ("bf16 train, full ckpt: ours", res, dict(ours, ckpt=True)),
-                     ("bf16 train, full ckpt: ours with kernels/attention.py's cuDNN path", res,
-                      dict(ours, ckpt=True, attention="cudnn"))]
-        if "denoise" in cfg.rows:
-            rows += [("denoise step: stock", res, dict(denoise=True)),
-                     *([("denoise step: stock+compile", res, dict(denoise=True, compile_=True))]
-                       if cfg.stock_compile else []),
-                     ("denoise step: ours (LoRA fused)", res, dict(ours, denoise=True, fuse=True))]
+            rows += [("bf16 train, full ckpt: stock", res, dict(stock, ckpt=True)),
+                     *[("bf16 train, full ckpt: stock+compile", res, dict(stock, ckpt=True, compile_=True))
+                       for _ in sc],
+                     ("bf16 train, full ckpt: ours (configs/bf16.py)", res, dict(ours, ckpt=True))]
         if "fp8" in cfg.rows:
-            rows += [("fp8 train, no recompute: ours", res, dict(ours, kind="fp8")),
+            rows += [("fp8 train, no recompute: ours (configs/fp8.py)", res, dict(ours, kind="fp8")),
                      ("fp8 train, no recompute: ours, fp8 input gradient", res,
                       dict(ours, kind="fp8", fp8_backward=True)),
-                     ("fp8 train, full ckpt: ours", res, dict(ours, kind="fp8", ckpt=True)),
-                     ("denoise step: ours fp8 (LoRA unfused)", res, dict(ours, kind="fp8", denoise=True))]
+                     ("fp8 train, full ckpt: ours", res, dict(ours, kind="fp8", ckpt=True))]
         if "int4" in cfg.rows:
-            if cfg.stock_int4:
-                rows += [("nf4 train, full ckpt: stock bnb", res, dict(ckpt=True, stock4=True))]
-            rows += [("nf4 train, full ckpt: ours", res, dict(ours, kind="nf4", ckpt=True))]
+            rows += [*([("nf4 train, full ckpt: stock bnb", res, dict(stock, kind="nf4", ckpt=True))]
+                       if cfg.stock_int4 else []),
+                     ("nf4 train, full ckpt: ours", res, dict(ours, kind="nf4", ckpt=True))]
+        if "denoise" in cfg.rows:
+            rows += [("denoise step: stock", res, dict(stock, denoise=True)),
+                     *[("denoise step: stock+compile", res, dict(stock, denoise=True, compile_=True)) for _ in sc],
+                     ("denoise step: ours (LoRA fused)", res, dict(ours, denoise=True, fuse=True)),
+                     ("denoise step: ours fp8 (LoRA unfused)", res, dict(ours, kind="fp8", denoise=True))]
     return rows
 
 
-def run_child(cfg: BenchConfig, i: int, attention: str, label: str, res: int) -> dict:
+def run_child(cfg: BenchConfig, i: int, label: str, res: int) -> dict:
     """Each row in its own process: a crash (an illegal memory access poisons the CUDA context) or an
     out-of-memory loses that row only, and every row starts with an empty GPU."""
-    args = [sys.executable, __file__, "--only", str(i), "--attention", attention, "--rows", *cfg.rows,
-            "--res", *map(str, cfg.res), "--iters", str(cfg.iters), "--warmup", str(cfg.warmup)]
+    args = [sys.executable, __file__, "--only", str(i), "--attention", cfg.attention, "--rows", *cfg.rows,
+            "--res", *map(str, cfg.res), "--iters", str(cfg.iters), "--warmup", str(cfg.warmup),
+            "--text-tokens", str(cfg.text_tokens)]
     args += [f"--{'' if v else 'no-'}{k.replace('_', '-')}" for k, v in
              (("compile", cfg.compile), ("stock_compile", cfg.stock_compile), ("stock_int4", cfg.stock_int4),
               ("tiny", cfg.tiny), ("profile", cfg.profile))]
@@ -307,7 +343,7 @@ def run_child(cfg: BenchConfig, i: int, attention: str, label: str, res: int) ->
         if line.startswith("{"):
             print(line, flush=True)  # as each row ends: a parent stopped later keeps what finished
             return json.loads(line)
-    row = dict(row=label, res=res, seconds=None, peak_gib=None, error=f"exit {r.returncode}: {r.stderr[-300:]}")
+    row = dict(row=label, res=res, seconds=None, peak_gib=None, error=f"exit {r.returncode}: {r.stderr[-400:]}")
     print(json.dumps(row), flush=True)
     return row
 
@@ -316,31 +352,36 @@ def main(cfg: BenchConfig) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.tiny:
         cfg = dataclasses.replace(cfg, res=(64, 32)[: len(cfg.res)], text_tokens=16, iters=2, warmup=1)
-    attention = cfg.attention
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    if cfg.only < 0:
-        print(f"# {gpu}, torch {torch.__version__}, ours: compile={cfg.compile} attention={attention}", flush=True)
-    rows = plan(cfg, attention)
+    rows = plan(cfg)
     if cfg.only >= 0:  # child: run one row in this process
         label, res, kw = rows[cfg.only]
         return [run_row(label, cfg, device, res, **kw)]
-    results = [run_child(cfg, i, attention, label, res) for i, (label, res, _) in enumerate(rows)
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    import diffusers
+    import peft
+
+    versions = dict(gpu=gpu, torch=torch.__version__, diffusers=diffusers.__version__, peft=peft.__version__,
+                    date=time.strftime("%Y-%m-%d"))
+    print(f"# {versions}; ours: compile={cfg.compile} attention={cfg.attention}", flush=True)
+    results = [run_child(cfg, i, label, res) for i, (label, res, _) in enumerate(rows)
                if not cfg.match or any(m in label for m in cfg.match)]
     print(format_table(results))
     if cfg.out:
         with open(cfg.out, "w") as f:
-            json.dump(dict(gpu=gpu, torch=torch.__version__, attention=attention, rows=results), f, indent=1)
-    print(json.dumps(dict(gpu=gpu, torch=torch.__version__, rows=results)))
+            json.dump(dict(versions, attention=cfg.attention, rows=results), f, indent=1)
+    print(json.dumps(dict(versions, rows=results)))
     return results
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| work | res | s/step | peak GiB | GPU ms by kernel kind (one profiled step) |", "|---|---|---|---|---|"]
+    lines = ["| work | res | s/step | peak GiB | first step s | attention | GPU ms by kernel kind (one profiled step) |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        s = f"{r['seconds']:.3f}" if r["seconds"] is not None else f"failed: {r.get('error', '')[:60]}"
-        p = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        s = f"{r['seconds']:.3f}" if r.get("seconds") is not None else f"failed: {r.get('error', '')[:80]}"
+        p = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
         prof = " · ".join(f"{k} {v:g}" for k, v in r.get("profile_ms", {}).items())
-        lines.append(f"| {r['row']} | {r['res']} | {s} | {p} | {prof} |")
+        lines.append(f"| {r['row']} | {r['res']} | {s} | {p} | {r.get('first_s', '-')} | {r.get('attention', 'flash')}"
+                     f" | {prof} |")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ The empty prompt's embeddings (for caption dropout) are cached once per model an
 """
 
 import csv
+import gc
 import hashlib
 import json
 import os
@@ -27,7 +28,8 @@ from safetensors import SafetensorError
 import safetensors.torch
 from safetensors.torch import save_file
 
-from config import DataConfig
+from config import Config, DataConfig
+from load import load_components, model_identity
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 CACHE_VERSION = "1"  # bump when the cached tensors' meaning changes
@@ -304,3 +306,71 @@ def build_cache(samples: list[Sample], cfg: DataConfig, encoders, cache_dir: Pat
             empty = encode_empty(cfg, c, device="cpu")
             save_atomic(empty, empty_file, {"key": empty_file.stem})
     return entries, empty
+
+
+# ---------------------------------------------------------------- training data: cached or encoded on the fly
+
+
+@dataclass
+class TrainingData:
+    train: "list[dict] | OnTheFly"  # one entry per training sample (the cached tensors, batch dim dropped)
+    held_out: "list[dict] | OnTheFly"
+    empty: dict  # the empty prompt's embeddings (caption dropout)
+    shapes: list[tuple]  # per training sample: its latent shapes, the bucket key of batching
+    vae: torch.nn.Module | None  # loaded for encoding (uncached mode); validation grids reuse it
+
+
+def training_data(cfg: Config, samples: list[Sample], n_train: int, log=print) -> TrainingData:
+    """The first n_train samples for training, the rest held out. Cached mode (cfg.train.cached): every sample's
+    tensors from the cache; what is missing is encoded first, with the text encoders and VAE loaded only then and
+    freed after. Uncached: encoders stay loaded on their devices and encode each sample when a batch needs it."""
+    if not cfg.train.cached:
+        encoders = load_components(cfg.model, which=("clip", "t5", "vae"))
+        empty = encode_empty(cfg.data, encoders, device="cpu")
+        train = OnTheFly(samples[:n_train], cfg.data, encoders)
+        return TrainingData(train, OnTheFly(samples[n_train:], cfg.data, encoders), empty,
+                            [train.shape(i) for i in range(n_train)], encoders.vae)
+    ident = "|".join(model_identity(cfg.model, getattr(cfg.model, n), n) for n in ("clip", "t5", "vae"))
+    cache_dir = Path(cfg.data.cache_dir or Path(cfg.out_dir) / "cache")
+    loaded = []
+
+    def encoders():
+        log(f"caching into {cache_dir}")
+        loaded.append(load_components(cfg.model, which=("clip", "t5", "vae")))
+        return loaded[0]
+
+    entries, empty = build_cache(samples, cfg.data, encoders, cache_dir, ident)
+    if not loaded:
+        log(f"all {len(entries)} samples cached in {cache_dir}; text encoders and VAE not loaded")
+    loaded.clear()  # free the encoders before the transformer loads
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    shapes = [tuple(e["image_latents"].shape) + tuple(e.get("control_latents", torch.empty(0)).shape)
+              for e in entries[:n_train]]
+    return TrainingData(entries[:n_train], entries[n_train:], empty, shapes, None)
+
+
+class OnTheFly:
+    """Uncached mode: a sequence of samples encoded when indexed."""
+
+    def __init__(self, samples: list[Sample], cfg: DataConfig, components):
+        self.samples, self.cfg, self.c = samples, cfg, components
+
+    def __getitem__(self, i: int) -> dict:
+        return encode_sample(self.samples[i], self.cfg, self.c, device="cpu")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def shape(self, i: int) -> tuple:
+        """The latent shapes encoding would give (read from the image headers, not by encoding)."""
+        from PIL import Image
+
+        out = ()
+        for p in (self.samples[i].image, self.samples[i].control):
+            if p is not None:
+                with Image.open(p) as im:
+                    h, w = target_size((im.height, im.width), self.cfg)
+                out += (self.c.vae.config.latent_channels, h // 8, w // 8)
+        return out

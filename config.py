@@ -83,8 +83,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     validate_every: int = 0  # 0: only at the end; <0: never
     log_every: int = 1
-    compile: bool = False  # torch.compile each transformer block (regional)
-    attention_backend: str = "auto"  # auto | cudnn | cudnn_torch | flash | efficient | math (train.resolve_attention)
+    compile: bool = True  # torch.compile each transformer block (regional; CUDA only, the CPU runs eager)
+    attention_backend: str = "auto"  # auto | cudnn | cudnn_torch | flash | efficient | math | default
+    #                                  (kernels/attention.py resolve_attention; saved in config.json)
+    fp8_backward: bool = False  # fp8 transformer: input gradient as an e5m2 x e4m3 GEMM (kernels/fp8.py)
 
 
 @dataclass
@@ -97,6 +99,8 @@ class SampleConfig:
     max_area: int = 1024 ** 2
     size_mode: str = "native"  # native: output = input size (floored to 16) | pipeline: diffusers' behaviour
     max_sequence_length: int = 512
+    compile: bool = True  # torch.compile each transformer block (regional; CUDA only)
+    attention_backend: str = "auto"  # as TrainConfig.attention_backend
 
 
 @dataclass

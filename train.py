@@ -22,9 +22,16 @@ from pathlib import Path
 
 import torch
 
-from config import Config, DataConfig, TrainConfig, cli, to_json
+from tqdm import tqdm
+
+from cache import open_image, scan_dataset, training_data, validate_dataset
+from config import Config, TrainConfig, cli, to_json
 from encode import latent_ids, pack_latents, predict_velocity
+from kernels.attention import set_attention
+from kernels.fp8 import FP8Linear
+from load import Components, load_transformer, load_vae, parse_dtype
 from lora import add_lora, load_checkpoint, resolve_resume, save_checkpoint, save_lora
+from sample import sample
 
 # ---------------------------------------------------------------- the objective
 
@@ -117,7 +124,69 @@ def collate(entries: list[dict], empty: dict, cfg: TrainConfig, step_key: tuple,
                 weight=None if weight is None else weight[rank_slice].to(device))
 
 
-# ---------------------------------------------------------------- model, optimizer, schedule
+# ---------------------------------------------------------------- model, step, optimizer, schedule
+
+
+def prepare_transformer(transformer, tc: TrainConfig, device: torch.device) -> tuple[list, str]:
+    """What training does to a loaded transformer before the first step, in this order: the attention backend pinned
+    in this model, the fp8 input-gradient choice, gradient checkpointing, the LoRA (seeded), train mode, regional
+    compile (CUDA only: on the CPU inductor compiles for minutes and gains little). Returns (LoRA parameters,
+    attention backend). bench.py calls this too, so its rows time what `python train.py` runs."""
+    # attention runs in the hidden states' dtype, set by the input embedder (block Linears may hold fp8/4-bit codes)
+    attn_dtype = torch.bfloat16 if tc.autocast else transformer.x_embedder.weight.dtype
+    attention = set_attention(transformer, tc.attention_backend, device, attn_dtype)
+    for m in transformer.modules():
+        if isinstance(m, FP8Linear):
+            m.set_backward_fp8(tc.fp8_backward)
+    if tc.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    torch.manual_seed(tc.seed)  # LoRA A init draws from the global generator: same seed, same start
+    params = add_lora(transformer, tc)
+    transformer.train()
+    if tc.compile and device.type == "cuda":
+        transformer.compile_repeated_blocks(fullgraph=False)
+    return params, attention
+
+
+def micro_batches(data, shapes: list[tuple], empty: dict, tc: TrainConfig, step: int, rank: int, world: int,
+                  device, dtype):
+    """Optimizer step `step`'s grad_accum micro-batches for this rank, collated one at a time:
+    (batch, global sample indices, the loss's share). DDP averages gradients over ranks, so each rank's share is
+    its slice of the global batch."""
+    for micro in range(tc.grad_accum):
+        idx = global_batch(shapes, tc.batch_size * world, tc.seed, step * tc.grad_accum + micro)
+        lo, hi = rank * len(idx) // world, (rank + 1) * len(idx) // world
+        b = collate([data[i] for i in idx], empty, tc, ("step", step, micro), device, dtype, slice(lo, hi))
+        yield b, idx, (hi - lo) / len(idx) * world / tc.grad_accum
+
+
+class NonFiniteLoss(FloatingPointError):
+    def __init__(self, value: float, samples: list[int]):
+        super().__init__(f"loss is {value}")
+        self.samples = samples  # global indices of the training samples of the bad micro-batch
+
+
+def train_step(model, params: list, optimizer, batches, tc: TrainConfig) -> tuple[float, float]:
+    """One optimizer step: flow-matching loss and backward per micro-batch (under bf16 autocast if tc.autocast),
+    gradient clipping, the optimizer. Returns (mean loss, gradient norm). A non-finite loss raises
+    FloatingPointError naming the samples before the optimizer touches the LoRA."""
+    losses = []
+    for b, idx, share in batches:
+        with torch.autocast(b["x0"].device.type, dtype=torch.bfloat16, enabled=tc.autocast):
+            loss = flow_matching_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
+                                      b["pooled_prompt_embeds"], b["img_ids"], b["text_ids"], tc.guidance,
+                                      b["weight"])
+        (loss * share).backward()
+        losses.append((loss.detach(), idx))
+    values = [loss.item() for loss, _ in losses]  # the step's one host sync
+    bad = [(v, idx) for v, (_, idx) in zip(values, losses) if not math.isfinite(v)]
+    if bad:
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss(*bad[0])
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sum(v / tc.grad_accum for v in values), float(grad_norm)
 
 
 def make_optimizer(params, cfg: TrainConfig):
@@ -167,65 +236,13 @@ def rank_device(cfg: Config, rank: int) -> torch.device:
     return dev
 
 
-# ---------------------------------------------------------------- data to tensors
-
-
-def cached_data(cfg: Config, samples, log) -> tuple[list[dict], dict]:
-    """Cached mode: every sample's tensors from the cache; what is missing is encoded first, with the text
-    encoders and VAE loaded only then and freed after."""
-    import gc
-
-    from cache import build_cache
-    from load import load_components, model_identity
-
-    ident = "|".join(model_identity(cfg.model, getattr(cfg.model, n), n) for n in ("clip", "t5", "vae"))
-    cache_dir = Path(cfg.data.cache_dir or Path(cfg.out_dir) / "cache")
-    loaded = []
-
-    def encoders():
-        log(f"caching into {cache_dir}")
-        loaded.append(load_components(cfg.model, which=("clip", "t5", "vae")))
-        return loaded[0]
-
-    entries, empty = build_cache(samples, cfg.data, encoders, cache_dir, ident)
-    if not loaded:
-        log(f"all {len(entries)} samples cached in {cache_dir}; text encoders and VAE not loaded")
-    loaded.clear()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return entries, empty
-
-
-class OnTheFly:
-    """Uncached mode: encode each sample when a batch needs it (encoders stay loaded on their devices)."""
-
-    def __init__(self, samples, data_cfg: DataConfig, components):
-        from cache import encode_empty
-
-        self.samples, self.cfg, self.c = samples, data_cfg, components
-        self.empty = encode_empty(data_cfg, components, device="cpu")
-
-    def __getitem__(self, i: int) -> dict:
-        from cache import encode_sample
-
-        return encode_sample(self.samples[i], self.cfg, self.c, device="cpu")
-
-    def __len__(self):
-        return len(self.samples)
-
-
 # ---------------------------------------------------------------- main
 
 
 def main(cfg: Config) -> dict:
-    from cache import scan_dataset, validate_dataset
-    from load import load_components, load_transformer, parse_dtype
-
     rank, world = dist_info()
-    out_dir = Path(cfg.out_dir)
+    out_dir, tc = Path(cfg.out_dir), cfg.train
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    tc = cfg.train
     if tc.batch_size < 1 or tc.grad_accum < 1 or tc.steps < 1:
         raise ValueError("train.batch_size, train.grad_accum and train.steps must be >= 1")
 
@@ -233,46 +250,29 @@ def main(cfg: Config) -> dict:
     samples = scan_dataset(cfg.data)
     validate_dataset(samples, cfg.data)
     n_val = min(cfg.data.held_out, len(samples) - 1) if cfg.data.held_out > 0 else 0
-    train_samples, val_samples = samples[: len(samples) - n_val], samples[len(samples) - n_val:]
-    log(f"dataset: {len(train_samples)} training / {len(val_samples)} held-out samples from {cfg.data.path}")
+    n_train = len(samples) - n_val
+    log(f"dataset: {n_train} training / {n_val} held-out samples from {cfg.data.path}")
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(to_json(cfg))
 
-    # 2. Latents and embeddings: from the cache, or encoded on the fly.
+    # 2. Latents and embeddings: from the cache (rank 0 writes what is missing, the others then read), or on the fly.
+    if world > 1 and rank != 0:
+        torch.distributed.barrier()
+    data = training_data(cfg, samples, n_train, log)
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
+
+    # 3. Transformer + LoRA, exactly as bench.py times it.
     device = rank_device(cfg, rank)
     dtype = parse_dtype(cfg.model.transformer.dtype, "transformer")
-    encoders = vae = None  # the VAE is loaded for validation grids only when first needed (cached mode)
-    if tc.cached:
-        if rank == 0:
-            entries, empty = cached_data(cfg, samples, log)
-        if world > 1:
-            torch.distributed.barrier()
-        if rank != 0:
-            entries, empty = cached_data(cfg, samples, log)  # rank 0 has written everything: only reads
-        data = entries[: len(train_samples)]
-        val_data = entries[len(train_samples):]
-    else:
-        encoders = load_components(cfg.model, which=("clip", "t5", "vae"))
-        otf = OnTheFly(samples, cfg.data, encoders)
-        vae = encoders.vae
-        data, empty = _Slice(otf, 0, len(train_samples)), otf.empty
-        val_data = _Slice(otf, len(train_samples), len(samples))
-
-    shapes = [_shape_of(data, i) for i in range(len(data))]
-
-    # 3. Transformer + LoRA.
-    mcfg = dataclasses.replace(cfg.model, transformer=dataclasses.replace(cfg.model.transformer, device=str(device)))
-    transformer = load_transformer(mcfg)
-    set_attention(transformer, tc.attention_backend, device, tc.gradient_checkpointing, tc.compile, tc.autocast)
-    if tc.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    torch.manual_seed(tc.seed)  # LoRA A init draws from the global generator: same seed, same start
-    params = add_lora(transformer, tc)
-    transformer.train()
+    transformer = load_transformer(dataclasses.replace(
+        cfg.model, transformer=dataclasses.replace(cfg.model.transformer, device=str(device))))
+    params, attention = prepare_transformer(transformer, tc, device)
+    compiled = tc.compile and device.type == "cuda"
+    log(f"attention: {attention}; compile: {'on' if compiled else 'off' if tc.compile is False else 'off (CPU)'}; "
+        f"gradient checkpointing: {'on' if tc.gradient_checkpointing else 'off'}")
     model = transformer
-    if tc.compile:
-        transformer.compile_repeated_blocks(fullgraph=False)
     if world > 1:
         # Only the LoRA is trained: DDP must neither broadcast the frozen base (gloo cannot send float8, and a 12B
         # broadcast at start is pure waste) nor re-send quantized buffers every forward.
@@ -282,83 +282,62 @@ def main(cfg: Config) -> dict:
         model = torch.nn.parallel.DistributedDataParallel(
             transformer, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(params, tc)
-    n_lora = sum(p.numel() for p in params)
-    log(f"LoRA: {n_lora / 1e6:.3f}M parameters on {len(tc.target_modules)} module kinds, rank {tc.rank}")
-
-    start = 0
+    log(f"LoRA: {sum(p.numel() for p in params) / 1e6:.3f}M parameters on {len(tc.target_modules)} module kinds, "
+        f"rank {tc.rank}")
     ckpt = resolve_resume(cfg.resume, out_dir)
+    start = load_checkpoint(ckpt, transformer, optimizer) if ckpt is not None else 0
     if ckpt is not None:
-        start = load_checkpoint(ckpt, transformer, optimizer)
         log(f"resumed from {ckpt} at step {start}")
 
     # 4. The loop.
-    from tqdm import tqdm
-
     log_file = open(out_dir / "log.jsonl", "a") if rank == 0 else None
     tb = _tensorboard(out_dir) if rank == 0 else None
-    last_ckpt = str(ckpt) if ckpt else "none"
-    history = []
-    per_rank = tc.batch_size
-    if tc.validate_every >= 0 and len(val_data) and start == 0:
-        val = held_out_loss(transformer, val_data, empty, tc, device, dtype)
-        log(f"step 0: held-out loss {val:.4f}")
+    last_ckpt, history, vae = str(ckpt) if ckpt else "none", [], data.vae
+
+    def validate(step: int) -> None:
+        nonlocal vae
+        val = held_out_loss(transformer, data.held_out, data.empty, tc, device, dtype)
+        log(f"step {step}: held-out loss {val:.4f}")
         if rank == 0:
-            log_file.write(json.dumps({"step": 0, "held_out_loss": val}) + "\n")
+            log_file.write(json.dumps({"step": step, "held_out_loss": val}) + "\n")
+            if step > 0:
+                vae = vae or load_vae(cfg.model)  # cached mode: loaded for the grids only when first needed
+                path = validation_grid(transformer, vae, samples[n_train:], data.held_out, cfg, step, out_dir)
+                log(f"validation grid: {path}")
+
+    if tc.validate_every >= 0 and n_val and start == 0:
+        validate(0)
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=rank != 0, desc="train")
     for step in bar:
         t0 = time.perf_counter()
         for g in optimizer.param_groups:
             g["lr"] = tc.lr * lr_factor(step, tc)
-        loss_sum, keys = 0.0, []
-        for micro in range(tc.grad_accum):
-            idx = global_batch(shapes, per_rank * world, tc.seed, step * tc.grad_accum + micro)
-            entries = [data[i] for i in idx]
-            keys += [train_samples[i].key for i in idx]
-            n = len(entries)
-            lo, hi = rank * n // world, (rank + 1) * n // world
-            b = collate(entries, empty, tc, ("step", step, micro), device, dtype, slice(lo, hi))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.autocast):
-                loss = flow_matching_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
-                                          b["pooled_prompt_embeds"], b["img_ids"], b["text_ids"], tc.guidance,
-                                          b["weight"])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at step {step} (micro-batch {micro}) on samples {keys[-n:]}; "
-                    f"last good checkpoint: {last_ckpt}. Lower train.lr or check these samples.")
-            # DDP averages gradients over ranks; each rank's share is its slice of the global batch.
-            (loss * (hi - lo) / n * world / tc.grad_accum).backward()
-            loss_sum += loss.item() / tc.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_mean = _mean_over_ranks(loss_sum, world)
-        dt = time.perf_counter() - t0
-        rec = {"step": step + 1, "loss": loss_mean, "lr": optimizer.param_groups[0]["lr"],
-               "grad_norm": float(grad_norm), "s_per_step": dt,
-               "samples_per_s": per_rank * world * tc.grad_accum / dt}
+        batches = micro_batches(data.train, data.shapes, data.empty, tc, step, rank, world, device, dtype)
+        try:
+            loss, grad_norm = train_step(model, params, optimizer, batches, tc)
+        except NonFiniteLoss as e:
+            keys = [samples[i].key for i in e.samples]
+            raise FloatingPointError(f"{e} at step {step} on samples {keys}; last good checkpoint: {last_ckpt}. "
+                                     f"Lower train.lr or check these samples.") from None
+        loss, dt = _mean_over_ranks(loss, world), time.perf_counter() - t0
+        if step == start:
+            log(f"first step: {dt:.1f} s (warm-up{' and compilation' if compiled else ''}; later steps are faster)")
+        rec = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+               "s_per_step": dt, "samples_per_s": tc.batch_size * world * tc.grad_accum / dt}
         history.append(rec)
         if rank == 0:
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()
-            if tb:
-                for k, v in rec.items():
-                    tb.add_scalar(k, v, step + 1)
+            for k, v in rec.items() if tb else ():
+                tb.add_scalar(k, v, step + 1)
             if (step + 1) % tc.log_every == 0:
-                bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{rec['lr']:.2e}", gn=f"{rec['grad_norm']:.3f}",
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", gn=f"{grad_norm:.3f}",
                                 sps=f"{rec['samples_per_s']:.2f}")
         done = step + 1 == tc.steps
         if rank == 0 and (done or (tc.save_every and (step + 1) % tc.save_every == 0)):
             last_ckpt = str(save_checkpoint(out_dir, transformer, optimizer, step + 1, cfg, tc.keep_checkpoints))
-        if tc.validate_every >= 0 and len(val_data) and (done or (tc.validate_every and (step + 1) % tc.validate_every == 0)):
-            val = held_out_loss(transformer, val_data, empty, tc, device, dtype)
-            log(f"step {step + 1}: held-out loss {val:.4f}")
-            if rank == 0:
-                log_file.write(json.dumps({"step": step + 1, "held_out_loss": val}) + "\n")
-                if vae is None:
-                    from load import load_vae
-
-                    vae = load_vae(cfg.model)
-                log(f"validation grid: {validation_grid(transformer, vae, val_samples, val_data, cfg, step + 1, out_dir)}")
+        if tc.validate_every >= 0 and n_val and (done or (tc.validate_every and (step + 1) % tc.validate_every == 0)):
+            validate(step + 1)
     if rank == 0:
         save_lora(transformer, out_dir / "lora.safetensors")
         log(f"wrote {out_dir / 'lora.safetensors'} and checkpoint {last_ckpt}")
@@ -368,32 +347,7 @@ def main(cfg: Config) -> dict:
     return {"history": history, "transformer": transformer, "lora": out_dir / "lora.safetensors"}
 
 
-class _Slice:
-    def __init__(self, base, lo, hi):
-        self.base, self.lo, self.hi = base, lo, hi
-
-    def __getitem__(self, i):
-        return self.base[self.lo + i]
-
-    def __len__(self):
-        return self.hi - self.lo
-
-
-def _shape_of(data, i) -> tuple:
-    if isinstance(data, list):
-        e = data[i]
-        return tuple(e["image_latents"].shape) + tuple(e.get("control_latents", torch.empty(0)).shape)
-    s = data.base.samples[data.lo + i]  # uncached: read sizes from the image headers, not by encoding
-    from PIL import Image
-
-    from cache import target_size
-
-    out = ()
-    for p in (s.image, s.control):
-        if p is not None:
-            with Image.open(p) as im:
-                out += target_size((im.height, im.width), data.base.cfg)
-    return out
+# ---------------------------------------------------------------- validation
 
 
 @torch.no_grad()
@@ -401,10 +355,6 @@ def validation_grid(transformer, vae, val_samples, val_data, cfg: Config, step: 
     """sample.py on each held-out pair (fixed seeds, cached prompt embeddings), saved as one PNG with a row per
     sample: control | sample | target."""
     from PIL import Image
-
-    from cache import open_image
-    from load import Components
-    from sample import sample
 
     was = transformer.training
     transformer.eval()
@@ -468,44 +418,6 @@ def _mean_over_ranks(x: float, world: int) -> float:
         t = t.cuda()
     torch.distributed.all_reduce(t)
     return float(t.item()) / world
-
-
-ATTENTION_BACKENDS = {"flash": "_native_flash", "cudnn": "_native_cudnn", "cudnn_torch": "_native_cudnn",
-                      "efficient": "_native_efficient", "math": "_native_math", "default": "native"}
-
-
-def resolve_attention(name: str, checkpointed: bool, compiled: bool, cudnn_ok: bool = True) -> str:
-    """"auto" -> cuDNN: PyTorch's own cuDNN SDPA path where it was measured safe and faster (full gradient
-    checkpointing + torch.compile), else kernels/attention.py's explicit aten calls. A Flux backward through PyTorch's
-    path without checkpointing crashed on the H100 image (illegal memory access; diag_attention.py). Where cuDNN
-    attention cannot run (`cudnn_ok` False: fp32 attention or a GPU before Ampere) "auto" is the memory-efficient
-    kernel, which takes fp32 too."""
-    if name != "auto" and name not in ATTENTION_BACKENDS:
-        raise ValueError(f"train.attention_backend: {name!r}; expected auto or one of {sorted(ATTENTION_BACKENDS)}")
-    if name == "auto":
-        if not cudnn_ok:
-            return "efficient"
-        return "cudnn_torch" if checkpointed and compiled else "cudnn"
-    return name
-
-
-def set_attention(transformer, name: str, device: torch.device, checkpointed: bool = False,
-                  compiled: bool = False, autocast: bool = False) -> str:
-    """Pin the SDPA backend inside the model (diffusers' set_attention_backend), so it holds in compiled blocks and
-    when gradient checkpointing recomputes a block during backward: an outer `sdpa_kernel` context does neither,
-    and a recompute under another backend fails torch.utils.checkpoint's metadata check (logsumexp shapes differ).
-    Returns the backend chosen (see resolve_attention)."""
-    # the input embedder sets the hidden states' dtype (block Linears may hold fp8 or 4-bit codes)
-    half = autocast or transformer.x_embedder.weight.dtype in (torch.bfloat16, torch.float16)
-    cudnn_ok = device.type == "cuda" and half and torch.cuda.get_device_capability(device) >= (8, 0)
-    name = resolve_attention(name, checkpointed, compiled, cudnn_ok)
-    if device.type == "cuda":
-        if ATTENTION_BACKENDS[name] == "_native_cudnn":
-            from kernels.attention import install_cudnn
-
-            install_cudnn(guarded=name == "cudnn")
-        transformer.set_attention_backend(ATTENTION_BACKENDS[name])
-    return name
 
 
 def _tensorboard(out_dir: Path):

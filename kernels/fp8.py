@@ -7,26 +7,21 @@ is quantized to e4m3 per row (per token) by one Triton kernel (absmax, scale, ca
 on fp8 tensor cores by `torch._scaled_mm` with row-wise scales (DESIGN §4: 1.65-1.8x bf16; eager activation
 quantization would cost as much as the GEMM). Other CUDA cases dequantize the weight with a Triton kernel and
 run a bf16 GEMM (weight-only); CPU runs fp8_linear_ref. Backward gives the input gradient only (the base is
-frozen): dX = dY @ W with W dequantized to bf16 by Triton, or, with BACKWARD_FP8, an e5m2 x e4m3 `_scaled_mm`.
+frozen): dX = dY @ W with W dequantized to bf16 by Triton, or, when the layer holds a transposed copy of its codes
+(FP8Linear.set_backward_fp8(True); TrainConfig.fp8_backward), an e5m2 x e4m3 `_scaled_mm`.
 
 Quantization error to expect (Gaussian data): e4m3 keeps 3 mantissa bits, ~2.6% relative RMS per element, so
 activation quantization moves a GEMM's output by ~2.6% against the weight-only reference; e5m2 (2 bits) ~5.5%.
 """
 
-import weakref
-
 import torch
 import torch.nn.functional as F
-import triton
+import triton  # unguarded: the fp8 kernels are defined at import (requirements.txt installs triton on Linux)
 import triton.language as tl
 from torch import nn
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
-# Input-gradient GEMM in fp8 (dY as e5m2 x W as e4m3) instead of dequantizing W to bf16. Needs W in the other
-# major order, so it keeps a transposed copy of every fp8 weight it meets: 2x the fp8 weight memory. Turn on
-# only where the GPU benchmark shows it faster (DESIGN §4 measured the GEMM as fast as the forward one).
-BACKWARD_FP8 = False
 _AMAX_EPS = 1e-12  # an all-zero row gets scale 1e-12/448 and codes 0 instead of 0/0 (the kernel's literal 1e-12)
 _ONE_TILE_MAX_K = 16384  # rows up to this length are read once, held in registers (Flux: K <= 15360)
 
@@ -151,9 +146,10 @@ def fp8_supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-def fp8_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Same result as fp8_linear_ref (up to activation rounding on the fp8 path); see the module docstring."""
+def fp8_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+               w_codes_t: torch.Tensor | None = None) -> torch.Tensor:
+    """Same result as fp8_linear_ref (up to activation rounding on the fp8 path); see the module docstring.
+    w_codes_t (w_codes.T, contiguous) selects the fp8 input-gradient GEMM in backward."""
     if not x.is_cuda:
         return fp8_linear_ref(x, w_codes, w_scale, bias)
     N, K = w_codes.shape
@@ -162,7 +158,7 @@ def fp8_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor,
     # row-wise + bias case for M = 5 (CUBLAS_STATUS_NOT_SUPPORTED), so token counts off 16 take the weight-only path.
     use_fp8 = (x.dtype == torch.bfloat16 and w_codes.dtype == E4M3 and N % 16 == 0 and K % 16 == 0
                and M % 16 == 0 and fp8_supported(x.device))
-    return _FP8LinearFn.apply(x, w_codes, w_scale, bias, use_fp8)
+    return _FP8LinearFn.apply(x, w_codes, w_scale, bias, use_fp8, w_codes_t)
 
 
 def _per_row(w_scale: torch.Tensor, n: int) -> torch.Tensor:
@@ -177,20 +173,6 @@ def _fp8_mm(a_q, a_scale, b_codes, b_scale, bias, use_fast_accum):
                             out_dtype=torch.bfloat16, use_fast_accum=use_fast_accum)
 
 
-_transposed_cache: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
-
-
-def _transposed(codes: torch.Tensor) -> torch.Tensor:
-    """codes.T made contiguous, kept while `codes` lives and is unchanged (for the BACKWARD_FP8 GEMM)."""
-    key = id(codes)
-    hit = _transposed_cache.get(key)
-    if hit is not None and hit[0]() is codes and hit[1] == codes._version:
-        return hit[2]
-    t = codes.t().contiguous()
-    _transposed_cache[key] = (weakref.ref(codes, lambda _: _transposed_cache.pop(key, None)), codes._version, t)
-    return t
-
-
 class _FP8LinearFn(torch.autograd.Function):
     """Forward on fp8 tensor cores (use_fp8) or weight-only; backward: input gradient only.
 
@@ -198,11 +180,12 @@ class _FP8LinearFn(torch.autograd.Function):
     tests check the _scaled_mm layouts and the autograd wiring (torch._scaled_mm runs on CPU, DESIGN §4)."""
 
     @staticmethod
-    def forward(ctx, x, w_codes, w_scale, bias, use_fp8):
+    def forward(ctx, x, w_codes, w_scale, bias, use_fp8, w_codes_t):
         N, K = w_codes.shape
         x2 = x.reshape(-1, K)
         scale = _per_row(w_scale, N)
-        ctx.save_for_backward(w_codes, scale)
+        ctx.backward_fp8 = use_fp8 and w_codes_t is not None
+        ctx.save_for_backward(w_codes_t if ctx.backward_fp8 else w_codes, scale)
         ctx.x_shape, ctx.use_fp8 = x.shape, use_fp8
         if use_fp8:
             x_q, x_scale = (quantize_rows if x.is_cuda else quantize_rows_ref)(x2)
@@ -217,19 +200,19 @@ class _FP8LinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
             raise RuntimeError("fp8_linear: the fp8 weight, its scale and the bias are frozen (no gradient); "
                                "train a LoRA on top instead")
-        w_codes, scale = ctx.saved_tensors
-        N, K = w_codes.shape
+        codes, scale = ctx.saved_tensors  # codes: w_codes [N, K], or its transpose [K, N] for the fp8 GEMM
+        N = scale.numel()
         dy2 = dy.reshape(-1, N)
-        if BACKWARD_FP8 and ctx.use_fp8 and dy.dtype == torch.bfloat16:
+        if ctx.backward_fp8 and dy.dtype == torch.bfloat16:
             # dX = dY @ (codes * scale[:, None]): the weight's row scale runs along the reduction (N), so it is
             # folded into dY's columns before dY is quantized per row to e5m2 (range over precision for grads).
             dy_q, dy_scale = (quantize_rows if dy.is_cuda else quantize_rows_ref)(dy2, E5M2, scale)
-            ones = torch.ones(K, dtype=torch.float32, device=dy.device)
-            dx = _fp8_mm(dy_q, dy_scale, _transposed(w_codes), ones, None, False)
+            ones = torch.ones(codes.shape[0], dtype=torch.float32, device=dy.device)
+            dx = _fp8_mm(dy_q, dy_scale, codes, ones, None, False)
         else:
-            w = (dequantize if dy.is_cuda else dequantize_ref)(w_codes, scale, dy.dtype)
+            w = (dequantize if dy.is_cuda else dequantize_ref)(codes, scale, dy.dtype)
             dx = dy2 @ w
-        return dx.reshape(ctx.x_shape), None, None, None, None
+        return dx.reshape(ctx.x_shape), None, None, None, None, None
 
 
 class FP8Linear(nn.Linear):
@@ -250,6 +233,7 @@ class FP8Linear(nn.Linear):
         self.weight = _frozen(torch.zeros(out_features, in_features, dtype=E4M3, device=device))
         self.weight_scale = _frozen(torch.ones(out_features, dtype=torch.float32, device=device))
         self.bias = _frozen(torch.zeros(out_features, dtype=compute_dtype, device=device)) if bias else None
+        self.register_buffer("weight_t", None, persistent=False)  # set_backward_fp8
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
@@ -263,20 +247,29 @@ class FP8Linear(nn.Linear):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale, self.bias)
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.weight_t)
+
+    def set_backward_fp8(self, on: bool) -> None:
+        """Input gradient as an e5m2 x e4m3 GEMM (on) or dY @ dequantized W in bf16 (off). The fp8 GEMM needs W
+        in the other major order: the layer then holds `weight_t` = weight.T contiguous (2x the fp8 weight memory;
+        a non-persistent buffer, so state_dicts and LoRA keys are unchanged)."""
+        self.register_buffer("weight_t", self.weight.detach().t().contiguous() if on else None, persistent=False)
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) / .half() cast every floating tensor, float8 included, and a bf16 scale would lose
         # bits: the codes and scales only follow the device; the bias and compute_dtype follow the cast.
         kept = {k: self._parameters.pop(k) for k in ("weight", "weight_scale")}
+        kept_t = self._buffers.pop("weight_t", None)
         try:
             super()._apply(fn, recurse)
             probe = fn(torch.empty(0, dtype=self.compute_dtype, device=kept["weight"].device))
             self.compute_dtype = probe.dtype
             kept = {k: v.to(probe.device) for k, v in kept.items()}
+            kept_t = None if kept_t is None else kept_t.to(probe.device)
         finally:
             for k, v in kept.items():
                 self.register_parameter(k, v if isinstance(v, nn.Parameter) else _frozen(v))
+            self.register_buffer("weight_t", kept_t, persistent=False)
         return self
 
     def extra_repr(self) -> str:

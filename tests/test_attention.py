@@ -1,54 +1,75 @@
-"""kernels/attention.py: cuDNN attention through explicit aten calls.
+"""kernels/attention.py: cuDNN attention through explicit aten calls, and the per-model attention choice.
 
-- CPU: the diffusers backend wrapper refuses what it does not implement, by name; install_cudnn switches diffusers'
-  "_native_cudnn" entry both ways; train.resolve_attention's "auto" choice.
-- GPU (-m gpu): forward and q/k/v gradients vs PyTorch's math backend in fp32 (the reference), with and without
-  recompute, at shapes whose sequence length is not a multiple of the cuDNN tile, and through a diffusers Flux
-  transformer with train.set_attention("cudnn") (same loss and LoRA gradients as the flash backend, within bf16 tolerance).
+- CPU: the diffusers backend wrapper refuses what it does not implement, by name; resolve_attention's "auto" choice;
+  set_attention pins the backend in one model's processors only (two models keep their own choices, diffusers'
+  process-wide active backend and registry entries untouched), and diffusers' dispatcher reaches our function.
+- GPU (-m gpu): forward and q/k/v gradients vs PyTorch's math backend in fp32 (attention_ref, the reference), at
+  shapes whose sequence length is not a multiple of the cuDNN tile, and a diffusers Flux LoRA step through our path
+  equals the flash backend's within bf16 tolerance.
 """
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from kernels.attention import _diffusers_backend, cudnn_attention
+import tiny
+from config import TrainConfig
+from kernels.attention import (OURS, attention_of, attention_ref, cudnn_attention, diffusers_backend,
+                               resolve_attention, set_attention)
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def test_backend_refuses_mask_and_dropout():
     q = torch.zeros(1, 4, 2, 8)
-    backend = _diffusers_backend(recompute=False)
     with pytest.raises(NotImplementedError, match="mask"):
-        backend(q, q, q, attn_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool))
+        diffusers_backend(q, q, q, attn_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool))
     with pytest.raises(NotImplementedError, match="dropout"):
-        backend(q, q, q, dropout_p=0.1)
+        diffusers_backend(q, q, q, dropout_p=0.1)
 
 
-def test_auto_attention_choice():
-    from train import resolve_attention
-
-    assert resolve_attention("auto", checkpointed=True, compiled=True) == "cudnn_torch"
-    assert resolve_attention("auto", checkpointed=True, compiled=False) == "cudnn"
-    assert resolve_attention("auto", checkpointed=False, compiled=True) == "cudnn"
-    assert resolve_attention("flash", checkpointed=True, compiled=True) == "flash"
-    assert resolve_attention("auto", checkpointed=False, compiled=False, cudnn_ok=False) == "efficient"
+def test_auto_attention_choice(monkeypatch):
+    assert resolve_attention("auto", CPU, torch.float32) == "default"
+    assert resolve_attention("flash", CPU, torch.float32) == "flash"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    assert resolve_attention("auto", CUDA, torch.bfloat16) == "cudnn"  # ours, never PyTorch's cudnn path
+    assert resolve_attention("auto", CUDA, torch.float32) == "efficient"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    assert resolve_attention("auto", CUDA, torch.bfloat16) == "efficient"
     with pytest.raises(ValueError, match="cudnn_torch"):
-        resolve_attention("cuddn", False, False)
+        resolve_attention("cuddn", CPU, torch.float32)
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        set_attention(tiny.full_size_transformer("cpu", **tiny.MINI_DIMS), "cudnn", CPU, torch.bfloat16)
 
 
-def test_install_cudnn_switches_diffusers_backend():
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+def test_choice_lives_on_the_model(monkeypatch):
+    """Two models in one process keep their own backends; nothing process-wide changes; diffusers dispatches the
+    pinned model to our function."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
-    from kernels.attention import install_cudnn
+    active, entries = _AttentionBackendRegistry._active_backend, dict(_AttentionBackendRegistry._backends)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    ours = tiny.full_size_transformer("cpu", torch.float32, **tiny.MINI_DIMS)
+    other = tiny.full_size_transformer("cpu", torch.float32, **tiny.MINI_DIMS)
+    assert set_attention(ours, "auto", CUDA, torch.bfloat16) == "cudnn"  # as on a GPU
+    assert set_attention(other, "math", CPU, torch.float32) == "math"
+    assert attention_of(ours) == {OURS} and attention_of(other) == {"_native_math"}
+    assert _AttentionBackendRegistry._active_backend == active
+    assert all(_AttentionBackendRegistry._backends[k] is v for k, v in entries.items())  # none replaced
 
-    name = AttentionBackendName._NATIVE_CUDNN
-    original = _AttentionBackendRegistry._backends[name]
-    try:
-        install_cudnn(guarded=True)
-        assert _AttentionBackendRegistry._backends[name].__module__ == "kernels.attention"
-        install_cudnn(guarded=False)
-        assert _AttentionBackendRegistry._backends[name] is original
-    finally:
-        _AttentionBackendRegistry._backends[name] = original
+    calls = []
+    monkeypatch.setattr("kernels.attention.cudnn_attention", lambda q, k, v, scale=None: calls.append(q.shape) or q)
+    inp = dict(hidden_states=torch.randn(1, 16, 64), encoder_hidden_states=torch.randn(1, 8, 32),
+               pooled_projections=torch.randn(1, 32), timestep=torch.ones(1), guidance=torch.ones(1),
+               img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3))
+    ours(**inp)
+    n_attn = len(ours.transformer_blocks) + len(ours.single_transformer_blocks)
+    assert len(calls) == n_attn and calls[0] == (1, 24, 2, 16)  # [B, S_text + S_img, H, D]
+    other(**inp)
+    assert len(calls) == n_attn  # the other model never reaches our function
+
+
+def test_train_logs_and_saves_the_choice():
+    assert "attention_backend" in TrainConfig.__dataclass_fields__
 
 
 def rel(a, b):
@@ -57,9 +78,8 @@ def rel(a, b):
 
 @pytest.mark.gpu
 @torch.enable_grad()  # conftest runs tests under no_grad
-@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("shape", [(1, 300, 3, 64), (2, 1088, 4, 128), (1, 4608, 24, 128)])
-def test_cudnn_attention_matches_math_gpu(shape, recompute):
+def test_cudnn_attention_matches_math_gpu(shape):
     g = torch.Generator(device="cuda").manual_seed(0)
     qkv = [torch.randn(*shape, device="cuda", generator=g) for _ in range(3)]
     grad = torch.randn(*shape, device="cuda", generator=g)
@@ -70,12 +90,8 @@ def test_cudnn_attention_matches_math_gpu(shape, recompute):
         out.backward(grad.to(dtype))
         return [out.detach()] + [x.grad for x in t]
 
-    def reference(q, k, v):  # [B, S, H, D] like diffusers
-        with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-            return F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
-
-    want = run(reference, torch.float32)
-    got = run(lambda q, k, v: cudnn_attention(q, k, v, recompute=recompute), torch.bfloat16)
+    want = run(attention_ref, torch.float32)
+    got = run(cudnn_attention, torch.bfloat16)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert torch.isfinite(a).all(), name
         assert rel(a, b) < 2e-2, (name, rel(a, b))
@@ -84,22 +100,29 @@ def test_cudnn_attention_matches_math_gpu(shape, recompute):
 @pytest.mark.gpu
 @torch.enable_grad()
 def test_flux_train_step_cudnn_equals_flash_gpu():
-    """Tiny-width Flux (full depth is not needed for the numerics) with LoRA: loss and LoRA grads through our cuDNN
-    path vs flash."""
-    import bench
-    from train import set_attention
+    """Narrow Flux (full depth is not needed for the numerics) with LoRA, through train.py's step: loss and LoRA
+    grads through our cuDNN path vs flash."""
+    import dataclasses
 
-    cfg = bench.BenchConfig(tiny=True)
+    import train
+
+    dims = dict(tiny.MINI_DIMS, attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64,
+                axes_dims_rope=(8, 28, 28))
+    entries = tiny.random_entries(1, 256, 64, dims)
+    empty = tiny.random_empty(64, dims)
     results = []
     for backend in ("flash", "cudnn"):
+        model = tiny.full_size_transformer("cuda", **dims)
+        tc = TrainConfig(attention_backend=backend, compile=False)
+        params, chosen = train.prepare_transformer(model, tc, CUDA)
+        assert chosen == backend
         torch.manual_seed(0)
-        model = bench.build_transformer(cfg, "cuda")
-        set_attention(model, backend, torch.device("cuda"))
-        params = bench.add_lora(model)
         for p in params:  # lora_B starts at zero: give it values so every gradient path is non-trivial
             torch.nn.init.normal_(p, std=0.02)
-        inp = bench.make_inputs(cfg, 256, "cuda")
-        loss = F.mse_loss(bench.forward(model.train(), inp).float(), (inp["noise"] - inp["x0"]).float())
+        (b, _, _), = train.micro_batches(entries, [()], empty, dataclasses.replace(tc, seed=0), 0, 0, 1, CUDA,
+                                         torch.bfloat16)
+        loss = train.flow_matching_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
+                                        b["pooled_prompt_embeds"], b["img_ids"], b["text_ids"], 1.0)
         loss.backward()
         results.append((loss.detach(), torch.cat([p.grad.flatten() for p in params])))
     (l1, g1), (l2, g2) = results

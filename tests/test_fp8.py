@@ -118,9 +118,9 @@ def test_triton_kernels_interpreted():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
 
 
-def fn_cpu(x, codes, scale, bias, use_fp8=True):
+def fn_cpu(x, codes, scale, bias, use_fp8=True, backward_fp8=False):
     """The autograd function on CPU: torch twins for the Triton launchers, CPU torch._scaled_mm for the GEMMs."""
-    return fp8._FP8LinearFn.apply(x, codes, scale, bias, use_fp8)
+    return fp8._FP8LinearFn.apply(x, codes, scale, bias, use_fp8, codes.t().contiguous() if backward_fp8 else None)
 
 
 def quantized_activation_ref(x, codes, scale, bias):
@@ -148,10 +148,9 @@ def test_fp8_function_on_cpu(shape, bias, monkeypatch):
     with torch.enable_grad():
         fp8_linear_ref(x32, codes, scale, bias).backward(g.float())
     for backward_fp8, bound in [(False, BF16), (True, FP8_BWD)]:
-        monkeypatch.setattr(fp8, "BACKWARD_FP8", backward_fp8)
         xg = x.clone().requires_grad_()
         with torch.enable_grad():
-            fn_cpu(xg, codes, scale, bias).backward(g)
+            fn_cpu(xg, codes, scale, bias, backward_fp8=backward_fp8).backward(g)
         assert xg.grad.dtype == torch.bfloat16 and rel(xg.grad, x32.grad) < bound, (backward_fp8,
                                                                                     rel(xg.grad, x32.grad))
 
@@ -162,6 +161,28 @@ def test_fp8_function_weight_only_and_frozen_bias():
     assert torch.allclose(fn_cpu(x, codes, scale, b, use_fp8=False), fp8_linear_ref(x, codes, scale, b), atol=1e-6)
     with torch.enable_grad(), pytest.raises(RuntimeError, match="frozen"):
         fn_cpu(x.requires_grad_(), codes, scale, b.requires_grad_(), use_fp8=False).sum().backward()
+
+
+def test_fp8linear_backward_fp8_is_the_layers_own():
+    """set_backward_fp8 gives the layer its transposed codes (a non-persistent buffer that follows .to(device) but
+    never a dtype cast), the backward then runs the e5m2 GEMM (a different rounding than the bf16 one), and the
+    state_dict keys stay those of a plain FP8Linear."""
+    torch.manual_seed(0)
+    m = FP8Linear.from_linear(nn.Linear(64, 48)).to(torch.bfloat16)
+    keys = set(m.state_dict())
+    x = activations(32, 64)
+    grads = []
+    for on in (False, True):
+        m.set_backward_fp8(on)
+        assert (m.weight_t is not None) == on
+        xg = x.clone().requires_grad_()
+        with torch.enable_grad():
+            fp8._FP8LinearFn.apply(xg, m.weight, m.weight_scale, m.bias, True, m.weight_t).sum().backward()
+        grads.append(xg.grad)
+    assert torch.equal(m.weight_t.view(torch.uint8), m.weight.t().contiguous().view(torch.uint8))
+    m.to(torch.float32)
+    assert m.weight_t.dtype == E4M3 and set(m.state_dict()) == keys
+    assert not torch.equal(grads[0], grads[1]) and rel(grads[1], grads[0]) < FP8_BWD
 
 
 def test_fp8linear_module_to_dtype():
@@ -277,15 +298,14 @@ def test_fp8_linear_gpu(shape, bias):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(8704, 3072, 3072), (77, 3072, 12288), (333, 3072, 1008), (333, 3072, 1000)])
 @pytest.mark.parametrize("backward_fp8", [False, True])
-def test_fp8_linear_input_grad_gpu(shape, backward_fp8, monkeypatch):
-    monkeypatch.setattr(fp8, "BACKWARD_FP8", backward_fp8)
+def test_fp8_linear_input_grad_gpu(shape, backward_fp8):
     m, k, n = shape
     x = activations(m, k, device="cuda").reshape(1, m, k).requires_grad_()
     codes, scale = quantize_fp8(weights(n, k, device="cuda"))
     g = torch.randn(1, m, n, device="cuda").bfloat16()
     x32 = x.detach().float().requires_grad_()
     with torch.enable_grad():
-        fp8_linear(x, codes, scale, None).backward(g)
+        fp8_linear(x, codes, scale, None, codes.t().contiguous() if backward_fp8 else None).backward(g)
         fp8_linear_ref(x32, codes, scale, None).backward(g.float())
     fp8_path = backward_fp8 and m % 16 == 0 and n % 16 == 0 and fp8.fp8_supported(x.device)
     assert x.grad.shape == x.shape and not x.grad.isnan().any()
