@@ -2,7 +2,8 @@
 
     python sample.py --config configs/tiny.py --image in.png --prompt "make the sky red" --out edited.png
     python sample.py --config configs/bf16.py --image in.png --prompt "..." --lora run/lora.safetensors \
-        --lora-scale 0.8 --negative-prompt "blurry" --true-cfg-scale 2.0 --steps 28 --seed 1 --size-mode native
+        --lora-scale 0.8 --sample.negative-prompt "blurry" --sample.true-cfg-scale 2.0 \
+        --sample.num-inference-steps 28 --sample.seed 1 --sample.size-mode native
 
     from sample import sample; from lora import load_lora
     out = sample(components, image, "make the sky red", generator=torch.Generator().manual_seed(0))
@@ -15,21 +16,32 @@ are moved explicitly between stages, and the denoising loop runs on the transfor
 accelerate hooks. Every result is compared with the pipeline in tests/test_sample.py.
 """
 
+import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
+import tyro
+from PIL import Image
+from tqdm.auto import tqdm
 
+from cache import open_image
+from config import ModelConfig, SampleConfig, load_config, split_config_flag
 from encode import (MULTIPLE, _device_of, decode_latents, encode_image, encode_prompt, image_size, kontext_size,
                     output_size, predict_velocity, prepare_latents, preprocess_image, unpack_latents)
+from kernels.attention import set_attention
+from load import load_components
 from lora import load_lora, read_lora
 
 SIZE_MODES = ("pipeline", "native")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DEFAULT_SIZE = 1024  # the pipeline's default height and width (default_sample_size 128 * vae_scale_factor 8)
+_DEFAULTS = SampleConfig()  # sample()'s keyword defaults and the CLI's --sample.* flags both come from here
+# SampleConfig fields that are not sample() keywords: seed makes the generator, the others go to prepare_transformer
+NOT_SAMPLE_KWARGS = ("seed", "compile", "attention_backend")
 
 
 # ---------------------------------------------------------------- schedule and sizes
@@ -39,7 +51,7 @@ def flux_scheduler():
     """A fresh FlowMatchEulerDiscreteScheduler with the scheduler_config.json of FLUX.1-Kontext-dev (the same as
     FLUX.1-dev and FLUX.1-Krea-dev): dynamic shifting, mu from the image's token count. Fresh per call because the
     scheduler is stateful (step index)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler  # lazy, as every diffusers import here: ~9 s to import
 
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                            base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
@@ -68,6 +80,21 @@ def sample_sizes(image_hw: tuple[int, int] | None, height: int | None, width: in
                          f"got height={height}, width={width}: use size_mode='pipeline' for an explicit size")
     control = kontext_size(*image_hw, auto_resize=False)
     return control, control
+
+
+# ---------------------------------------------------------------- the transformer
+
+
+def prepare_transformer(transformer, sc: SampleConfig, device: torch.device) -> str:
+    """What sampling does to a loaded transformer (LoRAs loaded first: compiled blocks would recompile for them):
+    the attention backend pinned in this model (kernels/attention.py, attention in the input embedder's dtype, as
+    train.prepare_transformer), eval mode, regional compile (CUDA only). Returns the attention backend chosen.
+    bench.py calls it too, so its denoise rows time what `python sample.py` runs."""
+    attention = set_attention(transformer, sc.attention_backend, device, transformer.x_embedder.weight.dtype)
+    transformer.eval()
+    if sc.compile and device.type == "cuda":
+        transformer.compile_repeated_blocks(fullgraph=False)
+    return attention
 
 
 # ---------------------------------------------------------------- timings
@@ -185,11 +212,13 @@ def _check_inputs(components, image, prompt, prompt_embeds, pooled_prompt_embeds
 
 
 @torch.no_grad()  # as pipeline.__call__ (grad mode also changes which SDPA kernel runs)
-def sample(components, image, prompt, *, prompt_2=None, negative_prompt=None, negative_prompt_2=None,
-           true_cfg_scale: float = 1.0, guidance_scale: float = 3.5, num_inference_steps: int = 28, sigmas=None,
-           generator=None, height: int | None = None, width: int | None = None, max_area: int = 1024 ** 2,
-           size_mode: str = "pipeline", auto_resize: bool = True, max_sequence_length: int = 512,
-           num_images_per_prompt: int = 1, prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt_embeds=None,
+def sample(components, image, prompt, *, prompt_2=None, negative_prompt=_DEFAULTS.negative_prompt,
+           negative_prompt_2=None, true_cfg_scale: float = _DEFAULTS.true_cfg_scale,
+           guidance_scale: float = _DEFAULTS.guidance_scale, num_inference_steps: int = _DEFAULTS.num_inference_steps,
+           sigmas=None, generator=None, height: int | None = None, width: int | None = None,
+           max_area: int = _DEFAULTS.max_area, size_mode: str = _DEFAULTS.size_mode, auto_resize: bool = True,
+           max_sequence_length: int = _DEFAULTS.max_sequence_length, num_images_per_prompt: int = 1,
+           prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt_embeds=None,
            negative_pooled_prompt_embeds=None, latents=None, output_type: str = "pil",
            progress: bool = True) -> SampleOutput:
     """FluxKontextPipeline.__call__ for image editing, over loaded `Components` (load.py), with per-stage timings.
@@ -199,7 +228,11 @@ def sample(components, image, prompt, *, prompt_2=None, negative_prompt=None, ne
     negative_prompt_2 is used for every prompt. True CFG runs when true_cfg_scale > 1 with a negative prompt:
     v = v_neg + true_cfg_scale * (v_pos - v_neg). Sizes: see `sample_sizes` (size_mode "pipeline" or "native").
     Given prompt_embeds / pooled_prompt_embeds ([B, L, D] / [B, P]) are repeated num_images_per_prompt times.
-    latents: packed starting noise [B * n, N, 64]. Returns SampleOutput(images, latents, timings)."""
+    latents: packed starting noise [B * n, N, 64]. Returns SampleOutput(images, latents, timings).
+
+    Defaults: a keyword named like a SampleConfig field takes its default (config.py). Those are the pipeline's,
+    except size_mode: "native" (output = input size); size_mode="pipeline" gives the pipeline's height x width
+    (1024 x 1024) rescaled to max_area. auto_resize is the pipeline's _auto_resize (default True)."""
     c = components
     _check_inputs(c, image, prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt, negative_prompt_embeds,
                   negative_pooled_prompt_embeds, true_cfg_scale, output_type)
@@ -268,17 +301,15 @@ def sample(components, image, prompt, *, prompt_2=None, negative_prompt=None, ne
         guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(n_total)
 
     # 5. denoise
-    from tqdm.auto import tqdm
-
     steps = []
     t_step = _clock(devices)
     for t in tqdm(timesteps, desc="denoise", unit="step", disable=not progress):
         timestep = t.expand(n_total).to(dtype) / 1000  # the transformer takes t in [0, 1]
-        v = predict_velocity(transformer, latents, control_latents, timestep, guidance, prompt_embeds, pooled_prompt_embeds,
-                     text_ids, img_ids)
+        v = predict_velocity(transformer, latents, control_latents, timestep, guidance, prompt_embeds,
+                             pooled_prompt_embeds, text_ids, img_ids)
         if do_true_cfg:
-            v_neg = predict_velocity(transformer, latents, control_latents, timestep, guidance, negative_prompt_embeds,
-                             negative_pooled_prompt_embeds, negative_text_ids, img_ids)
+            v_neg = predict_velocity(transformer, latents, control_latents, timestep, guidance,
+                                     negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids, img_ids)
             v = v_neg + true_cfg_scale * (v - v_neg)
         latents = scheduler.step(v, t, latents, return_dict=False)[0]
         now = _clock(devices)
@@ -298,12 +329,13 @@ def sample(components, image, prompt, *, prompt_2=None, negative_prompt=None, ne
     return SampleOutput(images=images, latents=latents, timings=timings)
 
 
-# ---------------------------------------------------------------- LoRA
+# ---------------------------------------------------------------- CLI
+
 
 @dataclass
 class Args:
-    """Edit an image with FLUX.1 Kontext. The model comes from --config (config.model); the defaults below come from
-    its config.sample."""
+    """Edit an image with FLUX.1 Kontext. The model comes from --config (config.model), the --sample.* defaults from
+    its config.sample (SampleConfig in config.py)."""
 
     prompt: str = ""  # the edit instruction (required)
     image: str = ""  # input image; empty: text-to-image (FLUX.1-Krea-dev configs)
@@ -311,62 +343,27 @@ class Args:
     config: str = ""  # config file (python defining `config = Config(...)`); empty: the Config() defaults
     lora: tuple[str, ...] = ()  # LoRA safetensors files, applied together
     lora_scale: tuple[float, ...] = ()  # one per --lora (default 1.0 each)
-    negative_prompt: str | None = None
-    true_cfg_scale: float = 1.0  # > 1 with --negative-prompt: true classifier-free guidance
-    steps: int = 28
-    guidance_scale: float = 3.5  # embedded guidance
-    seed: int = 0
-    size_mode: Literal["native", "pipeline"] = "native"  # native: output = input size | pipeline: diffusers'
-    max_area: int = 1024 ** 2  # size_mode pipeline: output area
     height: int | None = None  # pipeline: output height before the max_area rescale (1024); native: text-to-image
     width: int | None = None  # pipeline: output width before the max_area rescale (1024); native: text-to-image
-    max_sequence_length: int = 512  # T5 tokens
+    sample: SampleConfig = field(default_factory=SampleConfig)  # defaults: the --config file's config.sample
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    """`--config file.py` supplies the defaults (config.sample), tyro flags override them."""
-    import sys
-
-    import tyro
-
-    from config import Config, load_config, split_config_flag
-
+    """`--config file.py` supplies the --sample.* defaults (its config.sample), tyro flags override them."""
     path, rest = split_config_flag(sys.argv[1:] if argv is None else argv)
-    s = (load_config(path) if path else Config()).sample
-    default = Args(config=path or "", negative_prompt=s.negative_prompt, true_cfg_scale=s.true_cfg_scale,
-                   steps=s.num_inference_steps, guidance_scale=s.guidance_scale, seed=s.seed, size_mode=s.size_mode,
-                   max_area=s.max_area, max_sequence_length=s.max_sequence_length)
+    default = Args(config=path or "", sample=load_config(path).sample if path else SampleConfig())
     return tyro.cli(Args, default=default, args=rest, description=__doc__.splitlines()[0])
-
-
-def load_image(path):
-    """The image at `path` as an RGB PIL image, fully decoded now so a corrupt file fails here, naming it."""
-    from PIL import Image
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"image file {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"could not read image file {str(path)!r}: {e}") from None
 
 
 def main(args: Args) -> Path:
     """Check every file first, then load the model, apply the LoRAs, sample, save, print the timing table."""
-    from PIL import Image
-
-    from config import Config, load_config
-    from load import load_components
-
+    s = args.sample
     if not args.prompt:
         raise ValueError("--prompt is required")
-    image = load_image(args.image) if args.image else None
+    image = open_image(Path(args.image)) if args.image else None
     # the checks sample() makes that need no model, made before loading one
-    _check_true_cfg(args.true_cfg_scale, args.negative_prompt is not None)
-    sample_sizes(image_size(image) if image else None, args.height, args.width, args.max_area, args.size_mode, True)
+    _check_true_cfg(s.true_cfg_scale, s.negative_prompt is not None)
+    sample_sizes(image_size(image) if image else None, args.height, args.width, s.max_area, s.size_mode, True)
     out = Path(args.out)
     if out.suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"--out {str(out)!r}: unknown image extension {out.suffix!r} (use .png, .jpg, .webp, ...)")
@@ -375,16 +372,15 @@ def main(args: Args) -> Path:
     for path in args.lora:
         read_lora(path)  # a missing or unreadable file fails now, not after loading the model
 
-    cfg = load_config(args.config) if args.config else Config()
-    components = load_components(cfg.model)
+    components = load_components(load_config(args.config).model if args.config else ModelConfig())
     for i, path in enumerate(args.lora):
         load_lora(components.transformer, path, f"lora{i}", args.lora_scale[i] if args.lora_scale else 1.0)
+    prepare_transformer(components.transformer, s, _device_of(components.transformer))
 
-    result = sample(components, image, args.prompt, negative_prompt=args.negative_prompt,
-                    true_cfg_scale=args.true_cfg_scale, guidance_scale=args.guidance_scale,
-                    num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
-                    height=args.height, width=args.width, max_area=args.max_area, size_mode=args.size_mode,
-                    max_sequence_length=args.max_sequence_length)
+    # the other SampleConfig fields are sample() keywords of the same name (tests/test_sample.py checks it)
+    kw = {k: v for k, v in dataclasses.asdict(s).items() if k not in NOT_SAMPLE_KWARGS}
+    result = sample(components, image, args.prompt, generator=torch.Generator().manual_seed(s.seed),
+                    height=args.height, width=args.width, **kw)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.images[0].save(out)
     print(format_timings(result.timings))

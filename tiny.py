@@ -299,6 +299,43 @@ def random_empty(text_tokens: int, dims: dict = FLUX_KONTEXT_DIMS) -> dict:
                 empty_pooled_prompt_embeds=torch.zeros(dims["pooled_projection_dim"]))
 
 
+
+def full_size_components(device, dtype=None, seed: int = 0) -> dict:
+    """FLUX.1 Kontext's pipeline components at full size with random weights, built directly on `device` in `dtype`
+    (default bf16): CLIP-L (123M), the T5-XXL encoder (4.7B), the FLUX VAE and full_size_transformer() (12B). Keys
+    as FluxKontextPipeline's arguments (no scheduler). The tokenizers are the tiny ones (trained here, no download):
+    their ids are valid in the full vocabularies, and speed and a same-modules parity check do not depend on them.
+    CLIP pools at the tokenizer's own end-of-text id, as CLIP-L pools at its own."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer, tokenizer_2 = train_clip_tokenizer(TinySpec().clip_merges), train_t5_tokenizer()
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.bfloat16)
+    try:
+        with torch.device(device):
+            # openai/clip-vit-large-patch14's text config; T5-XXL's encoder (google/t5-v1_1-xxl); FLUX.1's VAE
+            clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                                num_hidden_layers=12, num_attention_heads=12,
+                                                max_position_embeddings=77, hidden_act="quick_gelu",
+                                                projection_dim=768, bos_token_id=tokenizer.bos_token_id,
+                                                eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id))
+            t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+                                         num_heads=64, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                                         use_cache=False))
+            vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                                layers_per_block=2, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                                use_quant_conv=False, use_post_quant_conv=False)
+    finally:
+        torch.set_default_dtype(prev)
+    return dict(text_encoder=clip.eval().requires_grad_(False), tokenizer=tokenizer,
+                text_encoder_2=t5.eval().requires_grad_(False), tokenizer_2=tokenizer_2,
+                vae=vae.eval().requires_grad_(False), transformer=full_size_transformer(device, dtype).eval())
+
 if __name__ == "__main__":
     import argparse
 
