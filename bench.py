@@ -4,6 +4,7 @@ transformer (speed does not depend on the weights' values). Prints a markdown ta
     python bench.py                          # every row (H200: ~20 min; each row in its own process)
     python bench.py --rows bf16 ckpt         # a subset of the groups; --match ours / --match stock select by label
     python bench.py --tiny                   # the miniature model on CPU: checks the script, times nothing useful
+    python bench.py --accuracy [--tiny]      # fp8 / nf4 / fp4 vs bf16: prediction, loss, LoRA-gradient error
 
 "ours" rows run train.py's own step: the TrainConfig of the shipped config file (configs/bf16.py, configs/fp8.py,
 configs/fp4.py; a row may change gradient_checkpointing), then train.prepare_transformer (attention, fp8 backward,
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,7 @@ class BenchConfig:
     text_tokens: int = 512
     out: str = ""  # also write the rows as JSON here
     match: tuple[str, ...] = ()  # run only rows whose label contains one of these (e.g. --match ours)
+    accuracy: bool = False  # instead of timing: fp8 / nf4 / fp4 vs bf16 on the same random weights (one step)
     only: int = -1  # internal: run only this row of the plan, in this process
 
 
@@ -71,7 +74,7 @@ def build(cfg: BenchConfig, device, kind: str = "bf16"):
 
 def ours_config(kind: str, cfg: BenchConfig, **overrides) -> TrainConfig:
     """The shipped config's TrainConfig for this kind, with the bench's flags and the row's overrides."""
-    tc = load_config(CONFIGS[kind]).train
+    tc = load_config(Path(__file__).resolve().parent / CONFIGS[kind]).train
     return dataclasses.replace(tc, batch_size=1, grad_accum=1, compile=cfg.compile, attention_backend=cfg.attention,
                                **overrides)
 
@@ -190,6 +193,64 @@ def stock_int4(model):
             new.bias = torch.nn.Parameter(mod.bias.data, requires_grad=False)
         setattr(parent, attr, new)
     return model
+
+
+# ---------------------------------------------------------------- accuracy of the quantized kinds (--accuracy)
+
+ACCURACY_KINDS = ("fp8", "nf4", "fp4")
+
+
+def accuracy_kind(kind: str, cfg: BenchConfig, res: int, device) -> dict:
+    """Velocity prediction, loss and LoRA gradients of one train.py step (attention flash on CUDA for every kind,
+    so only the linears differ). Weights and LoRA are seeded: every kind starts from the same bf16 weights."""
+    torch.manual_seed(0)
+    model = build(cfg, device, kind)
+    tc = TrainConfig(compile=False, gradient_checkpointing=True,  # one step's memory stays near the weights' size
+                     attention_backend="flash" if device.type == "cuda" else "default")
+    params, _ = train.prepare_transformer(model, tc, device)
+    g = torch.Generator().manual_seed(1)
+    for p in params:  # lora_B starts at zero: give both factors values so the LoRA changes the output
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    entries = tiny.random_entries(1, res, cfg.text_tokens, dims(cfg))
+    (b, _, _), = train.micro_batches(entries, [()], tiny.random_empty(cfg.text_tokens, dims(cfg)), tc, 0, 0, 1,
+                                     device, torch.bfloat16)
+    args = (b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"], b["pooled_prompt_embeds"], b["img_ids"],
+            b["text_ids"], tc.guidance)
+    with torch.no_grad():
+        pred = predict_velocity(model.eval(), b["x0"], b["control"], b["t"], torch.ones(1, device=device),
+                                b["prompt_embeds"], b["pooled_prompt_embeds"], b["text_ids"], b["img_ids"])
+    with torch.enable_grad():
+        loss = train.flow_matching_loss(model.train(), *args)
+        loss.backward()
+    return dict(pred=pred.double().cpu(), loss=loss.detach().double().cpu(),
+                grads=torch.cat([p.grad.flatten() for p in params]).double().cpu())
+
+
+def compare(ref: dict, other: dict) -> dict:
+    """Relative errors and the LoRA-gradient cosine against bf16, in float64 (an fp32 cosine of ~20M terms read
+    1.0044 on the H200: accumulated rounding, not a measurement)."""
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    a, b = other["grads"], ref["grads"]
+    return dict(pred_rel_err=rel(other["pred"], ref["pred"]), loss_rel_err=rel(other["loss"], ref["loss"]),
+                grad_rel_err=rel(a, b), grad_cosine=float(a @ b / (a.norm() * b.norm())),
+                finite=bool(torch.isfinite(other["pred"]).all() and torch.isfinite(a).all()))
+
+
+def accuracy(cfg: BenchConfig) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    res = cfg.res[0]
+    ref = accuracy_kind("bf16", cfg, res, device)
+    rows = []
+    for kind in ACCURACY_KINDS:
+        gc.collect()
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+        row = dict(kind=kind, res=res, **compare(ref, accuracy_kind(kind, cfg, res, device)))
+        rows.append(row)
+        print(f"{kind}: prediction rel err {row['pred_rel_err']:.2e}, loss {row['loss_rel_err']:.2e}, "
+              f"LoRA grads {row['grad_rel_err']:.2e} (cosine {row['grad_cosine']:.6f}), finite {row['finite']}",
+              flush=True)
+    print(json.dumps(dict(gpu=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", rows=rows)))
+    return rows
 
 
 # ---------------------------------------------------------------- timing
@@ -352,6 +413,8 @@ def main(cfg: BenchConfig) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.tiny:
         cfg = dataclasses.replace(cfg, res=(64, 32)[: len(cfg.res)], text_tokens=16, iters=2, warmup=1)
+    if cfg.accuracy:
+        return accuracy(cfg)
     rows = plan(cfg)
     if cfg.only >= 0:  # child: run one row in this process
         label, res, kw = rows[cfg.only]

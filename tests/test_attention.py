@@ -112,6 +112,7 @@ def test_flux_train_step_cudnn_equals_flash_gpu():
     empty = tiny.random_empty(64, dims)
     results = []
     for backend in ("flash", "cudnn"):
+        torch.manual_seed(0)  # the same weights for both
         model = tiny.full_size_transformer("cuda", **dims)
         tc = TrainConfig(attention_backend=backend, compile=False)
         params, chosen = train.prepare_transformer(model, tc, CUDA)

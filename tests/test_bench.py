@@ -1,5 +1,5 @@
-"""bench.py and accuracy_gpu.py on the miniature dims (CPU): every row's code path runs and returns a timing, the
-profile's kernel kinds are assigned as intended, and the quantized models stay close to bf16."""
+"""bench.py on the miniature dims (CPU): every row kind's code path runs and returns a timing, the profile's kernel
+kinds are assigned as intended, and the accuracy mode's quantized models stay close to bf16."""
 
 import pytest
 import torch
@@ -7,14 +7,26 @@ import torch
 import bench
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(kind="fp8", ckpt=True), dict(kind="nf4", ckpt=True),
-                                dict(kind="fp8", denoise=True), dict(denoise=True, fuse=True)],
-                         ids=["bf16", "fp8-ckpt", "nf4-ckpt", "fp8-denoise", "bf16-denoise-fused"])
+@pytest.mark.parametrize("kw", [dict(who="stock"), dict(who="stock", ckpt=True), dict(who="stock", denoise=True),
+                                dict(who="ours"), dict(who="ours", kind="fp8", ckpt=True),
+                                dict(who="ours", kind="fp8", fp8_backward=True), dict(who="ours", kind="nf4", ckpt=True),
+                                dict(who="ours", kind="fp8", denoise=True), dict(who="ours", denoise=True, fuse=True)],
+                         ids=["stock", "stock-ckpt", "stock-denoise", "bf16", "fp8-ckpt", "fp8-backward", "nf4-ckpt",
+                              "fp8-denoise", "bf16-denoise-fused"])
 def test_rows_run_on_tiny(kw):
     cfg = bench.BenchConfig(tiny=True, text_tokens=16, iters=1, warmup=1)
     with torch.enable_grad():
         row = bench.run_row("row", cfg, torch.device("cpu"), 32, **kw)
     assert row["seconds"] is not None and row["seconds"] > 0, row
+    assert kw["who"] == "stock" or row["attention"] == "default", row  # CPU: PyTorch's default SDPA
+
+
+def test_plan_labels_the_shipped_configs():
+    rows = [(label, res) for label, res, _ in bench.plan(bench.BenchConfig())]
+    assert len(rows) == len(set(rows))
+    labels = [label for label, _ in rows]
+    assert "bf16 train, full ckpt: ours (configs/bf16.py)" in labels
+    assert "fp8 train, no recompute: ours (configs/fp8.py)" in labels
 
 
 def test_kernel_kinds():
@@ -32,11 +44,10 @@ def test_kernel_kinds():
     assert {name: bench.kernel_kind(name) for name in kinds} == kinds
 
 
-def test_accuracy_script_on_tiny():
-    import accuracy_gpu
-
-    rows = {r["kind"]: r for r in accuracy_gpu.main(tiny=True)}
+def test_accuracy_mode_on_tiny():
+    with torch.enable_grad():
+        rows = {r["kind"]: r for r in bench.main(bench.BenchConfig(tiny=True, accuracy=True))}
     assert set(rows) == {"fp8", "nf4", "fp4"}
     for r in rows.values():
-        assert r["finite"] and 0 < r["pred_rel_err"] < 0.05 and r["grad_cosine"] > 0.95, r
+        assert r["finite"] and 0 < r["pred_rel_err"] < 0.05 and 0.95 < r["grad_cosine"] <= 1.0, r
     assert rows["fp8"]["pred_rel_err"] < rows["nf4"]["pred_rel_err"]  # 8 bits per weight vs 4

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import INTERPRET, triton
+from kernels.attention import set_attention
 from kernels.int4 import Linear4bit, dequant_4bit, dequant_4bit_ref, get_4bit_type, quantize_4bit_ref
 from quant import load_bnb_transformer, quantize_transformer_4bit
 
@@ -545,6 +546,9 @@ def test_gpu_linear4bit_compiles():
 def test_gpu_load_bnb_transformer_and_lora(bnb_export):
     folder, _, _ = bnb_export
     model = add_lora(load_bnb_transformer(folder, torch.bfloat16, torch.device("cuda")))
+    # pinned: an unpinned model takes diffusers' process-wide default, PyTorch's SDPA choice, whose Flux LoRA
+    # backward gave NaN gradients here on the H200 (2026-12-02)
+    set_attention(model, "auto", torch.device("cuda"), torch.bfloat16)
     lora = [p for n, p in model.named_parameters() if p.requires_grad]
     assert lora and all(p.is_cuda for p in lora)
     inputs = flux_inputs(model, dtype=torch.bfloat16, device="cuda")
