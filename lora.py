@@ -125,6 +125,11 @@ def load_checkpoint(path: Path, transformer, optimizer) -> int:
     if missing:
         raise ValueError(f"{path}: LoRA keys differ from the model's (e.g. {sorted(missing)[:3]}): "
                          f"was it trained with other target_modules or rank?")
+    shapes = [(k, tuple(lora[k].shape), tuple(p.shape)) for k, p in own.items() if lora[k].shape != p.shape]
+    if shapes:
+        k, saved, want = shapes[0]
+        raise ValueError(f"{path}: {len(shapes)} LoRA tensors differ in shape from the model's, e.g. {k}: saved "
+                         f"{saved}, model {want}: was it trained with another train.rank?")
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(lora[k])
