@@ -306,8 +306,9 @@ def test_equals_pipeline_full_size_bf16():
     """sample() vs FluxKontextPipeline.__call__ on full-size random FLUX.1 Kontext components
     (tiny.full_size_components: CLIP-L, T5-XXL, the FLUX VAE, the 12B transformer) in bf16 at 1024^2, 4 steps, without
     and with true CFG, the transformer prepared as `python sample.py` does (SampleConfig defaults: compiled blocks,
-    attention "auto"). Both sides share the modules and the CPU generator's seed. An H100 run gave a relative error of
-    exactly 0 in the final latents; 1e-3 tolerates nondeterministic kernels. Prints both sides' seconds per step."""
+    attention "auto"). Both sides share the modules and the CPU generator's seed. Measured relative error of the final
+    latents: exactly 0 (H100, eager flash; H200, compiled cuDNN, 0.296 s/step both sides, 65 s in all); 1e-3
+    tolerates nondeterministic kernels. Prints both sides' seconds per step."""
     from diffusers import FluxKontextPipeline
 
     from load import Components
