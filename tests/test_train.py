@@ -195,6 +195,9 @@ def test_crash_matrix_gpu(kind, ckpt, compile_):
     try:
         params, attention = train.prepare_transformer(model, tc, device)
         assert attention == "cudnn"
+        assert train.compile_choice(model, tc, device) == ("off" if not compile_ else "on" if kind != "nf4" else
+                                                          "off (4-bit transformer: its compiled step gave no "
+                                                          "gradient to the single blocks' LoRA)")
         optimizer = train.make_optimizer(params, tc)
         entries, empty = tiny.random_entries(1, 1024, 512), tiny.random_empty(512)
         shapes = [tuple(entries[0]["image_latents"].shape) * 2]
