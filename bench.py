@@ -1,8 +1,9 @@
 """Benchmark: stock diffusers+peft vs ours, side by side in one run, on a full-size random FLUX.1 Kontext
 transformer (speed does not depend on the weights' values). Prints a markdown table and a JSON last line.
 
-    python bench.py                          # every row (H200: ~20 min; each row in its own process)
-    python bench.py --rows bf16 ckpt         # a subset of the groups; --match ours / --match stock select by label
+    python bench.py                          # every row (H200: ~13 min; each row in its own process)
+    python bench.py --rows bf16 ckpt         # a 10-minute call holds ~12 rows: split the groups across calls
+    python bench.py --match ours             # --match selects rows by label (ours / stock / 'full ckpt')
     python bench.py --tiny                   # the miniature model on CPU: checks the script, times nothing useful
     python bench.py --accuracy [--tiny]      # fp8 / nf4 / fp4 vs bf16: prediction, loss, LoRA-gradient error
 

@@ -29,6 +29,7 @@ import safetensors.torch
 from safetensors.torch import save_file
 
 from config import Config, DataConfig
+from encode import encode_image, encode_prompt, preprocess_image
 from load import load_components, model_identity
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
@@ -141,11 +142,13 @@ def open_image(path: Path, mode: str = "RGB"):
     """Fully decode an image (a truncated file fails here, not mid-training)."""
     from PIL import Image
 
+    if not Path(path).is_file():
+        raise DatasetError(f"image file {str(path)!r} does not exist")
     try:
         with Image.open(path) as im:
             im.load()
             return im.convert(mode)
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{path}: unreadable or corrupt image ({e})") from None
 
 
@@ -184,8 +187,6 @@ def validate_dataset(samples: list[Sample], cfg: DataConfig) -> None:
 
 def load_pixels(path: Path, cfg: DataConfig) -> torch.Tensor:
     """[1, 3, H, W] in [-1, 1] at target_size (encode.preprocess_image: Lanczos resize, as the pipeline)."""
-    from encode import preprocess_image
-
     im = open_image(path)
     return preprocess_image(im, *target_size((im.height, im.width), cfg))
 
@@ -258,8 +259,6 @@ def required_keys(s: Sample) -> tuple[str, ...]:
 
 def encode_sample(s: Sample, cfg: DataConfig, c, device=None) -> dict:
     """Every cached tensor of one sample (batch dim dropped), computed with encode.py on the components' devices."""
-    from encode import encode_image, encode_prompt
-
     out = {"image_latents": encode_image(c.vae, load_pixels(s.image, cfg), device=device)[0]}
     if s.control is not None:
         out["control_latents"] = encode_image(c.vae, load_pixels(s.control, cfg), device=device)[0]
@@ -272,8 +271,6 @@ def encode_sample(s: Sample, cfg: DataConfig, c, device=None) -> dict:
 
 
 def encode_empty(cfg: DataConfig, c, device=None) -> dict:
-    from encode import encode_prompt
-
     embeds, pooled, _ = encode_prompt(c.clip, c.clip_tokenizer, c.t5, c.t5_tokenizer, "",
                                       max_sequence_length=cfg.max_sequence_length, device=device)
     return {"empty_prompt_embeds": embeds[0], "empty_pooled_prompt_embeds": pooled[0]}

@@ -12,6 +12,7 @@ import runpy
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 __all__ = ["Config", "DataConfig", "TrainConfig", "SampleConfig", "ModelConfig", "Part", "load_config", "cli",
            "to_json"]
@@ -91,14 +92,14 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    guidance_scale: float = 3.5
-    true_cfg_scale: float = 1.0
+    guidance_scale: float = 3.5  # embedded guidance (FLUX.1 Kontext [dev] is guidance-distilled)
+    true_cfg_scale: float = 1.0  # > 1 with --sample.negative-prompt: true classifier-free guidance (2 calls/step)
     negative_prompt: str | None = None
     num_inference_steps: int = 28
     seed: int = 0
-    max_area: int = 1024 ** 2
-    size_mode: str = "native"  # native: output = input size (floored to 16) | pipeline: diffusers' behaviour
-    max_sequence_length: int = 512
+    max_area: int = 1024 ** 2  # size_mode pipeline: output area
+    size_mode: Literal["native", "pipeline"] = "native"  # native: output = input size | pipeline: diffusers'
+    max_sequence_length: int = 512  # T5 tokens
     compile: bool = True  # torch.compile each transformer block (regional; CUDA only)
     attention_backend: str = "auto"  # as TrainConfig.attention_backend
 

@@ -21,7 +21,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-
 from tqdm import tqdm
 
 from cache import open_image, scan_dataset, training_data, validate_dataset

@@ -177,12 +177,13 @@ def test_every_config_file_loads(name):
 @pytest.mark.gpu
 @pytest.mark.parametrize("compile_", [True, False], ids=["compile", "eager"])
 @pytest.mark.parametrize("ckpt", [True, False], ids=["ckpt", "no-ckpt"])
-@pytest.mark.parametrize("kind", ["bf16", "fp8", "nf4"])
+@pytest.mark.parametrize("kind", ["bf16", "fp8", "fp8-backward", "nf4"])
 def test_crash_matrix_gpu(kind, ckpt, compile_):
     """3 steps of train.py's own step (prepare_transformer, micro_batches, train_step) with attention "auto" on a
     reduced-depth, full-width FLUX transformer (3072 wide, 24 heads of 128; 2 double + 4 single blocks: the cuDNN
     crash needed both block kinds) at the 1024^2 Kontext token count (4096 target + 4096 control + 512 text): a
-    finite loss, a finite non-zero gradient norm, and every LoRA tensor moved."""
+    finite loss, a finite non-zero gradient norm, and every LoRA tensor moved. "fp8-backward": fp8 with the fp8
+    input gradient (configs/fp8.py)."""
     import quant
     import tiny
     from config import TrainConfig
@@ -190,8 +191,9 @@ def test_crash_matrix_gpu(kind, ckpt, compile_):
     device = torch.device("cuda")
     model = tiny.full_size_transformer(device, num_layers=2, num_single_layers=4)
     if kind != "bf16":
-        model = quant.quantize_transformer(model, kind)
-    tc = TrainConfig(gradient_checkpointing=ckpt, compile=compile_, attention_backend="auto", lr=1e-3)
+        model = quant.quantize_transformer(model, kind.split("-")[0])
+    tc = TrainConfig(gradient_checkpointing=ckpt, compile=compile_, attention_backend="auto", lr=1e-3,
+                     fp8_backward=kind == "fp8-backward")
     try:
         params, attention = train.prepare_transformer(model, tc, device)
         assert attention == "cudnn"
