@@ -50,6 +50,7 @@ class DataConfig:
     cache_dir: str = ""  # empty: <out_dir>/cache
     max_sequence_length: int = 512
     held_out: int = 1  # samples kept out of training for validation (the last ones, by key order)
+    allow_outside_paths: bool = False  # metadata files may name images outside the dataset folder (absolute, ../)
 
 
 @dataclass
@@ -112,6 +113,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     out_dir: str = "runs/default"
     resume: str = ""  # "" | "latest" | path of a checkpoint folder
+    overwrite: bool = False  # start afresh in an out_dir that holds an earlier run (deletes its LoRA, log, checkpoints)
 
 
 def load_config(path: str | Path) -> Config:
