@@ -12,9 +12,12 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from cache import save_atomic
 from config import Config, TrainConfig, to_json
@@ -57,9 +60,40 @@ def save_lora(transformer, path: Path) -> None:
                 {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True, default=str)})
 
 
-def save_checkpoint(out_dir: Path, transformer, optimizer, step: int, cfg: Config, keep: int) -> Path:
+RUN_FILES = ("lora.safetensors", "log.jsonl", "checkpoints", "validation", "tb")  # what a run writes (cache/ is
+# content-keyed and shared, so it is kept)
+
+
+def claim_out_dir(out_dir: Path, resume: str, overwrite: bool) -> list[str]:
+    """The run-folder rule, applied before any work: a fresh run needs an out_dir free of an earlier run's files,
+    unless `overwrite` (they are deleted first); a resumed run continues in place. Why: the old run's checkpoints
+    would otherwise outrank the new run's in pruning, its lora.safetensors be overwritten and its log appended to.
+    Leftovers of interrupted checkpoint writes (.tmp-*) are removed. Returns what was done, for the log."""
+    out_dir, notes = Path(out_dir), []
+    earlier = [n for n in RUN_FILES if (out_dir / n).exists()]
+    if earlier and not resume:
+        if not overwrite:
+            raise ValueError(f"out_dir {str(out_dir)!r} holds an earlier run ({', '.join(earlier)}): pass "
+                             f"--resume latest to continue it, --overwrite to delete it and start afresh, or "
+                             f"another --out-dir")
+        for n in earlier:
+            p = out_dir / n
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        notes.append(f"--overwrite: deleted the earlier run's {', '.join(earlier)} in {out_dir}")
+    for tmp in sorted((out_dir / "checkpoints").glob(".tmp-*")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        notes.append(f"removed {tmp} (an interrupted checkpoint write)")
+    return notes
+
+
+def new_run_id() -> str:
+    return hashlib.sha256(f"{os.getpid()}-{time.time_ns()}".encode()).hexdigest()[:12]
+
+
+def save_checkpoint(out_dir: Path, transformer, optimizer, step: int, cfg: Config, keep: int, run: str) -> Path:
     """A folder named by the hash of its LoRA weights (content, not step), written under a temp name and renamed;
-    `latest.json` then points at it (also atomically). Old ones are pruned to `keep`."""
+    `latest.json` then points at it (also atomically). Old checkpoints of this run (`run`, kept across resumes) are
+    pruned to `keep`; other runs' are never touched."""
     lora = lora_state_dict(transformer)
     digest = hashlib.sha256(b"".join(lora[k].numpy().tobytes() for k in sorted(lora))).hexdigest()[:16]
     ckpts = out_dir / "checkpoints"
@@ -75,12 +109,12 @@ def save_checkpoint(out_dir: Path, transformer, optimizer, step: int, cfg: Confi
         save_atomic(tensors, tmp / "optimizer.safetensors")
         scalars = {str(i): {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)}
                    for i, s in opt["state"].items()}
-        (tmp / "state.json").write_text(json.dumps({"step": step, "param_groups": opt["param_groups"],
+        (tmp / "state.json").write_text(json.dumps({"step": step, "run": run, "param_groups": opt["param_groups"],
                                                     "scalars": scalars}, default=float))
         (tmp / "config.json").write_text(to_json(cfg))
         os.replace(tmp, final)
-    _write_json_atomic(ckpts / "latest.json", {"step": step, "path": final.name})
-    _prune(ckpts, keep)
+    _write_json_atomic(ckpts / "latest.json", {"step": step, "path": final.name, "run": run})
+    _prune(ckpts, keep, run)
     return final
 
 
@@ -90,35 +124,83 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _prune(ckpts: Path, keep: int) -> None:
-    found = []
-    for d in ckpts.glob("lora-*"):
-        try:
-            found.append((json.loads((d / "state.json").read_text())["step"], d))
-        except (OSError, ValueError, KeyError):
-            continue
+def _state(d: Path) -> dict | None:
+    try:
+        return json.loads((d / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _prune(ckpts: Path, keep: int, run: str) -> None:
+    found = [(st["step"], d) for d in ckpts.glob("lora-*") if (st := _state(d)) and st.get("run") == run]
     for _, d in sorted(found)[:-keep] if keep > 0 else []:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def resolve_resume(resume: str, out_dir: Path) -> Path | None:
+def _unreadable(d: Path) -> str | None:
+    """Why checkpoint folder d cannot be resumed from, or None if every file reads."""
+    st = _state(d)
+    if st is None or "step" not in st:
+        return "state.json missing or unreadable"
+    for f in ("lora.safetensors", "optimizer.safetensors"):
+        try:
+            load_file(str(d / f))
+        except (OSError, SafetensorError) as e:
+            return f"{f}: {e}"
+    return None
+
+
+def resolve_resume(resume: str, out_dir: Path, log=print) -> Path | None:
+    """The checkpoint folder to continue from. "latest": the one latest.json names, or, if that one does not read
+    (a truncated write, a deleted folder), the newest intact one, said in the log."""
     if not resume:
         return None
-    if resume == "latest":
-        latest = out_dir / "checkpoints" / "latest.json"
-        if not latest.is_file():
-            raise ValueError(f"--resume latest: no {latest} (no checkpoint saved yet in {out_dir})")
-        return out_dir / "checkpoints" / json.loads(latest.read_text())["path"]
-    path = Path(resume)
-    if not (path / "state.json").is_file():
-        raise ValueError(f"--resume {resume}: expected a checkpoint folder with state.json and lora.safetensors")
-    return path
+    if resume != "latest":
+        path = Path(resume)
+        if not (path / "state.json").is_file():
+            raise ValueError(f"--resume {resume}: expected a checkpoint folder with state.json and lora.safetensors")
+        return path
+    ckpts = out_dir / "checkpoints"
+    named = []
+    if (ckpts / "latest.json").is_file():
+        try:
+            named = [ckpts / json.loads((ckpts / "latest.json").read_text())["path"]]
+        except (ValueError, KeyError):
+            pass
+    others = sorted((d for d in ckpts.glob("lora-*") if d not in named and _state(d)),
+                    key=lambda d: -_state(d).get("step", 0))
+    skipped = []
+    for d in named + others:
+        why = _unreadable(d) if d.is_dir() else "missing"
+        if why is None:
+            if skipped:
+                log(f"--resume latest: skipped {'; '.join(skipped)}; resuming from {d}")
+            return d
+        skipped.append(f"{d.name} ({why})")
+    if not skipped:
+        raise ValueError(f"--resume latest: no {ckpts / 'latest.json'} (no checkpoint saved yet in {out_dir})")
+    raise ValueError(f"--resume latest: no readable checkpoint in {ckpts} (tried {'; '.join(skipped)})")
 
 
-def load_checkpoint(path: Path, transformer, optimizer) -> int:
-    """Restore LoRA weights and optimizer state; return the step to continue from."""
-    from safetensors.torch import load_file
+def config_differences(ckpt: Path, cfg: Config) -> list[str]:
+    """Fields whose value differs between the checkpoint's config.json and cfg (resume, overwrite aside)."""
+    try:
+        saved = json.loads((ckpt / "config.json").read_text())
+    except (OSError, ValueError):
+        return ["(the checkpoint has no readable config.json)"]
+    now = json.loads(to_json(cfg))
 
+    def leaves(d, pre=""):
+        for k, v in d.items():
+            yield from leaves(v, f"{pre}{k}.") if isinstance(v, dict) else [(f"{pre}{k}", v)]
+
+    a, b = dict(leaves(saved)), dict(leaves(now))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in ("resume", "overwrite")]
+
+
+def load_checkpoint(path: Path, transformer, optimizer) -> tuple[int, str]:
+    """Restore LoRA weights and optimizer state; return (the step to continue from, the run id to keep)."""
     lora = load_file(str(path / "lora.safetensors"))
     own = {f"{PREFIX}.{n}": p for n, p in _lora_named_params(transformer)}
     missing = set(own) ^ set(lora)
@@ -141,7 +223,7 @@ def load_checkpoint(path: Path, transformer, optimizer) -> int:
         s.update({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"state.{i}.")})
         opt_state[int(i)] = s
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    return int(state["step"])
+    return int(state["step"]), state.get("run") or new_run_id()
 
 
 def _lora_named_params(transformer):
@@ -161,8 +243,7 @@ _FORMAT = ("keys 'transformer.<module>.lora_A.weight' / 'lora_B.weight', as Flux
 def read_lora(path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(state_dict, adapter metadata or None) of a LoRA safetensors file. The metadata (r, lora_alpha, targets) is
     the JSON that save_lora_weights stores in the header under 'lora_adapter_metadata'."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,7 +31,8 @@ from kernels.attention import set_attention
 from kernels.fp8 import FP8Linear
 from kernels.int4 import Linear4bit
 from load import Components, load_transformer, load_vae, parse_dtype
-from lora import add_lora, load_checkpoint, resolve_resume, save_checkpoint, save_lora
+from lora import (add_lora, claim_out_dir, config_differences, load_checkpoint, new_run_id, resolve_resume,
+                  save_checkpoint, save_lora)
 from sample import sample
 
 # ---------------------------------------------------------------- the objective
@@ -251,19 +253,41 @@ def rank_device(cfg: Config, rank: int) -> torch.device:
 # ---------------------------------------------------------------- main
 
 
+def check_run(cfg: Config, rank: int, log) -> tuple[list, int, Path | None]:
+    """Everything checkable before any model loads: the whole dataset, the held-out split, the run folder
+    (lora.claim_out_dir), the checkpoint to resume and how its config differs. Returns (samples, n_train, ckpt)."""
+    samples = scan_dataset(cfg.data)
+    validate_dataset(samples, cfg.data)
+    if cfg.data.held_out >= len(samples):
+        raise ValueError(f"data.held_out={cfg.data.held_out} leaves nothing to train on: the dataset has "
+                         f"{len(samples)} samples")
+    n_train = len(samples) - max(cfg.data.held_out, 0)
+    log(f"dataset: {n_train} training / {len(samples) - n_train} held-out samples from {cfg.data.path}")
+    if rank == 0:
+        for note in claim_out_dir(Path(cfg.out_dir), cfg.resume, cfg.overwrite):
+            log(note)
+    ckpt = resolve_resume(cfg.resume, Path(cfg.out_dir), log)
+    if ckpt is not None and (diff := config_differences(ckpt, cfg)):
+        log(f"warning: resuming {ckpt} with a config that differs from its config.json: {'; '.join(diff)}")
+    return samples, n_train, ckpt
+
+
+def batch_plan(shapes: list[tuple], batch_size: int) -> str:
+    """One line on how batching will go: batches hold one latent shape, so a bucket's last batch may be smaller."""
+    sizes = Counter(min(batch_size, n - j) for n in Counter(shapes).values() for j in range(0, n, batch_size))
+    plan = ", ".join(f"{c} x {b}" for b, c in sorted(sizes.items(), reverse=True))
+    return (f"batching: {len(Counter(shapes))} shape bucket(s), {sum(sizes.values())} batches per epoch ({plan} "
+            f"samples)" + ("" if set(sizes) == {batch_size} else f"; batch_size {batch_size} is not always filled"))
+
+
 def main(cfg: Config) -> dict:
     rank, world = dist_info()
     out_dir, tc = Path(cfg.out_dir), cfg.train
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
-    if tc.batch_size < 1 or tc.grad_accum < 1 or tc.steps < 1:
-        raise ValueError("train.batch_size, train.grad_accum and train.steps must be >= 1")
 
-    # 1. The dataset is checked whole before any model is loaded.
-    samples = scan_dataset(cfg.data)
-    validate_dataset(samples, cfg.data)
-    n_val = min(cfg.data.held_out, len(samples) - 1) if cfg.data.held_out > 0 else 0
-    n_train = len(samples) - n_val
-    log(f"dataset: {n_train} training / {n_val} held-out samples from {cfg.data.path}")
+    # 1. The dataset, the run folder and the checkpoint to resume are checked before any model is loaded.
+    samples, n_train, ckpt = check_run(cfg, rank, log)
+    n_val = len(samples) - n_train
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(to_json(cfg))
@@ -274,6 +298,7 @@ def main(cfg: Config) -> dict:
     data = training_data(cfg, samples, n_train, log)
     if world > 1 and rank == 0:
         torch.distributed.barrier()
+    log(batch_plan(data.shapes, tc.batch_size * world))
 
     # 3. Transformer + LoRA, exactly as bench.py times it.
     device = rank_device(cfg, rank)
@@ -296,10 +321,10 @@ def main(cfg: Config) -> dict:
     optimizer = make_optimizer(params, tc)
     log(f"LoRA: {sum(p.numel() for p in params) / 1e6:.3f}M parameters on {len(tc.target_modules)} module kinds, "
         f"rank {tc.rank}")
-    ckpt = resolve_resume(cfg.resume, out_dir)
-    start = load_checkpoint(ckpt, transformer, optimizer) if ckpt is not None else 0
+    start, run = load_checkpoint(ckpt, transformer, optimizer) if ckpt is not None else (0, new_run_id())
     if ckpt is not None:
-        log(f"resumed from {ckpt} at step {start}")
+        log(f"resumed from {ckpt} at step {start}" + (f"; train.steps is {tc.steps}: nothing left to train"
+                                                        if start >= tc.steps else ""))
 
     # 4. The loop.
     log_file = open(out_dir / "log.jsonl", "a") if rank == 0 else None
@@ -334,8 +359,10 @@ def main(cfg: Config) -> dict:
         loss, dt = _mean_over_ranks(loss, world), time.perf_counter() - t0
         if step == start:
             log(f"first step: {dt:.1f} s (warm-up{' and compilation' if compiled == 'on' else ''}; later steps are faster)")
+        n = sum(len(global_batch(data.shapes, tc.batch_size * world, tc.seed, step * tc.grad_accum + m))
+                for m in range(tc.grad_accum))  # a shape bucket's last batch can be smaller than batch_size
         rec = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-               "s_per_step": dt, "samples_per_s": tc.batch_size * world * tc.grad_accum / dt}
+               "s_per_step": dt, "samples_per_s": n / dt}
         history.append(rec)
         if rank == 0:
             log_file.write(json.dumps(rec) + "\n")
@@ -347,11 +374,14 @@ def main(cfg: Config) -> dict:
                                 sps=f"{rec['samples_per_s']:.2f}")
         done = step + 1 == tc.steps
         if rank == 0 and (done or (tc.save_every and (step + 1) % tc.save_every == 0)):
-            last_ckpt = str(save_checkpoint(out_dir, transformer, optimizer, step + 1, cfg, tc.keep_checkpoints))
+            last_ckpt = str(save_checkpoint(out_dir, transformer, optimizer, step + 1, cfg, tc.keep_checkpoints, run))
+        if rank == 0 and done:
+            save_lora(transformer, out_dir / "lora.safetensors")  # before the last grid: a crash there loses nothing
         if tc.validate_every >= 0 and n_val and (done or (tc.validate_every and (step + 1) % tc.validate_every == 0)):
             validate(step + 1)
     if rank == 0:
-        save_lora(transformer, out_dir / "lora.safetensors")
+        if start >= tc.steps:  # resumed at or past the end: the checkpoint's LoRA is the result
+            save_lora(transformer, out_dir / "lora.safetensors")
         log(f"wrote {out_dir / 'lora.safetensors'} and checkpoint {last_ckpt}")
         log_file.close()
     if world > 1:
@@ -441,4 +471,8 @@ def _tensorboard(out_dir: Path):
 
 
 if __name__ == "__main__":
-    main(cli(description=__doc__.splitlines()[0]))
+    try:
+        main(cli(description=__doc__.splitlines()[0]))
+    except ValueError as e:  # user errors (dataset, config, run folder): the message, not a traceback
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from config import Config, TrainConfig
-from lora import (add_lora, load_checkpoint, load_lora, read_lora, resolve_resume, save_checkpoint, save_lora,
-                  unload_lora)
+from lora import (add_lora, claim_out_dir, config_differences, load_checkpoint, load_lora, read_lora, resolve_resume,
+                  save_checkpoint, save_lora, unload_lora)
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -197,17 +197,17 @@ def test_checkpoint_round_trip_is_exact(tmp_path, tiny_path):
     opt = torch.optim.AdamW(params, lr=1e-2)
     adamw_steps(t, params, opt, 2)
     out_dir = tmp_path / "run"
-    saved = save_checkpoint(out_dir, t, opt, 2, Config(), keep=5)
+    saved = save_checkpoint(out_dir, t, opt, 2, Config(), keep=5, run="r1")
     weights, opt_state = lora_weights(t), copy.deepcopy(opt.state_dict())
 
     # content-keyed: the same weights give the same folder, other weights another one; latest.json follows
     assert re.fullmatch(r"lora-[0-9a-f]{16}", saved.name)
-    assert save_checkpoint(out_dir, t, opt, 2, Config(), keep=5) == saved
+    assert save_checkpoint(out_dir, t, opt, 2, Config(), keep=5, run="r1") == saved
     assert len(list((out_dir / "checkpoints").glob("lora-*"))) == 1
-    assert json.loads((out_dir / "checkpoints" / "latest.json").read_text()) == {"step": 2, "path": saved.name}
+    assert json.loads((out_dir / "checkpoints" / "latest.json").read_text()) == {"step": 2, "path": saved.name, "run": "r1"}
     assert resolve_resume("latest", out_dir) == saved
     adamw_steps(t, params, opt, 1, seed=2)
-    later = save_checkpoint(out_dir, t, opt, 3, Config(), keep=5)
+    later = save_checkpoint(out_dir, t, opt, 3, Config(), keep=5, run="r1")
     assert later != saved and resolve_resume("latest", out_dir) == later
     assert resolve_resume(str(saved), out_dir) == saved
 
@@ -215,7 +215,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path, tiny_path):
     t2, params2 = with_lora(tiny_path, seed=5)
     opt2 = torch.optim.AdamW(params2, lr=1e-2)
     assert not torch.equal(next(iter(lora_weights(t2).values())), next(iter(weights.values())))
-    assert load_checkpoint(saved, t2, opt2) == 2
+    assert load_checkpoint(saved, t2, opt2) == (2, "r1")
     got = lora_weights(t2)
     assert got.keys() == weights.keys() and all(torch.equal(got[k], weights[k]) for k in weights)
     state2 = opt2.state_dict()
@@ -241,7 +241,7 @@ def test_resume_errors(tmp_path, tiny_path):
 
 def test_load_checkpoint_with_other_targets_raises(tmp_path, tiny_path):
     t, params = with_lora(tiny_path)
-    saved = save_checkpoint(tmp_path, t, torch.optim.AdamW(params), 1, Config(), keep=1)
+    saved = save_checkpoint(tmp_path, t, torch.optim.AdamW(params), 1, Config(), keep=1, run="r1")
     t2, params2 = with_lora(tiny_path, targets=("to_q", "to_v"))
     with pytest.raises(ValueError, match=r"LoRA keys differ from the model's.*target_modules or rank"):
         load_checkpoint(saved, t2, torch.optim.AdamW(params2))
@@ -249,7 +249,71 @@ def test_load_checkpoint_with_other_targets_raises(tmp_path, tiny_path):
 
 def test_load_checkpoint_with_other_rank_raises(tmp_path, tiny_path):
     t, params = with_lora(tiny_path, rank=4)
-    saved = save_checkpoint(tmp_path, t, torch.optim.AdamW(params), 1, Config(), keep=1)
+    saved = save_checkpoint(tmp_path, t, torch.optim.AdamW(params), 1, Config(), keep=1, run="r1")
     t2, params2 = with_lora(tiny_path, rank=2, alpha=2.0)
     with pytest.raises(ValueError, match=re.escape(str(saved)) + ".*saved \\(4, .*another train.rank"):
         load_checkpoint(saved, t2, torch.optim.AdamW(params2))
+
+
+# ---------------------------------------------------------------- the run folder (nothing lost)
+
+
+def test_out_dir_of_an_earlier_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / ".tmp-abc-1").mkdir(parents=True)
+    (out / "lora.safetensors").write_bytes(b"old")
+    (out / "log.jsonl").write_text("{}\n")
+    (out / "cache").mkdir()
+    with pytest.raises(ValueError, match=r"holds an earlier run \(lora.safetensors, log.jsonl, checkpoints\).*"
+                                         r"--resume latest.*--overwrite"):
+        claim_out_dir(out, "", False)
+    assert (out / "lora.safetensors").read_bytes() == b"old"  # the refusal deleted nothing
+    notes = claim_out_dir(out, "latest", False)  # resuming continues in place; only the interrupted write goes
+    assert (out / "lora.safetensors").exists() and not (out / "checkpoints" / ".tmp-abc-1").exists()
+    assert any(".tmp-abc-1" in n for n in notes)
+    notes = claim_out_dir(out, "", True)
+    assert not (out / "lora.safetensors").exists() and not (out / "log.jsonl").exists()
+    assert not (out / "checkpoints").exists() and (out / "cache").is_dir()  # the content-keyed cache is kept
+    assert any("--overwrite" in n for n in notes)
+    assert claim_out_dir(tmp_path / "fresh", "", False) == []
+
+
+def test_pruning_keeps_other_runs_checkpoints(tmp_path, tiny_path):
+    t, params = with_lora(tiny_path)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    old = []
+    for step in (10, 20, 30):  # a longer, earlier run
+        adamw_steps(t, params, opt, 1, seed=step)
+        old.append(save_checkpoint(tmp_path, t, opt, step, Config(), keep=3, run="old"))
+    new = []
+    for step in (2, 4, 6):
+        adamw_steps(t, params, opt, 1, seed=step + 100)
+        new.append(save_checkpoint(tmp_path, t, opt, step, Config(), keep=2, run="new"))
+    assert all(d.is_dir() for d in old) and not new[0].exists() and new[1].is_dir() and new[2].is_dir()
+    assert resolve_resume("latest", tmp_path) == new[2]
+
+
+def test_resume_latest_skips_a_truncated_checkpoint(tmp_path, tiny_path):
+    t, params = with_lora(tiny_path)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    adamw_steps(t, params, opt, 1)
+    good = save_checkpoint(tmp_path, t, opt, 1, Config(), keep=5, run="r")
+    adamw_steps(t, params, opt, 1, seed=3)
+    bad = save_checkpoint(tmp_path, t, opt, 2, Config(), keep=5, run="r")
+    data = (bad / "lora.safetensors").read_bytes()
+    (bad / "lora.safetensors").write_bytes(data[: len(data) // 2])  # a write cut short
+    said = []
+    assert resolve_resume("latest", tmp_path, said.append) == good
+    assert len(said) == 1 and bad.name in said[0] and "lora.safetensors" in said[0] and good.name in said[0]
+    (good / "optimizer.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"no readable checkpoint .*tried"):
+        resolve_resume("latest", tmp_path, said.append)
+
+
+def test_config_differences_name_the_fields(tmp_path, tiny_path):
+    t, params = with_lora(tiny_path)
+    saved = save_checkpoint(tmp_path, t, torch.optim.AdamW(params), 1, Config(), keep=1, run="r")
+    now = Config(resume="latest", overwrite=True)
+    assert config_differences(saved, now) == []
+    now.train.lr, now.data.path = 3e-4, "other"
+    assert config_differences(saved, now) == ["data.path: '' -> 'other'", "train.lr: 0.0001 -> 0.0003"]

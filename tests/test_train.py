@@ -220,3 +220,37 @@ def test_crash_matrix_gpu(kind, ckpt, compile_):
 
 def np_finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
+
+
+def test_run_folder_rules_end_to_end(tmp_path):
+    """A second run into a used out_dir stops before any model loads; --overwrite starts afresh (its log holds only
+    its own steps); resume at or past train.steps trains nothing and says so."""
+    cfg = tiny_cfg(tmp_path, steps=4, save_every=2)
+    run(cfg)
+    first_lora = (Path(cfg.out_dir) / "lora.safetensors").read_bytes()
+    again = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=2))
+    with pytest.raises(ValueError, match="holds an earlier run"):
+        run(again)
+    assert (Path(cfg.out_dir) / "lora.safetensors").read_bytes() == first_lora
+    out = run(dataclasses.replace(again, overwrite=True))
+    log = [json.loads(line) for line in (Path(cfg.out_dir) / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2] and len(out["history"]) == 2
+    ckpts = list((Path(cfg.out_dir) / "checkpoints").glob("lora-*"))
+    assert [json.loads((c / "state.json").read_text())["step"] for c in ckpts] == [2]
+    done = run(dataclasses.replace(again, resume="latest"))
+    assert done["history"] == []
+
+
+def test_user_errors_are_one_line_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py"),
+                        "--out-dir", str(tmp_path / "run"), "--data.held-out", "100", "--train.steps", "2"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "train.py: error: data.held_out=100 leaves nothing to train on: the dataset has 24 samples" in r.stderr
+
+
+def test_resume_without_checkpoint_fails_before_caching(tmp_path):
+    cfg = dataclasses.replace(tiny_cfg(tmp_path), resume="latest")
+    with pytest.raises(ValueError, match="no checkpoint saved yet"):
+        run(cfg)
+    assert not (tmp_path / "cache").exists()  # nothing was encoded first
