@@ -2,25 +2,40 @@
 
 Layouts (DataConfig.path):
   (a) a folder: images/<stem>.{png,jpg,jpeg,webp} (targets), control/<stem>.* (inputs), captions <stem>.txt
-      (beside the image, or in captions/), optional masks images/<stem>_mask.png (white = edit region);
+      (beside the image, in captions/, or in the folder itself), optional masks images/<stem>_mask.png (white = edit
+      region). Extensions match in any case (.Png, .JPG); stems match after NFC normalisation (macOS writes NFD).
   (b) a metadata.csv or .jsonl with columns image, control (or kontext_images), prompt, optional mask; paths are
-      relative to the file.
-Text-to-image (DataConfig.text_to_image) needs no control images.
+      relative to the file and must stay inside its folder unless DataConfig.allow_outside_paths. Text files are
+      UTF-8 (a leading BOM, as Excel and Notepad write it, is skipped).
+Text-to-image (DataConfig.text_to_image) needs no control images. A folder holding both images/ and a metadata file
+is refused (which one is meant is not ours to guess). Errors are collected and raised as one DatasetError; what does
+not stop training (empty caption, unknown column, aspect change) is a DatasetWarning.
 
 Each sample is cached as one safetensors file named by a hash of everything it depends on (image, control and
 mask bytes, prompt, model identity, preprocessing settings), never by its position or a step:
   image_latents [16, h, w], control_latents [16, h', w'] (edit mode), prompt_embeds [L, D],
   pooled_prompt_embeds [P], mask [1, h, w] (optional, 1 = edit region, at latent resolution).
-The empty prompt's embeddings (for caption dropout) are cached once per model and max_sequence_length.
+The empty prompt's embeddings (for caption dropout) are cached once per model and max_sequence_length. Each file's
+metadata carries the sha256 of its tensors (tensor_digest), checked on every read: a file changed in place is
+rebuilt like a truncated one.
+
+Start-up: hashing and decoding every image costs ~37 ms per 1024^2 pair, so a stat index in the cache folder
+(stat-index-<dataset>.json) remembers, per image file, its content hash and decoded size under its (size, mtime_ns,
+ctime_ns, inode); a warm start stats the files and re-reads only those whose stat changed. 2000 pairs of 64x64 PNGs,
+scan_dataset + validate_dataset + cache_paths on 2 CPU cores: MEASURED_COLD cold, MEASURED_WARM warm.
 """
 
 import csv
 import gc
 import hashlib
+import io
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+import time
+import unicodedata
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,8 +47,15 @@ from config import Config, DataConfig
 from encode import encode_image, encode_prompt, preprocess_image
 from load import load_components, model_identity
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
-CACHE_VERSION = "1"  # bump when the cached tensors' meaning changes
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")  # compared lower-cased
+METADATA_COLUMNS = ("image", "control", "kontext_images", "prompt", "mask")
+ASPECT_TOLERANCE = 0.05  # relative aspect-ratio change from flooring to 16 beyond which validate_dataset warns
+CACHE_VERSION = "2"  # bump when the cached tensors' meaning or the file format changes (2: tensor_digest in metadata)
+INDEX_VERSION = 1
+# A file whose mtime/ctime is this recent when it is hashed is not remembered: a rewrite within the same timestamp
+# tick (coarse kernel clocks, 2 s on FAT) would keep its stat, so its hash is only trusted once it is older (git's
+# "racy" rule).
+RACY_NS = 2_000_000_000
 
 
 @dataclass(frozen=True)
@@ -49,107 +71,334 @@ class DatasetError(ValueError):
     """Every problem found in a dataset, listed with file names."""
 
 
-# ---------------------------------------------------------------- scanning and validation
+class DatasetWarning(UserWarning):
+    """A dataset oddity that does not stop training (empty caption, unknown column, aspect change)."""
 
 
-def _find_image(folder: Path, stem: str) -> Path | None:
-    for ext in IMAGE_EXTS:
-        for cand in (folder / (stem + ext), folder / (stem + ext.upper())):
-            if cand.is_file():
-                return cand
-    return None
+def _warn(what: str, items: list[str], advice: str) -> None:
+    if items:
+        shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+        warnings.warn(f"{len(items)} {what} ({advice}):\n  " + "\n  ".join(shown), DatasetWarning, stacklevel=3)
 
 
-def _scan_folder(root: Path, text_to_image: bool, problems: list[str]) -> list[Sample]:
+def _raise(problems: list[str], cfg: DataConfig) -> None:
+    if problems:
+        raise DatasetError(f"{len(problems)} problem(s) in dataset {cfg.path}:\n  " + "\n  ".join(problems))
+
+
+# ---------------------------------------------------------------- scanning
+
+
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
+def _by_stem(folder: Path, exts: tuple[str, ...], problems: list[str]) -> dict[str, Path]:
+    """NFC stem -> file, for the files of `folder` whose lower-cased suffix is in exts. Two files with one stem
+    (000.png and 000.jpg, or NFC and NFD spellings of one name) are a problem: which one is meant is unknown."""
+    found: dict[str, list[Path]] = {}
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if p.suffix.lower() in exts and p.is_file():
+                found.setdefault(_nfc(p.stem), []).append(p)
+    for stem, paths in found.items():
+        if len(paths) > 1:
+            problems.append(f"{folder}: {len(paths)} files share the stem {stem!r} ({', '.join(p.name for p in paths)})"
+                            f"; keep one")
+    return {stem: paths[0] for stem, paths in found.items()}
+
+
+def _read_text(path: Path, problems: list[str]) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8-sig")  # utf-8-sig: a BOM (Excel, Notepad) is not part of the text
+    except UnicodeDecodeError as e:
+        problems.append(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                        f"save it as UTF-8")
+        return None
+
+
+def _scan_folder(root: Path, text_to_image: bool, problems: list[str], empty: list[str]) -> list[Sample]:
     images_dir, control_dir = root / "images", root / "control"
     if not images_dir.is_dir():
         problems.append(f"{root}: no images/ folder (expected images/<stem>.png with control/<stem>.png and "
                         f"<stem>.txt, or a metadata.csv / .jsonl)")
         return []
-    stems = sorted(p.stem for p in images_dir.iterdir()
-                   if p.suffix.lower() in IMAGE_EXTS and not p.stem.endswith("_mask"))
+    found = _by_stem(images_dir, IMAGE_EXTS, problems)
+    images = {s: p for s, p in found.items() if not s.endswith("_mask")}
+    controls = _by_stem(control_dir, IMAGE_EXTS, problems) if not text_to_image else {}
+    caption_dirs = [images_dir, root / "captions", root]
+    captions = [_by_stem(d, (".txt",), problems) for d in caption_dirs]
     samples = []
-    for stem in stems:
-        image = _find_image(images_dir, stem)
-        caption = next((c for c in (images_dir / f"{stem}.txt", root / "captions" / f"{stem}.txt",
-                                    root / f"{stem}.txt") if c.is_file()), None)
-        control = _find_image(control_dir, stem) if not text_to_image else None
-        if caption is None:
+    for stem, image in sorted(images.items()):
+        where = [c[stem] for c in captions if stem in c]
+        if len(where) > 1:
+            problems.append(f"{image}: {len(where)} captions ({', '.join(map(str, where))}); keep one")
+            continue
+        if not where:
             problems.append(f"{image}: no caption (expected {images_dir / (stem + '.txt')})")
+        control = controls.get(stem)
         if not text_to_image and control is None:
             problems.append(f"{image}: no control image (expected {control_dir / (stem + '.png')} or .jpg/.webp)")
-        if caption is not None and (text_to_image or control is not None):
-            samples.append(Sample(stem, image, caption.read_text(encoding="utf-8").strip(), control,
-                                  _find_image(images_dir, stem + "_mask")))
-    if not text_to_image and control_dir.is_dir():
-        for p in sorted(control_dir.iterdir()):
-            if p.suffix.lower() in IMAGE_EXTS and p.stem not in stems:
-                problems.append(f"{p}: control image without a target in {images_dir}")
+        prompt = _read_text(where[0], problems) if where else None
+        if prompt is not None and (text_to_image or control is not None):
+            if not prompt.strip():
+                empty.append(str(where[0]))
+            samples.append(Sample(stem, image, prompt.strip(), control, found.get(stem + "_mask")))
+    for stem, p in sorted(controls.items()):
+        if stem not in images:
+            problems.append(f"{p}: control image without a target in {images_dir}")
     return samples
 
 
-def _scan_metadata(file: Path, text_to_image: bool, problems: list[str]) -> list[Sample]:
-    if file.suffix == ".csv":
-        with open(file, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+def _dataset_path(file: Path, value, cfg: DataConfig, where: str, problems: list[str]) -> Path | None:
+    """The file a metadata cell names, relative to the metadata file's folder, or None (a problem is recorded)."""
+    if not isinstance(value, str):
+        problems.append(f"{where}: a path must be a string, found {value!r}")
+        return None
+    folder = Path(os.path.abspath(file.parent))
+    # normpath, not resolve: judge what the metadata says ('../..'), not where symlinks the user placed lead.
+    path = Path(os.path.normpath(folder / value))
+    if not cfg.allow_outside_paths and not path.is_relative_to(folder):
+        problems.append(f"{where}: {value!r} is outside the dataset folder {folder} (set data.allow_outside_paths "
+                        f"to allow absolute and ../ paths)")
+        return None
+    if not path.is_file() and path.parent.is_dir():
+        # The metadata's spelling may be NFC where the file system kept NFD (or the reverse): match by NFC name.
+        same = [p for p in path.parent.iterdir() if _nfc(p.name) == _nfc(path.name)]
+        path = same[0] if len(same) == 1 else path
+    if not path.is_file():
+        problems.append(f"{where}: file not found: {path}")
+        return None
+    return path
+
+
+def _rows(file: Path, problems: list[str]) -> tuple[list[tuple[str, dict]], list[str]] | None:
+    """(where, row) pairs and the columns found, or None when the file cannot be read."""
+    text = _read_text(file, problems)
+    if text is None:
+        return None
+    rows, columns = [], []
+    if file.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = [c.strip() for c in reader.fieldnames or []]  # "image, prompt": the space is not part of the name
+        reader.fieldnames = header
+        columns = header
+        for row in reader:
+            where = f"{file}:{reader.line_num}"
+            if None in row:  # more cells than the header: usually an unquoted comma in a prompt
+                problems.append(f"{where}: {len(header) + len(row[None])} cells but the header has {len(header)} "
+                                f"(quote a prompt that contains commas: \"make it red, then blue\")")
+                continue
+            rows.append((where, row))
     else:
-        rows = []
-        for i, line in enumerate(file.read_text(encoding="utf-8").splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    problems.append(f"{file}:{i + 1}: not valid JSON ({e})")
+        for i, line in enumerate(text.splitlines()):
+            where = f"{file}:{i + 1}"
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{where}: not valid JSON ({e})")
+                continue
+            if not isinstance(row, dict):
+                problems.append(f"{where}: expected a JSON object, found {type(row).__name__}")
+                continue
+            columns += [k for k in row if k not in columns]
+            rows.append((where, row))
+    return rows, columns
+
+
+def _lines(where: list[str], rows: list) -> str:
+    """'' when every row is meant, else ' in line(s) 3, 7, ...'."""
+    if len(where) == len(rows):
+        return ""
+    nums = [w.rsplit(":", 1)[1] for w in where]
+    return f" in line(s) {', '.join(nums[:10])}{' ...' if len(nums) > 10 else ''}"
+
+
+def _scan_metadata(file: Path, cfg: DataConfig, problems: list[str], empty: list[str]) -> list[Sample]:
+    read = _rows(file, problems)
+    if read is None:
+        return []
+    rows, columns = read
+    both = ("control", "kontext_images")
+    # A column missing from the file is one message (with the columns it does have), not one per row.
+    lacking = {c: [w for w, r in rows if c not in r] for c in ("image", "prompt")}
+    if not cfg.text_to_image:
+        lacking["control"] = [w for w, r in rows if not any(k in r for k in both)]
+    for c, ws in lacking.items():
+        if ws:
+            problems.append(f"{file}: no {c!r} column{_lines(ws, rows)} (columns found: {', '.join(columns) or 'none'};"
+                            f" expected image, {'' if cfg.text_to_image else 'control (or kontext_images), '}prompt, "
+                            f"optional mask)")
+    twice = [w for w, r in rows if all(k in r for k in both)]
+    if twice:
+        problems.append(f"{file}: both 'control' and 'kontext_images'{_lines(twice, rows)}; keep one")
+    if twice or any(lacking.values()):
+        return []
+    _warn(f"unknown column(s) in {file}, ignored", [c for c in columns if c not in METADATA_COLUMNS],
+          f"known columns: {', '.join(METADATA_COLUMNS)}")
     samples = []
-    for i, row in enumerate(rows):
-        where = f"{file}:{i + 2 if file.suffix == '.csv' else i + 1}"
-        ctrl = row.get("control") or row.get("kontext_images")
-        missing = [k for k, v in (("image", row.get("image")), ("prompt", row.get("prompt")),
-                                  ("control", ctrl if not text_to_image else "-")) if not v]
-        if missing:
-            problems.append(f"{where}: missing column(s) {missing}")
+    for where, row in rows:
+        cells = {"image": row.get("image"), "mask": row.get("mask") or None}
+        if not cfg.text_to_image:
+            cells["control"] = row.get("control", row.get("kontext_images"))
+        blank = [k for k in ("image", "control") if k in cells and not cells[k]]
+        if blank:
+            problems.append(f"{where}: empty {' and '.join(map(repr, blank))} cell")
             continue
-        paths = {k: file.parent / v for k, v in (("image", row["image"]), ("control", ctrl), ("mask", row.get("mask")))
-                 if v and not (k == "control" and text_to_image)}
-        absent = [str(p) for p in paths.values() if not p.is_file()]
-        if absent:
-            problems.append(f"{where}: file(s) not found: {absent}")
+        paths = {k: _dataset_path(file, v, cfg, where, problems) for k, v in cells.items() if v is not None}
+        if any(p is None for p in paths.values()):
             continue
-        samples.append(Sample(str(i), paths["image"], str(row["prompt"]).strip(), paths.get("control"),
+        prompt = "" if row.get("prompt") is None else str(row["prompt"]).strip()
+        if not prompt:
+            empty.append(where)
+        samples.append(Sample(where.rsplit(":", 1)[1], paths["image"], prompt, paths.get("control"),
                               paths.get("mask")))
     return samples
 
 
 def scan_dataset(cfg: DataConfig) -> list[Sample]:
-    """List the samples, or raise DatasetError naming every problem at once. Opens no image."""
+    """List the samples, or raise DatasetError naming every problem at once. Opens no image. Warns (DatasetWarning)
+    about empty captions and unknown metadata columns."""
     root = Path(cfg.path)
     problems: list[str] = []
     if not cfg.path or not root.exists():
         raise DatasetError(f"dataset {cfg.path!r} does not exist (expected a folder or a metadata.csv / .jsonl)")
-    if root.is_dir() and not (root / "images").is_dir():
+    if root.is_dir():
         meta = [root / n for n in ("metadata.csv", "metadata.jsonl") if (root / n).is_file()]
+        has_images = (root / "images").is_dir()
+        if meta and (has_images or len(meta) > 1):
+            held = " and ".join((["images/"] if has_images else []) + [m.name for m in meta])
+            raise DatasetError(f"dataset {cfg.path} holds {held}: which one to use is ambiguous; point data.path at "
+                               f"the metadata file to use it (e.g. {meta[0]})"
+                               + (", or move the metadata file away to use the images/ folder" if has_images else ""))
         root = meta[0] if meta else root
-    samples = (_scan_folder(root, cfg.text_to_image, problems) if root.is_dir()
-               else _scan_metadata(root, cfg.text_to_image, problems))
+    empty: list[str] = []
+    samples = (_scan_folder(root, cfg.text_to_image, problems, empty) if root.is_dir()
+               else _scan_metadata(root, cfg, problems, empty))
+    _warn("sample(s) with an empty caption train with the empty prompt", empty,
+          "write a caption; train.caption_dropout is the way to train on the empty prompt on purpose")
     if not samples and not problems:
         problems.append(f"{cfg.path}: the dataset is empty")
-    if problems:
-        raise DatasetError(f"{len(problems)} problem(s) in dataset {cfg.path}:\n  " + "\n  ".join(problems))
+    _raise(problems, cfg)
     return samples
+
+
+# ---------------------------------------------------------------- the stat index: what is known about each file
+
+
+@dataclass
+class StatIndex:
+    """Per image file (absolute path): {"stat": [size, mtime_ns, ctime_ns, inode], "sha256": content hash, "hw":
+    [height, width] once a full decode succeeded}. An entry whose stat no longer matches is dropped, so a changed
+    file is re-hashed and re-decoded. `file` None: in memory only (nothing remembered between runs)."""
+
+    file: Path | None = None
+    files: dict = field(default_factory=dict)
+    seen: set = field(default_factory=set)  # paths looked up this run: what write_index keeps
+    changed: bool = False
+
+
+def cache_dir_of(cfg: Config) -> Path:
+    return Path(cfg.data.cache_dir or Path(cfg.out_dir) / "cache")
+
+
+def read_index(cache_dir: Path | None, cfg: DataConfig) -> StatIndex:
+    """The dataset's stat index in cache_dir (one file per dataset path). A missing, unreadable or old-version index
+    is an empty one: it only saves work, every fact in it is re-derived when absent."""
+    if cache_dir is None:
+        return StatIndex()
+    file = Path(cache_dir) / f"stat-index-{hashlib.sha256(os.path.abspath(cfg.path).encode()).hexdigest()[:16]}.json"
+    try:
+        stored = json.loads(file.read_text())
+        files = stored["files"] if stored.get("version") == INDEX_VERSION else {}
+        files = {k: e for k, e in files.items() if isinstance(e, dict) and isinstance(e.get("stat"), list)}
+    except (OSError, ValueError, KeyError, AttributeError):
+        files = {}
+    return StatIndex(file, files)
+
+
+def write_index(idx: StatIndex) -> None:
+    """Atomically (temp file + rename), keeping only the files looked up this run; a no-op when nothing changed."""
+    if idx.file is None or not (idx.changed or idx.seen != set(idx.files)):
+        return
+    text = json.dumps({"version": INDEX_VERSION, "files": {k: v for k, v in idx.files.items() if k in idx.seen}})
+    tmp = None
+    try:
+        idx.file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=idx.file.name + ".", suffix=".tmp", dir=idx.file.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, idx.file)  # readers (other ranks, a second run) see the old index or the new, never half
+    except OSError as e:  # a read-only cache still trains; only the next start is slower
+        warnings.warn(f"could not write the stat index {idx.file} ({e}); the next start re-hashes every image")
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+    idx.changed = False
+
+
+def _entry(idx: StatIndex, path: Path) -> dict:
+    """The index entry of path, emptied if the file's stat changed (the returned dict is updated in place)."""
+    name = os.path.abspath(path)
+    try:
+        st = os.stat(name)
+    except FileNotFoundError:
+        raise DatasetError(f"image file {str(path)!r} does not exist") from None
+    stat = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    idx.seen.add(name)
+    entry = idx.files.get(name)
+    if entry is None or entry.get("stat") != stat:
+        entry = {"stat": stat}
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) >= RACY_NS:
+            idx.files[name], idx.changed = entry, True
+        else:  # too fresh to trust its stat next time: used for this run only
+            idx.files.pop(name, None)
+    return entry
+
+
+def file_digest(path: Path | None, idx: StatIndex) -> str:
+    """sha256 of the file's bytes, read only when the index does not know the file under its current stat."""
+    if path is None:
+        return "-"
+    entry = _entry(idx, path)
+    if "sha256" not in entry:
+        entry["sha256"], idx.changed = hashlib.sha256(Path(path).read_bytes()).hexdigest(), True
+    return entry["sha256"]
+
+
+# ---------------------------------------------------------------- images and validation
+
+
+def _decode(data: bytes, path: Path, mode: str):
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # the full decode: a truncated file fails here, not mid-training
+            return im.convert(mode)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetError(f"{path}: unreadable or corrupt image ({e})") from None
 
 
 def open_image(path: Path, mode: str = "RGB"):
     """Fully decode an image (a truncated file fails here, not mid-training)."""
-    from PIL import Image
-
     if not Path(path).is_file():
         raise DatasetError(f"image file {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert(mode)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DatasetError(f"{path}: unreadable or corrupt image ({e})") from None
+    return _decode(Path(path).read_bytes(), path, mode)
+
+
+def _checked_size(path: Path, mode: str, idx: StatIndex) -> tuple[int, int]:
+    """(height, width) of a file that decodes fully: decoded (and hashed, from the same read) unless the index
+    already knows it under its current stat."""
+    entry = _entry(idx, path)
+    if "hw" not in entry:
+        data = Path(path).read_bytes()
+        im = _decode(data, path, mode)
+        entry.update(sha256=hashlib.sha256(data).hexdigest(), hw=[im.height, im.width])
+        idx.changed = True
+    return tuple(entry["hw"])
 
 
 def target_size(size_hw: tuple[int, int], cfg: DataConfig) -> tuple[int, int]:
@@ -161,28 +410,46 @@ def target_size(size_hw: tuple[int, int], cfg: DataConfig) -> tuple[int, int]:
     return h // 16 * 16, w // 16 * 16
 
 
-def validate_dataset(samples: list[Sample], cfg: DataConfig) -> None:
-    """Decode every image once and check sizes; raise DatasetError listing every problem."""
-    problems = []
+def aspect_change(size_hw: tuple[int, int], cfg: DataConfig) -> float:
+    """Relative change of width / height from the image's own (or cfg.resize's) to target_size's."""
+    h, w = cfg.resize if cfg.resize else size_hw
+    th, tw = target_size(size_hw, cfg)
+    return (tw / th) / (w / h) - 1
+
+
+def validate_dataset(samples: list[Sample], cfg: DataConfig, cache_dir: Path | None = None) -> None:
+    """Decode every image once and check sizes; raise DatasetError listing every problem. Warns (DatasetWarning)
+    about images whose aspect ratio changes by more than ASPECT_TOLERANCE when floored to multiples of 16.
+    cache_dir (train.py: cache_dir_of(cfg)): where the stat index lives; files it knows under their current stat
+    are not decoded again. None: decode everything, remember nothing."""
+    idx = read_index(cache_dir, cfg)
+    problems, squashed = [], []
     for s in samples:
         sizes = {}
         for name, path in (("image", s.image), ("control", s.control), ("mask", s.mask)):
             if path is None:
                 continue
             try:
-                im = open_image(path, "L" if name == "mask" else "RGB")
-                sizes[name] = (im.height, im.width)
+                sizes[name] = _checked_size(path, "L" if name == "mask" else "RGB", idx)
             except DatasetError as e:
                 problems.append(str(e))
         for name in ("image", "control"):
-            if name in sizes and min(target_size(sizes[name], cfg)) < 16:
-                problems.append(f"{getattr(s, name)}: {sizes[name][1]}x{sizes[name][0]} is too small to encode "
+            if name not in sizes:
+                continue
+            (h, w), (th, tw) = sizes[name], target_size(sizes[name], cfg)
+            if min(th, tw) < 16:
+                problems.append(f"{getattr(s, name)}: {w}x{h} is too small to encode "
                                 f"(needs at least 16x16 pixels after resizing)")
+            elif abs(change := aspect_change(sizes[name], cfg)) > ASPECT_TOLERANCE:
+                squashed.append(f"{getattr(s, name)}: {w}x{h} -> {tw}x{th} (aspect {w / h:.3g} -> {tw / th:.3g}, "
+                                f"{change:+.0%})")
         if "mask" in sizes and "image" in sizes and sizes["mask"] != sizes["image"]:
             problems.append(f"{s.mask}: mask is {sizes['mask'][1]}x{sizes['mask'][0]} but its image {s.image} "
                             f"is {sizes['image'][1]}x{sizes['image'][0]}")
-    if problems:
-        raise DatasetError(f"{len(problems)} problem(s) in dataset {cfg.path}:\n  " + "\n  ".join(problems))
+    write_index(idx)
+    _warn(f"image(s) change aspect ratio by more than {ASPECT_TOLERANCE:.0%} when floored to multiples of 16",
+          squashed, "crop or pad them to multiples of 16 pixels, or to a less extreme aspect ratio")
+    _raise(problems, cfg)
 
 
 def load_pixels(path: Path, cfg: DataConfig) -> torch.Tensor:
@@ -202,13 +469,12 @@ def load_mask(path: Path, latent_hw: tuple[int, int]) -> torch.Tensor:
 # ---------------------------------------------------------------- the cache
 
 
-def _file_digest(path: Path | None) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path else "-"
-
-
-def sample_key(s: Sample, cfg: DataConfig, model_ident: str) -> str:
-    """Content key: image / control / mask bytes, prompt, model identity and every preprocessing setting."""
-    parts = [CACHE_VERSION, _file_digest(s.image), _file_digest(s.control), _file_digest(s.mask), s.prompt,
+def sample_key(s: Sample, cfg: DataConfig, model_ident: str, idx: StatIndex | None = None) -> str:
+    """Content key: image / control / mask bytes, prompt, model identity and every preprocessing setting. The
+    file hashes come from idx where it knows the file under its current stat (else the file is read)."""
+    idx = StatIndex() if idx is None else idx
+    digests = [file_digest(p, idx) for p in (s.image, s.control, s.mask)]
+    parts = [CACHE_VERSION, *digests, s.prompt,
              model_ident, json.dumps([cfg.max_pixels, cfg.resize, cfg.max_sequence_length, cfg.text_to_image])]
     return hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest()[:32]
 
@@ -233,19 +499,33 @@ def save_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None
             os.remove(tmp)
 
 
+def tensor_digest(tensors: dict) -> str:
+    """sha256 over each tensor's name, dtype, shape and bytes, in sorted name order (stored in a cache file's
+    metadata as "sha256"; read_entry recomputes it)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}\x00{t.dtype}\x00{list(t.shape)}\x00".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def read_entry(path: Path, key: str, required: tuple[str, ...]) -> dict | None:
-    """The cached tensors, or None when the file is missing, truncated, corrupt or not what the key says."""
+    """The cached tensors, or None when the file is missing, truncated, corrupt (its tensors no longer match the
+    stored tensor_digest, e.g. values overwritten in place) or not what the key says."""
     if not path.is_file():
         return None
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            if (f.metadata() or {}).get("key") != key:
-                return None
         # Read the bytes, not a memory map: tensors must not change (or fault) if the file is rewritten later.
-        tensors = safetensors.torch.load(path.read_bytes())
-    except (SafetensorError, OSError, ValueError, RuntimeError):
+        data = path.read_bytes()
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+        meta = header.get("__metadata__") or {}
+        if meta.get("key") != key or "sha256" not in meta:
+            return None
+        tensors = safetensors.torch.load(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError, AttributeError):
+        return None
+    if tensor_digest(tensors) != meta["sha256"]:
         return None
     if any(k not in tensors or not torch.isfinite(tensors[k]).all() for k in required):
         return None
@@ -277,10 +557,13 @@ def encode_empty(cfg: DataConfig, c, device=None) -> dict:
 
 
 def cache_paths(samples: list[Sample], cfg: DataConfig, cache_dir: Path, model_ident: str) -> tuple[list[Path], Path]:
-    """(one file per sample, the empty-prompt file): where build_cache keeps them, named by content."""
+    """(one file per sample, the empty-prompt file): where build_cache keeps them, named by content. The image
+    hashes come from cache_dir's stat index (read_index), which is updated."""
     cache_dir = Path(cache_dir)
-    return ([cache_dir / f"{sample_key(s, cfg, model_ident)}.safetensors" for s in samples],
-            cache_dir / f"empty-{empty_key(cfg, model_ident)}.safetensors")
+    idx = read_index(cache_dir, cfg)
+    files = [cache_dir / f"{sample_key(s, cfg, model_ident, idx)}.safetensors" for s in samples]
+    write_index(idx)
+    return files, cache_dir / f"empty-{empty_key(cfg, model_ident)}.safetensors"
 
 
 def build_cache(samples: list[Sample], cfg: DataConfig, encoders, cache_dir: Path, model_ident: str,
@@ -298,10 +581,11 @@ def build_cache(samples: list[Sample], cfg: DataConfig, encoders, cache_dir: Pat
         c = encoders() if callable(encoders) else encoders
         for i in tqdm(todo, desc="caching latents and embeddings", disable=not progress or not todo):
             entries[i] = encode_sample(samples[i], cfg, c, device="cpu")
-            save_atomic(entries[i], files[i], {"key": files[i].stem, "source": str(samples[i].image)})
+            save_atomic(entries[i], files[i], {"key": files[i].stem, "source": str(samples[i].image),
+                                               "sha256": tensor_digest(entries[i])})
         if empty is None:
             empty = encode_empty(cfg, c, device="cpu")
-            save_atomic(empty, empty_file, {"key": empty_file.stem})
+            save_atomic(empty, empty_file, {"key": empty_file.stem, "sha256": tensor_digest(empty)})
     return entries, empty
 
 
@@ -328,7 +612,7 @@ def training_data(cfg: Config, samples: list[Sample], n_train: int, log=print) -
         return TrainingData(train, OnTheFly(samples[n_train:], cfg.data, encoders), empty,
                             [train.shape(i) for i in range(n_train)], encoders.vae)
     ident = "|".join(model_identity(cfg.model, getattr(cfg.model, n), n) for n in ("clip", "t5", "vae"))
-    cache_dir = Path(cfg.data.cache_dir or Path(cfg.out_dir) / "cache")
+    cache_dir = cache_dir_of(cfg)
     loaded = []
 
     def encoders():

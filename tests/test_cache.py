@@ -1,15 +1,21 @@
 """cache.py: dataset layouts and validation, content keys, atomic files, equality with encode.py."""
 
+import contextlib
 import json
+import os
 import shutil
+import unicodedata
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from cache import (DatasetError, Sample, build_cache, cache_paths, encode_sample, read_entry, sample_key, scan_dataset,
-                   validate_dataset)
+import cache
+from cache import (DatasetError, DatasetWarning, Sample, build_cache, cache_paths, encode_sample, read_entry, sample_key,
+                   scan_dataset, validate_dataset)
 from config import DataConfig
 from encode import encode_image, encode_prompt, preprocess_image
 
@@ -138,3 +144,242 @@ def test_encode_sample_resize_options(data, components):
     s = scan_dataset(DataConfig(path=str(data)))[1]
     assert encode_sample(s, DataConfig(path="", resize=(32, 32)), components)["image_latents"].shape == (16, 4, 4)
     assert encode_sample(s, DataConfig(path="", max_pixels=32 * 48), components)["image_latents"].shape[1:] == (4, 4)
+
+
+# ---------------------------------------------------------------- the dataset's sharp edges (issue 15)
+
+
+@contextlib.contextmanager
+def strict():
+    """Any DatasetWarning is an error inside (to show that something does not warn)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetWarning)
+        yield
+
+
+def write_csv(path, header, rows, encoding="utf-8"):
+    path.write_text(header + "\n" + "".join(r + "\n" for r in rows), encoding=encoding)
+
+
+def test_empty_caption_warns(data):
+    (data / "images" / "s1.txt").write_text("  \n")
+    with pytest.warns(DatasetWarning, match=r"1 sample\(s\) with an empty caption") as w:
+        samples = scan_dataset(DataConfig(path=str(data)))
+    assert "s1.txt" in str(w[0].message) and "s0.txt" not in str(w[0].message)
+    assert [s.prompt for s in samples] == ["make the square red", "", "make the square red"]
+    # An empty prompt cell is an empty caption too, not a missing column.
+    meta = data.parent / "meta"
+    shutil.copytree(data / "images", meta / "images")
+    shutil.copytree(data / "control", meta / "control")
+    write_csv(meta / "metadata.csv", "image,control,prompt", ["images/s0.png,control/s0.png,",
+                                                                "images/s1.png,control/s1.png,a caption"])
+    with pytest.warns(DatasetWarning, match=r"metadata.csv:2"):
+        samples = scan_dataset(DataConfig(path=str(meta / "metadata.csv")))
+    assert [s.prompt for s in samples] == ["", "a caption"]
+
+
+def test_ambiguous_stems_refused(data):
+    Image.open(data / "images" / "s0.png").save(data / "images" / "s0.jpg")
+    Image.open(data / "control" / "s1.png").save(data / "control" / "s1.JPG")
+    (data / "captions").mkdir()
+    (data / "captions" / "s2.txt").write_text("another caption")
+    with pytest.raises(DatasetError) as e:
+        scan_dataset(DataConfig(path=str(data)))
+    msg = str(e.value)
+    assert "3 problem(s)" in msg
+    assert "2 files share the stem 's0' (s0.jpg, s0.png)" in msg and "2 files share the stem 's1' (s1.JPG, s1.png)" in msg
+    assert "s2.png: 2 captions" in msg
+
+
+def test_folder_with_metadata_refused(data):
+    write_csv(data / "metadata.csv", "image,control,prompt", ["images/s0.png,control/s0.png,x"])
+    with pytest.raises(DatasetError, match="holds images/ and metadata.csv") as e:
+        scan_dataset(DataConfig(path=str(data)))
+    assert f"point data.path at the metadata file to use it (e.g. {data / 'metadata.csv'})" in str(e.value)
+    assert len(scan_dataset(DataConfig(path=str(data / "metadata.csv")))) == 1  # the file itself is unambiguous
+
+
+def test_unknown_columns_warn_known_used(data):
+    write_csv(data / "metadata.csv", "image,control,prompt,masks,mask",
+              ["images/s0.png,control/s0.png,x,images/s0_mask.png,images/s0_mask.png"])
+    with pytest.warns(DatasetWarning, match=r"1 unknown column\(s\) in .*metadata.csv, ignored") as w:
+        samples = scan_dataset(DataConfig(path=str(data / "metadata.csv")))
+    assert "masks" in str(w[0].message) and "known columns: image, control, kontext_images, prompt, mask" in str(
+        w[0].message)
+    assert samples[0].mask.name == "s0_mask.png"
+
+
+def test_aspect_change_warns_beyond_flooring(tmp_path):
+    root = tmp_path / "d"
+    write_pair(root, "long", size=(30, 1000))  # (h, w): floored to 992x16
+    cfg = DataConfig(path=str(root))
+    with pytest.warns(DatasetWarning, match="aspect ratio") as w:
+        validate_dataset(scan_dataset(cfg), cfg)
+    msg = str(w[0].message)
+    assert "2 image(s)" in msg and "long.png: 1000x30 -> 992x16 (aspect 33.3 -> 62, +86%)" in msg
+    root = tmp_path / "e"
+    write_pair(root, "square", size=(1023, 1023))  # floored to 1008x1008: same aspect
+    write_pair(root, "wide", size=(100, 1000), caption="x")  # 992x96: 1000/100 -> 992/96 = +3%, within 5%
+    cfg = DataConfig(path=str(root))
+    with strict():
+        validate_dataset(scan_dataset(cfg), cfg)
+
+
+def test_cache_checksum_rebuilds_values_overwritten_in_place(data, tmp_path, components):
+    cfg = DataConfig(path=str(data), max_sequence_length=32)
+    samples = scan_dataset(cfg)
+    build_cache(samples, cfg, components, tmp_path / "cache", "m", progress=False)
+    files, empty = cache_paths(samples, cfg, tmp_path / "cache", "m")
+    good = read_entry(files[1], files[1].stem, ("image_latents",))
+    raw = bytearray(files[1].read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")
+    raw[start + 16: start + 24] = bytes(8)  # one value of the first tensor zeroed: header and size unchanged
+    files[1].write_bytes(bytes(raw))
+    assert read_entry(files[1], files[1].stem, ("image_latents",)) is None
+    build_cache(samples, cfg, components, tmp_path / "cache", "m", progress=False)
+    rebuilt = read_entry(files[1], files[1].stem, ("image_latents",))
+    assert rebuilt is not None and all(torch.equal(rebuilt[k], good[k]) for k in good)
+
+
+def test_paths_outside_the_dataset_refused(data, tmp_path):
+    shutil.copy(data / "images" / "s0.png", tmp_path / "outside.png")
+    rows = ["../outside.png,control/s0.png,x", f"{tmp_path / 'outside.png'},control/s0.png,x",
+            f"{data / 'images' / 's1.png'},control/s1.png,x"]  # absolute but inside: allowed
+    write_csv(data / "metadata.csv", "image,control,prompt", rows)
+    with pytest.raises(DatasetError) as e:
+        scan_dataset(DataConfig(path=str(data / "metadata.csv")))
+    msg = str(e.value)
+    assert "2 problem(s)" in msg and "metadata.csv:2: '../outside.png' is outside the dataset folder" in msg
+    assert f"metadata.csv:3: '{tmp_path / 'outside.png'}' is outside" in msg and "data.allow_outside_paths" in msg
+    samples = scan_dataset(DataConfig(path=str(data / "metadata.csv"), allow_outside_paths=True))
+    assert [s.image for s in samples] == [tmp_path / "outside.png", tmp_path / "outside.png", data / "images" / "s1.png"]
+
+
+def test_mixed_case_extensions_end_to_end(tmp_path, components):
+    root = tmp_path / "d"
+    write_pair(root, "a", seed=3)
+    (root / "images" / "a.png").rename(root / "images" / "a.Png")
+    Image.open(root / "control" / "a.png").save(root / "control" / "a.JPG")
+    (root / "control" / "a.png").unlink()
+    cfg = DataConfig(path=str(root), max_sequence_length=32)
+    samples = scan_dataset(cfg)
+    assert samples[0].image.name == "a.Png" and samples[0].control.name == "a.JPG"
+    validate_dataset(samples, cfg)
+    entries, _ = build_cache(samples, cfg, components, tmp_path / "cache", "m", progress=False)
+    want = encode_image(components.vae, preprocess_image(Image.open(root / "control" / "a.JPG").convert("RGB")))[0]
+    assert torch.equal(entries[0]["control_latents"], want)
+
+
+def test_text_encodings(data):
+    (data / "images" / "s1.txt").write_bytes("rendre le carré rouge".encode("latin-1"))
+    with pytest.raises(DatasetError, match=r"(?s)1 problem\(s\).*s1.txt: not UTF-8 text \(byte 0xe9 at offset 14\)"):
+        scan_dataset(DataConfig(path=str(data)))
+    (data / "images" / "s1.txt").write_text("rendre le carré rouge", encoding="utf-8-sig")  # BOM: skipped
+    assert scan_dataset(DataConfig(path=str(data)))[1].prompt == "rendre le carré rouge"
+    write_csv(data / "metadata.csv", "image,control,prompt", ["images/s0.png,control/s0.png,x"], encoding="utf-8-sig")
+    assert scan_dataset(DataConfig(path=str(data / "metadata.csv")))[0].image == data / "images" / "s0.png"
+
+
+def test_metadata_column_errors_once(data):
+    write_csv(data / "metadata.csv", "image,control", [f"images/s{i}.png,control/s{i}.png" for i in range(3)])
+    with pytest.raises(DatasetError) as e:
+        scan_dataset(DataConfig(path=str(data / "metadata.csv")))
+    assert str(e.value).count("\n") == 1 and "no 'prompt' column (columns found: image, control;" in str(e.value)
+    rows = [json.dumps({"image": "images/s0.png", "control": "control/s0.png", "prompt": "x"}),
+            json.dumps({"image": "images/s1.png", "prompt": "x"})]
+    (data / "metadata.jsonl").write_text("\n".join(rows))
+    with pytest.raises(DatasetError, match=r"no 'control' column in line\(s\) 2 \(columns found: image, control, "
+                                           r"prompt;"):
+        scan_dataset(DataConfig(path=str(data / "metadata.jsonl")))
+    # An unquoted comma splits a prompt into two cells: refused, not truncated to its first part.
+    write_csv(data / "metadata.csv", "image,control,prompt", ["images/s0.png,control/s0.png,make it red, then blue"])
+    with pytest.raises(DatasetError, match="metadata.csv:2: 4 cells but the header has 3"):
+        scan_dataset(DataConfig(path=str(data / "metadata.csv")))
+
+
+def test_nfc_and_nfd_names_match(tmp_path):
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd
+    root = tmp_path / "d"
+    write_pair(root, nfd)  # as macOS writes it
+    (root / "control" / f"{nfd}.png").rename(root / "control" / f"{nfc}.png")
+    (root / "images" / f"{nfd}.txt").rename(root / "images" / f"{nfc}.txt")
+    samples = scan_dataset(DataConfig(path=str(root)))
+    assert len(samples) == 1 and samples[0].control.name == f"{nfc}.png"
+    write_csv(root / "metadata.csv", "image,control,prompt", [f"images/{nfc}.png,control/{nfd}.png,x"])
+    samples = scan_dataset(DataConfig(path=str(root / "metadata.csv")))
+    assert samples[0].image.name == f"{nfd}.png" and samples[0].control.name == f"{nfc}.png"
+    (root / "metadata.csv").unlink()
+    (root / "control" / f"{nfc}.png").unlink()
+    with pytest.raises(DatasetError) as e:
+        scan_dataset(DataConfig(path=str(root)))
+    assert str(e.value).startswith("1 problem(s)") and "no control image" in str(e.value)  # one error, not two
+
+
+# ---------------------------------------------------------------- the stat index (warm starts)
+
+
+def image_reads(monkeypatch):
+    """A list that records every image file cache.py reads (to hash or decode it)."""
+    reads, read_bytes = [], Path.read_bytes
+
+    def counting(self):
+        if self.suffix.lower() in (".png", ".jpg"):
+            reads.append(self.name)
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    return reads
+
+
+def test_warm_start_reads_no_image_and_changed_files_are_reread(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "RACY_NS", 0)  # trust files written this instant (the default waits 2 s)
+    cfg, cache_dir = DataConfig(path=str(data)), tmp_path / "cache"
+    reads = image_reads(monkeypatch)
+    samples = scan_dataset(cfg)
+    validate_dataset(samples, cfg, cache_dir)
+    cold = [f.name for f in cache_paths(samples, cfg, cache_dir, "m")[0]]
+    assert sorted(reads) == sorted(["s0.png", "s0.png", "s0_mask.png", "s1.png", "s1.png", "s2.png", "s2.png"])
+    reads.clear()
+    validate_dataset(samples, cfg, cache_dir)
+    assert [f.name for f in cache_paths(samples, cfg, cache_dir, "m")[0]] == cold and reads == []  # warm: stat only
+    assert cold == [f.name for f in cache_paths(samples, cfg, tmp_path / "fresh", "m")[0]]  # same keys, no index
+    # Same size, new mtime: re-hashed and re-decoded (here: now corrupt).
+    image = data / "images" / "s1.png"
+    size, mtime = image.stat().st_size, image.stat().st_mtime_ns
+    image.write_bytes(b"x" * size)
+    os.utime(image, ns=(mtime + 1_000_000_000, mtime + 1_000_000_000))
+    with pytest.raises(DatasetError, match="s1.png: unreadable or corrupt image"):
+        validate_dataset(samples, cfg, cache_dir)
+    # New size (another valid image): re-decoded and a new key; the unchanged files are still not read.
+    write_pair(data, "s1", seed=7, size=(32, 48))
+    reads.clear()
+    validate_dataset(samples, cfg, cache_dir)
+    warm = [f.name for f in cache_paths(samples, cfg, cache_dir, "m")[0]]
+    assert sorted(reads) == ["s1.png", "s1.png"] and warm[0] == cold[0] and warm[1] != cold[1]
+    assert warm[1] == sample_key(samples[1], cfg, "m") + ".safetensors"  # = hashing the new bytes directly
+
+
+def test_fresh_files_are_not_remembered(data, tmp_path):
+    # Written < RACY_NS ago: a same-size rewrite within the same timestamp tick would keep the stat, so the hash is
+    # used for this run only, and the rewrite below (same size: random pixels) is seen.
+    cfg, cache_dir = DataConfig(path=str(data)), tmp_path / "cache"
+    samples = scan_dataset(cfg)
+    k = cache_paths(samples, cfg, cache_dir, "m")[0][1].name
+    write_pair(data, "s1", seed=99)
+    assert cache_paths(samples, cfg, cache_dir, "m")[0][1].name != k
+    index = json.loads(next(cache_dir.glob("stat-index-*.json")).read_text())
+    assert index["files"] == {}
+
+
+def test_corrupt_index_is_rebuilt(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "RACY_NS", 0)
+    cfg, cache_dir = DataConfig(path=str(data)), tmp_path / "cache"
+    samples = scan_dataset(cfg)
+    validate_dataset(samples, cfg, cache_dir)
+    index = next(cache_dir.glob("stat-index-*.json"))
+    assert len(json.loads(index.read_text())["files"]) == 7
+    index.write_text('{"version": 1, "files": [')  # truncated
+    reads = image_reads(monkeypatch)
+    validate_dataset(samples, cfg, cache_dir)
+    assert len(reads) == 7 and len(json.loads(index.read_text())["files"]) == 7
