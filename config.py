@@ -1,7 +1,9 @@
-"""Every config dataclass and its defaults, in one place, and the `--config file.py` + tyro flag loader.
+"""Every config dataclass and its defaults, in one place, the `--config file.py` + tyro flag loader, and
+`validate(cfg)`, which checks a whole config before any work starts.
 
 A config file is python that defines `config = Config(...)` (see configs/). Flags override its fields:
-`python train.py --config configs/fp8.py --train.lr 2e-5`. Unknown flags and unknown fields fail.
+`python train.py --config configs/fp8.py --train.lr 2e-5`. Unknown flags and unknown fields fail, and so does a
+value of the wrong type or out of range (all problems listed in one ValueError).
 
 The ground floor of the import order: this file imports no project module, so every other file may import it.
 """
@@ -10,84 +12,91 @@ import dataclasses
 import json
 import runpy
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union, get_args, get_origin
 
 __all__ = ["Config", "DataConfig", "TrainConfig", "SampleConfig", "ModelConfig", "Part", "load_config", "cli",
-           "to_json"]
+           "validate", "to_json"]
+
+# Choice values, mirroring the tables their consumers read (tests/test_config.py checks that they agree).
+Dtype = Literal["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"]  # load.DTYPES
+Quant = Literal["none", "fp8", "nf4", "fp4"]  # quant.QUANTS
+AttentionBackend = Literal["auto", "cudnn", "cudnn_torch", "flash", "efficient", "math", "default"]  # kernels.attention
 
 
 @dataclass
 class Part:
     """Where one model component comes from and where it lives. Empty `path` means ModelConfig.path."""
 
-    path: str = ""
+    path: str = ""  # diffusers folder or Hub repo id to read this component from (its subfolder); empty: model.path
     subfolder: str = ""  # empty: the diffusers default (text_encoder, tokenizer, text_encoder_2, ...)
-    dtype: str = "bf16"  # fp32 | bf16 | fp16 (checked by load.parse_dtype)
-    device: str = "cpu"  # "cpu", "cuda:0", "cuda:1", ... (checked by load.parse_device)
+    dtype: Dtype = "bf16"  # weights' dtype (fp32 / bf16 / fp16; the long names are the same)
+    device: str = "cpu"  # a torch device: "cpu", "cuda:0", "cuda:1", ...
 
 
 @dataclass
 class ModelConfig:
-    path: str = "black-forest-labs/FLUX.1-Kontext-dev"  # diffusers folder or Hub repo id
-    clip: Part = field(default_factory=Part)
-    t5: Part = field(default_factory=Part)
-    vae: Part = field(default_factory=Part)
-    transformer: Part = field(default_factory=Part)
+    # A local diffusers folder, or a Hub repo id (read from the Hugging Face cache; downloaded on first use, and a
+    # gated repo needs its license accepted and `hf auth login`). Without network set HF_HUB_OFFLINE=1 to fail fast.
+    path: str = "black-forest-labs/FLUX.1-Kontext-dev"
+    clip: Part = field(default_factory=Part)  # CLIP text encoder (text_encoder/, tokenizer/): pooled prompt embeds
+    t5: Part = field(default_factory=Part)  # T5 text encoder (text_encoder_2/, tokenizer_2/): prompt embeds
+    vae: Part = field(default_factory=Part)  # autoencoder (vae/): image latents, decoded validation grids
+    transformer: Part = field(default_factory=Part)  # the FluxTransformer2DModel (transformer/) the LoRA trains
     # Transformer weights: "none" (as stored), "fp8" (e4m3 + per-row scale), "nf4" / "fp4" (bnb 4-bit layout).
     # Pre-quantized checkpoints are detected from their files; this quantizes a bf16 one at load time.
-    quant: str = "none"
+    quant: Quant = "none"
     fp8_scales: str = ""  # optional safetensors of per-layer scales for a scaled-fp8 export that lost them
 
 
 @dataclass
 class DataConfig:
-    path: str = ""  # a folder (images/, control/, *.txt) or a metadata.csv / .jsonl file
+    path: str = ""  # required: a folder (images/, control/, *.txt) or a metadata.csv / .jsonl file
     text_to_image: bool = False  # no control images (FLUX.1-Krea-dev / FLUX.1-dev)
     max_pixels: int = 0  # >0: downscale (keeping aspect) images larger than this many pixels
     resize: tuple[int, int] | None = None  # (height, width): resize every image to this fixed size
     cache_dir: str = ""  # empty: <out_dir>/cache
-    max_sequence_length: int = 512
+    max_sequence_length: int = 512  # T5 tokens per caption (at most 512, as in the pipeline)
     held_out: int = 1  # samples kept out of training for validation (the last ones, by key order)
     allow_outside_paths: bool = False  # metadata files may name images outside the dataset folder (absolute, ../)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes)
-    scheduler: str = "cosine"  # constant | linear | cosine (all after warmup)
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    rank: int = 16
-    alpha: float = 16.0
-    target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
-    lora_init: str = "default"  # peft init_lora_weights: default (B = 0) | gaussian
-    timestep_sampling: str = "uniform"  # uniform | logit_normal
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
+    steps: int = 1000  # optimizer steps in all (a resumed run continues up to this count)
+    batch_size: int = 1  # samples per micro-batch and process (torchrun: times the number of processes)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4  # peak learning rate, reached after warmup_steps
+    weight_decay: float = 1e-4  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW
+    scheduler: Literal["constant", "linear", "cosine"] = "cosine"  # lr decay to 0 after warmup (constant: none)
+    warmup_steps: int = 0  # lr ramps linearly from lr / warmup_steps to lr over this many steps
+    grad_clip: float = 1.0  # clip the gradient norm to this (0: no clipping)
+    rank: int = 16  # LoRA rank r
+    alpha: float = 16.0  # LoRA alpha: the update is scaled by alpha / rank
+    target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")  # peft target_modules (name suffixes)
+    lora_init: Literal["default", "gaussian"] = "default"  # peft init_lora_weights: default (B = 0) | gaussian
+    timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"  # t ~ U(0, 1) | sigmoid(N(mean, std))
+    logit_mean: float = 0.0  # logit_normal: mean of the normal before the sigmoid
+    logit_std: float = 1.0  # logit_normal: std of the normal before the sigmoid
     resolution_shift: bool = False  # shift t toward noise for large images, as the sampler's mu does
     guidance: float = 1.0  # embedded guidance value during training
     caption_dropout: float = 0.0  # probability of swapping in the empty-prompt embeddings
     mask_weight_fg: float = 1.0  # loss weight inside the mask (white = edit region), when masks are given
-    mask_weight_bg: float = 1.0
+    mask_weight_bg: float = 1.0  # loss weight outside the mask, when masks are given
     cached: bool = True  # True: precompute latents and embeddings, train from the cache only
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute block activations in the backward: less memory, more time
     autocast: bool = False  # bf16 autocast around the transformer (for an fp32 master model)
-    seed: int = 0
-    save_every: int = 0  # 0: only at the end
-    keep_checkpoints: int = 3
-    validate_every: int = 0  # 0: only at the end; <0: never
-    log_every: int = 1
+    seed: int = 0  # noise, timesteps, caption dropout and data order are functions of (seed, step)
+    save_every: int = 0  # checkpoint every this many steps (0: only at the end)
+    keep_checkpoints: int = 3  # this run's newest checkpoints kept on disk (0: all)
+    validate_every: int = 0  # held-out loss and sample grid every this many steps (0: only at the end; <0: never)
+    log_every: int = 1  # progress-bar update interval in steps (log.jsonl gets every step)
     compile: bool = True  # torch.compile each transformer block (regional; CUDA only, the CPU runs eager)
-    attention_backend: str = "auto"  # auto | cudnn | cudnn_torch | flash | efficient | math | default
-    #                                  (kernels/attention.py resolve_attention; saved in config.json)
+    attention_backend: AttentionBackend = "auto"  # kernels/attention.py resolve_attention; saved in config.json
     fp8_backward: bool = False  # fp8 transformer: input gradient as an e5m2 x e4m3 GEMM (kernels/fp8.py)
 
 
@@ -95,36 +104,182 @@ class TrainConfig:
 class SampleConfig:
     guidance_scale: float = 3.5  # embedded guidance (FLUX.1 Kontext [dev] is guidance-distilled)
     true_cfg_scale: float = 1.0  # > 1 with --sample.negative-prompt: true classifier-free guidance (2 calls/step)
-    negative_prompt: str | None = None
-    num_inference_steps: int = 28
-    seed: int = 0
+    negative_prompt: str | None = None  # the negative prompt for true_cfg_scale > 1
+    num_inference_steps: int = 28  # denoising steps (t from 1 to 0)
+    seed: int = 0  # noise seed (the validation grid adds the sample's index)
     max_area: int = 1024 ** 2  # size_mode pipeline: output area
     size_mode: Literal["native", "pipeline"] = "native"  # native: output = input size | pipeline: diffusers'
     max_sequence_length: int = 512  # T5 tokens
     compile: bool = True  # torch.compile each transformer block (regional; CUDA only)
-    attention_backend: str = "auto"  # as TrainConfig.attention_backend
+    attention_backend: AttentionBackend = "auto"  # as TrainConfig.attention_backend
 
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    out_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)  # each component's weights, dtype and device
+    data: DataConfig = field(default_factory=DataConfig)  # the dataset and its preprocessing
+    train: TrainConfig = field(default_factory=TrainConfig)  # optimizer, schedule, LoRA shape, the loop
+    sample: SampleConfig = field(default_factory=SampleConfig)  # validation grids; sample.py's --sample.* defaults
+    out_dir: str = "runs/default"  # run folder: lora.safetensors, checkpoints/, log.jsonl, config.json (+ cache/)
     resume: str = ""  # "" | "latest" | path of a checkpoint folder
     overwrite: bool = False  # start afresh in an out_dir that holds an earlier run (deletes its LoRA, log, checkpoints)
 
 
-def load_config(path: str | Path) -> Config:
-    """Run a config file and return its `config` (a Config). Errors name the file."""
+# ---------------------------------------------------------------- validation
+
+def _at_least(n):
+    return (lambda v: v >= n), f" >= {n}"
+
+
+def _between(lo, hi):
+    return (lambda v: lo <= v <= hi), f" in [{lo}, {hi}]"
+
+
+_POSITIVE = (lambda v: v > 0), " > 0"
+_NOT_EMPTY = (lambda v: len(v) > 0), ", not empty"
+
+# What validate() asks of a field beyond its annotated type: field path -> (test, the words for it). Fields not
+# listed take any value of their type. The consumers keep their own checks; these make a typo fail before any work.
+RULES = {
+    "data.max_pixels": ((lambda v: v == 0 or v >= 16 * 16), ", 0 (off) or >= 256 (one 16 x 16 patch)"),
+    "data.resize": ((lambda v: v is None or min(v) >= 16), ", each side >= 16 (sizes are floored to 16)"),
+    "data.max_sequence_length": _between(1, 512),  # the pipeline refuses more than 512 T5 tokens
+    "data.held_out": _at_least(0),
+    "train.steps": _at_least(1),
+    "train.batch_size": _at_least(1),
+    "train.grad_accum": _at_least(1),
+    "train.lr": _POSITIVE,
+    "train.weight_decay": _at_least(0),
+    "train.betas": ((lambda v: all(0 <= b < 1 for b in v)), ", each in [0, 1)"),
+    "train.warmup_steps": _at_least(0),
+    "train.grad_clip": _at_least(0),
+    "train.rank": _at_least(1),
+    "train.alpha": _POSITIVE,
+    "train.target_modules": _NOT_EMPTY,
+    "train.logit_std": _POSITIVE,
+    "train.caption_dropout": _between(0, 1),
+    "train.mask_weight_fg": _at_least(0),
+    "train.mask_weight_bg": _at_least(0),
+    "train.save_every": _at_least(0),
+    "train.keep_checkpoints": _at_least(0),
+    "train.log_every": _at_least(1),
+    "sample.num_inference_steps": _at_least(1),
+    "sample.max_area": _at_least(16 * 16),
+    "sample.max_sequence_length": _between(1, 512),
+    "out_dir": _NOT_EMPTY,
+}
+
+
+def _is_a(value, tp) -> bool:
+    """Does `value` fit the annotation `tp`? bool is not an int here, an int is a float, a list is not a tuple."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if origin in (Union, types.UnionType):
+        return any(_is_a(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_is_a(v, args[0]) for v in value)
+        return len(value) == len(args) and all(map(_is_a, value, args))
+    if tp is type(None):
+        return value is None
+    if tp in (int, float):
+        return isinstance(value, (int, float) if tp is float else int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _describe(tp) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Literal:
+        return "one of " + " | ".join(args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a tuple of {_describe(args[0]).split(' ', 1)[1]}s"
+        return f"a tuple of {len(args)} {_describe(args[0]).split(' ', 1)[1]}s"
+    names = {type(None): "None", int: "an integer", float: "a number", str: "a string", bool: "True or False"}
+    return names.get(tp, f"a {getattr(tp, '__name__', tp)}")
+
+
+def _problems(obj, prefix: str = "", values: bool = True) -> list[str]:
+    """Every field of the dataclass `obj` (recursively) against its annotation and, with `values`, its RULES."""
+    names = {f.name for f in dataclasses.fields(obj)}
+    out = [f"{prefix}{k}: unknown field of {type(obj).__name__}" for k in vars(obj) if k not in names]
+    for f in dataclasses.fields(obj):
+        key, v = prefix + f.name, getattr(obj, f.name)
+        if dataclasses.is_dataclass(f.type) and type(v) is f.type:
+            out += _problems(v, key + ".", values)
+            continue
+        test, words = RULES.get(key, (None, ""))
+        if not _is_a(v, f.type) or (values and test is not None and not test(v)):
+            shown = repr(v) if len(repr(v)) <= 80 else repr(v)[:77] + "..."
+            out.append(f"{key}: expected {_describe(f.type)}{words}, got {shown}")
+    return out
+
+
+def _run_problems(cfg: "Config") -> list[str]:
+    """What a run must be given, beyond single fields' types. Each check skips a field whose type is already wrong
+    (reported by _problems), so one call lists everything."""
+    import torch  # only to parse device strings exactly as load.parse_device will
+
+    out = []
+    if isinstance(cfg.data, DataConfig) and cfg.data.path == "":
+        out.append("data.path is required: a dataset folder or metadata.csv/.jsonl (--data.path, or "
+                   "DataConfig(path=...) in the --config file)")
+    if isinstance(cfg.resume, str) and cfg.resume not in ("", "latest") and not Path(cfg.resume).is_dir():
+        out.append(f'resume: expected "", "latest" or an existing checkpoint folder; {cfg.resume!r} is not a folder')
+    for name in ("clip", "t5", "vae", "transformer") if isinstance(cfg.model, ModelConfig) else ():
+        device = getattr(cfg.model, name).device if isinstance(getattr(cfg.model, name), Part) else None
+        try:
+            torch.device(device) if isinstance(device, str) else None
+        except (RuntimeError, TypeError):
+            out.append(f"model.{name}.device: expected a torch device ('cpu', 'cuda:0', ...), got {device!r}")
+    return out
+
+
+def _raise(where: str, problems: list[str]) -> None:
+    """One ValueError for all `problems`, prefixed with `where` (the config file) when given."""
+    head = f"{where}: " if where else ""
+    if len(problems) == 1:
+        raise ValueError(head + problems[0])
+    if problems:
+        raise ValueError(f"{head}{len(problems)} config problems:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def validate(cfg: Config) -> None:
+    """Check the whole config before any work: every field's type against its annotation (choices included), the
+    RULES ranges, a dataset path, the resume target, the device strings. Raises one ValueError listing every
+    problem by field path ("train.lr: expected a number > 0, got 'abc'"). Checks nothing that needs the network."""
+    _raise("", _problems(cfg) + _run_problems(cfg))
+
+
+# ---------------------------------------------------------------- loading
+
+CONFIG_FLAG_HELP = ("--config PATH  a python file defining `config = Config(...)` (see configs/); its values are the "
+                    "defaults the flags below override, and with --config the (default: ...) shown are the file's.")
+
+
+def _run_file(path: str | Path) -> Config:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
-    scope = runpy.run_path(str(path))
+    try:
+        scope = runpy.run_path(str(path))
+    except TypeError as e:  # Config(lrr=...): the dataclass refuses an unknown field
+        raise ValueError(f"{path}: {e}") from None
     cfg = scope.get("config")
     if not isinstance(cfg, Config):
         raise ValueError(f"{str(path)!r} must define `config = Config(...)`; found {type(cfg).__name__}")
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Run a config file and return its `config` (a Config), validated. Errors name the file."""
+    cfg = _run_file(path)
+    _raise(str(path), _problems(cfg) + _run_problems(cfg))
     return cfg
 
 
@@ -144,13 +299,19 @@ def split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
     return path, rest
 
 
-def cli(argv: list[str] | None = None, cls=Config, description: str = ""):
-    """`--config file.py` gives the defaults, tyro flags override them (unknown flags are an error)."""
+def cli(argv: list[str] | None = None, description: str = "") -> Config:
+    """`--config file.py` gives the defaults, tyro flags override them (unknown flags and bad choices are tyro's
+    errors), then validate() checks the result. The file's own types are checked before tyro sees them (tyro only
+    warns about a default of the wrong type); what a flag can still supply, like data.path, is checked after."""
     import tyro
 
     path, rest = split_config_flag(sys.argv[1:] if argv is None else argv)
-    default = load_config(path) if path else cls()
-    return tyro.cli(cls, default=default, args=rest, description=description)
+    default = _run_file(path) if path else Config()
+    if path:
+        _raise(path, _problems(default, values=False))
+    cfg = tyro.cli(Config, default=default, args=rest, description=f"{description}\n\n{CONFIG_FLAG_HELP}")
+    _raise(f"{path} + flags" if path else "", _problems(cfg) + _run_problems(cfg))
+    return cfg
 
 
 def to_json(cfg) -> str:

@@ -1,14 +1,21 @@
-"""config.py: `--config file.py` loading, tyro overrides on top of it, the JSON saved beside checkpoints, and the
-ground-floor rule (it imports no project module)."""
+"""config.py: `--config file.py` loading, tyro overrides on top of it, validate(), the choice Literals against
+their consumers, the help text, the JSON saved beside checkpoints, and the ground-floor rule (it imports no project
+module)."""
 
 import ast
 import dataclasses
 import json
+import subprocess
+import sys
+import typing
 from pathlib import Path
 
 import pytest
+import tyro
 
-from config import Config, ModelConfig, Part, cli, load_config, to_json
+import config
+from config import (Config, DataConfig, ModelConfig, Part, SampleConfig, TrainConfig, cli, load_config, to_json,
+                    validate)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_FILE = """
@@ -70,7 +77,10 @@ def test_cli_file_then_flags(config_file):
     assert cfg.train.steps == 7 and cfg.model.transformer.path == "/ckpt/fp8" and cfg.out_dir == "runs/x"
     same = cli([f"--config={config_file}", "--train.lr", "2e-5", "--model.transformer.dtype", "bf16"])
     assert same == cfg
-    assert cli([]) == Config()  # no file: the dataclass defaults
+    # no file: the dataclass defaults, which leave out the one required field
+    assert cli(["--data.path", "d"]) == Config(data=DataConfig(path="d"))
+    with pytest.raises(ValueError, match=r"^data\.path is required: a dataset folder or metadata\.csv/\.jsonl"):
+        cli([])
 
 
 def test_cli_unknown_flag_fails(config_file):
@@ -113,3 +123,202 @@ def test_config_imports_no_project_module():
     assert imported_modules("import kernels.fp8\ndef f():\n    from load import Part\n") == {"kernels", "load"}
     found = imported_modules((ROOT / "config.py").read_text())
     assert found and not found & (project_modules() | {"."}), sorted(found & project_modules())
+
+
+# ---------------------------------------------------------------- choices
+
+
+def choices(cls, name: str) -> set:
+    return set(typing.get_args(typing.get_type_hints(cls)[name]))
+
+
+def test_choice_literals_match_their_consumers():
+    import load
+    import quant
+    import train
+    from kernels.attention import BACKENDS
+
+    assert choices(Part, "dtype") == set(load.DTYPES)
+    assert choices(ModelConfig, "quant") == set(quant.QUANTS)
+    assert choices(TrainConfig, "attention_backend") == choices(SampleConfig, "attention_backend") \
+        == {"auto", *BACKENDS}
+    # train.py's dispatch takes every listed value (its own else-branch raises on anything else)
+    for s in choices(TrainConfig, "scheduler"):
+        assert 0 <= train.lr_factor(5, TrainConfig(scheduler=s, steps=10)) <= 1
+    for s in choices(TrainConfig, "timestep_sampling"):
+        import torch
+
+        t = train.sample_timesteps(4, TrainConfig(timestep_sampling=s), 16, torch.Generator().manual_seed(0))
+        assert ((t > 0) & (t < 1)).all()
+    assert choices(TrainConfig, "optimizer") == {"adamw", "adamw8bit"}
+    assert choices(TrainConfig, "lora_init") == {"default", "gaussian"}
+
+
+def test_choice_typo_fails_at_parse_time(capsys):
+    with pytest.raises(SystemExit):
+        cli(["--data.path", "d", "--train.scheduler", "cosin"])
+    assert "cosin" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli(["--data.path", "d", "--model.transformer.dtype", "bf61"])
+    assert cli(["--data.path", "d", "--train.scheduler", "linear"]).train.scheduler == "linear"
+
+
+# ---------------------------------------------------------------- validate()
+
+
+BAD_FILE = """
+from config import Config, DataConfig, TrainConfig
+
+config = Config(data=DataConfig(path="/data/edits"), train=TrainConfig(lr="abc", scheduler="cosin"))
+"""
+
+
+def test_config_file_types_fail_in_load_config_naming_each(tmp_path):
+    f = tmp_path / "bad.py"
+    f.write_text(BAD_FILE)
+    expected = (rf"^{f}: 2 config problems:\n"
+                r"  train\.lr: expected a number > 0, got 'abc'\n"
+                r"  train\.scheduler: expected one of constant \| linear \| cosine, got 'cosin'$")
+    with pytest.raises(ValueError, match=expected):
+        load_config(f)
+    with pytest.raises(ValueError, match=expected):  # cli checks the file's types before tyro sees them
+        cli(["--config", str(f), "--train.steps", "3"])
+
+
+def test_train_py_refuses_a_bad_config_file_before_any_work(tmp_path):
+    f = tmp_path / "bad.py"
+    f.write_text(BAD_FILE)
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(f), "--out-dir", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"train.py: error: {f}: 2 config problems:" in r.stderr and "train.lr:" in r.stderr \
+        and "train.scheduler:" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()  # no run folder, cache or model load: validation came first
+
+
+def test_config_file_unknown_field_names_the_file(tmp_path):
+    f = tmp_path / "typo.py"
+    f.write_text("from config import Config, TrainConfig\nconfig = Config(train=TrainConfig(lrr=1e-4))\n")
+    with pytest.raises(ValueError, match=rf"^{f}: .*unexpected keyword argument 'lrr'"):
+        load_config(f)
+
+
+def problem_lines(cfg: Config) -> list[str]:
+    with pytest.raises(ValueError) as e:
+        validate(cfg)
+    lines = str(e.value).splitlines()
+    return [ln.strip() for ln in lines[1:]] if len(lines) > 1 else lines
+
+
+def test_validate_lists_every_problem_with_its_field():
+    cfg = Config(data=DataConfig(path=""), resume="no/such/ckpt")
+    t = cfg.train
+    t.steps, t.batch_size, t.grad_accum, t.lr, t.rank = 0, 0, 0, 0.0, 0
+    t.caption_dropout, t.warmup_steps, t.keep_checkpoints, t.log_every = 1.5, -1, -1, 0
+    t.betas, t.target_modules, t.logit_std = (0.9, 1.0), (), -1.0
+    cfg.data.max_sequence_length, cfg.data.held_out, cfg.data.resize = 513, -1, (8, 64)
+    cfg.sample.num_inference_steps, cfg.model.clip.device = 0, "cuda0"
+    lines = problem_lines(cfg)
+    assert [p.split(":")[0].split(" ")[0] for p in lines] == [
+        "data.resize", "data.max_sequence_length", "data.held_out",
+        "train.steps", "train.batch_size", "train.grad_accum", "train.lr", "train.betas", "train.warmup_steps",
+        "train.rank", "train.target_modules", "train.logit_std", "train.caption_dropout", "train.keep_checkpoints",
+        "train.log_every", "sample.num_inference_steps", "data.path", "resume", "model.clip.device"]
+    assert "train.steps: expected an integer >= 1, got 0" in lines
+    assert "train.caption_dropout: expected a number in [0, 1], got 1.5" in lines
+    assert "resume: expected \"\", \"latest\" or an existing checkpoint folder; 'no/such/ckpt' is not a folder" in lines
+    assert any(p.startswith("data.path is required: a dataset folder or metadata.csv/.jsonl") for p in lines)
+
+
+def test_validate_types_follow_the_annotations():
+    ok = Config(data=DataConfig(path="d"))
+    assert validate(ok) is None
+    assert validate(dataclasses.replace(ok, train=TrainConfig(lr=1))) is None  # an int is a number
+    bad = {
+        "train.steps: expected an integer >= 1, got 2.0": TrainConfig(steps=2.0),
+        "train.steps: expected an integer >= 1, got True": TrainConfig(steps=True),  # a bool is not an int
+        "train.compile: expected True or False, got 1": TrainConfig(compile=1),
+        "train.betas: expected a tuple of 2 numbers, each in [0, 1), got [0.9, 0.99]": TrainConfig(betas=[0.9, 0.99]),
+        "train.target_modules: expected a tuple of strings, not empty, got ('to_q', 3)":
+            TrainConfig(target_modules=("to_q", 3)),
+        "train.optimizer: expected one of adamw | adamw8bit, got 'sgd'": TrainConfig(optimizer="sgd"),
+    }
+    for line, tc in bad.items():
+        assert problem_lines(dataclasses.replace(ok, train=tc)) == [line]
+    assert problem_lines(dataclasses.replace(ok, model=ModelConfig(vae=Part(dtype="bf61"), quant="int8"))) == [
+        "model.vae.dtype: expected one of fp32 | bf16 | fp16 | float32 | bfloat16 | float16, got 'bf61'",
+        "model.quant: expected one of none | fp8 | nf4 | fp4, got 'int8'"]
+    assert problem_lines(dataclasses.replace(ok, model=DataConfig()))[0].startswith(
+        "model: expected a ModelConfig, got DataConfig(")
+    assert problem_lines(dataclasses.replace(ok, data=DataConfig(path="d", resize=(512,)))) == [
+        "data.resize: expected a tuple of 2 integers or None, each side >= 16 (sizes are floored to 16), got (512,)"]
+    assert validate(dataclasses.replace(ok, data=DataConfig(path="d", resize=(512, 768)))) is None
+    late = Config(data=DataConfig(path="d"))
+    late.train.lrr = 1e-4  # set on the instance after construction: not a field
+    assert problem_lines(late) == ["train.lrr: unknown field of TrainConfig"]
+
+
+def test_validate_resume(tmp_path):
+    for resume in ("", "latest", str(tmp_path)):
+        assert validate(Config(data=DataConfig(path="d"), resume=resume)) is None
+    assert problem_lines(Config(data=DataConfig(path="d"), resume=str(tmp_path / "gone")))[0].startswith("resume:")
+
+
+def test_rules_name_real_fields():
+    """A RULES key with a typo would silently check nothing."""
+    def leaves(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            yield prefix + f.name
+            if dataclasses.is_dataclass(f.type):
+                yield from leaves(f.type, f"{prefix}{f.name}.")
+
+    assert set(config.RULES) <= set(leaves(Config)), set(config.RULES) - set(leaves(Config))
+
+
+def test_a_flag_can_supply_what_the_file_leaves_out(tmp_path):
+    f = tmp_path / "model_only.py"
+    f.write_text("from config import Config, TrainConfig\nconfig = Config(train=TrainConfig(steps=5))\n")
+    with pytest.raises(ValueError, match=rf"^{f}: data\.path is required"):
+        load_config(f)  # a file alone must be complete
+    assert cli(["--config", str(f), "--data.path", "d"]).train.steps == 5
+    with pytest.raises(ValueError, match=rf"^{f} \+ flags: train\.steps: expected an integer >= 1, got 0"):
+        cli(["--config", str(f), "--data.path", "d", "--train.steps", "0"])
+
+
+# ---------------------------------------------------------------- --help
+
+
+def undocumented(source: str) -> list[str]:
+    """Fields of the @dataclass classes in `source` without a description where tyro reads one for --help: a
+    comment after the field (on its last line), a comment line right above it, or a docstring right below it."""
+    lines, out = source.splitlines(), []
+    for cls in ast.walk(ast.parse(source)):
+        if not (isinstance(cls, ast.ClassDef) and any("dataclass" in ast.unparse(d) for d in cls.decorator_list)):
+            continue
+        for stmt, nxt in zip(cls.body, cls.body[1:] + [None]):
+            if not isinstance(stmt, ast.AnnAssign):
+                continue
+            after = "#" in lines[stmt.end_lineno - 1][stmt.end_col_offset:]
+            above = lines[stmt.lineno - 2].strip().startswith("#")
+            below = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value,
+                                                                                                       str)
+            if not (after or above or below):
+                out.append(f"{cls.name}.{stmt.target.id}")
+    return out
+
+
+def test_every_config_field_has_a_description():
+    probe = ("@dataclass\nclass P:\n    a: int = 0\n    b: int = 0  # said\n    # said above\n    c: int = 0\n"
+             "    d: int = 0\n    \"\"\"said below\"\"\"\n    e: tuple = (\n        1,\n    )  # said after\n"
+             "\n\nclass NotAConfig:\n    f: int = 0\n")
+    assert undocumented(probe) == ["P.a"]  # the rule sees a missing description, and only that
+    assert undocumented((ROOT / "config.py").read_text()) == []
+
+
+def test_help_mentions_the_config_flag(capsys):
+    with pytest.raises(SystemExit):
+        cli(["--help"], description="the train.py docstring line")
+    out = capsys.readouterr().out
+    assert "the train.py docstring line" in out and "--config PATH" in out and "{constant,linear,cosine}" in out
+    assert "optimizer steps in all" in out  # a field comment, shown as its flag's help
