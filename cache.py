@@ -21,8 +21,10 @@ rebuilt like a truncated one.
 
 Start-up: hashing and decoding every image costs ~37 ms per 1024^2 pair, so a stat index in the cache folder
 (stat-index-<dataset>.json) remembers, per image file, its content hash and decoded size under its (size, mtime_ns,
-ctime_ns, inode); a warm start stats the files and re-reads only those whose stat changed. 2000 pairs of 64x64 PNGs,
-scan_dataset + validate_dataset + cache_paths on 2 CPU cores: MEASURED_COLD cold, MEASURED_WARM warm.
+ctime_ns, inode); a warm start stats the files and re-reads only those whose stat changed. scan_dataset +
+validate_dataset + cache_paths, 2 shared CPU cores: 2000 pairs of 64x64 PNGs 1.3 s cold, 0.3 s warm; 2000 of 256x256
+6.5 s / 0.3 s; 100 of 1024x1024 3.8 s (38 ms a pair) / 0.01 s. What is left warm is scan_dataset (listing, captions).
+Verifying the cached tensors' sha256 on read costs ~7 ms per 1024^2 entry (5 MB of bf16).
 """
 
 import csv
@@ -75,10 +77,13 @@ class DatasetWarning(UserWarning):
     """A dataset oddity that does not stop training (empty caption, unknown column, aspect change)."""
 
 
-def _warn(what: str, items: list[str], advice: str) -> None:
+def _warn(what: str, items: list[str], advice: str, stacklevel: int = 3) -> None:
+    """One DatasetWarning for all items (the first 20 named); stacklevel 3 points at the caller of scan_dataset /
+    validate_dataset (train.py), where the default warning filter shows it."""
     if items:
         shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
-        warnings.warn(f"{len(items)} {what} ({advice}):\n  " + "\n  ".join(shown), DatasetWarning, stacklevel=3)
+        warnings.warn(f"{len(items)} {what} ({advice}):\n  " + "\n  ".join(shown), DatasetWarning,
+                      stacklevel=stacklevel)
 
 
 def _raise(problems: list[str], cfg: DataConfig) -> None:
@@ -237,7 +242,7 @@ def _scan_metadata(file: Path, cfg: DataConfig, problems: list[str], empty: list
     if twice or any(lacking.values()):
         return []
     _warn(f"unknown column(s) in {file}, ignored", [c for c in columns if c not in METADATA_COLUMNS],
-          f"known columns: {', '.join(METADATA_COLUMNS)}")
+          f"known columns: {', '.join(METADATA_COLUMNS)}", stacklevel=4)
     samples = []
     for where, row in rows:
         cells = {"image": row.get("image"), "mask": row.get("mask") or None}
@@ -346,6 +351,8 @@ def _entry(idx: StatIndex, path: Path) -> dict:
         st = os.stat(name)
     except FileNotFoundError:
         raise DatasetError(f"image file {str(path)!r} does not exist") from None
+    # ctime and inode as well as size and mtime: a file replaced by rename, or whose mtime was set back (touch -d,
+    # rsync -t), still reads as changed.
     stat = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
     idx.seen.add(name)
     entry = idx.files.get(name)

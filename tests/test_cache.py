@@ -1,4 +1,4 @@
-"""cache.py: dataset layouts and validation, content keys, atomic files, equality with encode.py."""
+"""cache.py: layouts, validation, warnings and refusals, content keys, checksummed atomic files, the stat index."""
 
 import contextlib
 import json
@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 import cache
-from cache import (DatasetError, DatasetWarning, Sample, build_cache, cache_paths, encode_sample, read_entry, sample_key,
-                   scan_dataset, validate_dataset)
+from cache import (DatasetError, DatasetWarning, Sample, build_cache, cache_paths, encode_sample, read_entry,
+                   sample_key, scan_dataset, validate_dataset)
 from config import DataConfig
 from encode import encode_image, encode_prompt, preprocess_image
 
@@ -187,7 +187,8 @@ def test_ambiguous_stems_refused(data):
         scan_dataset(DataConfig(path=str(data)))
     msg = str(e.value)
     assert "3 problem(s)" in msg
-    assert "2 files share the stem 's0' (s0.jpg, s0.png)" in msg and "2 files share the stem 's1' (s1.JPG, s1.png)" in msg
+    assert "2 files share the stem 's0' (s0.jpg, s0.png)" in msg
+    assert "2 files share the stem 's1' (s1.JPG, s1.png)" in msg
     assert "s2.png: 2 captions" in msg
 
 
@@ -252,7 +253,8 @@ def test_paths_outside_the_dataset_refused(data, tmp_path):
     assert "2 problem(s)" in msg and "metadata.csv:2: '../outside.png' is outside the dataset folder" in msg
     assert f"metadata.csv:3: '{tmp_path / 'outside.png'}' is outside" in msg and "data.allow_outside_paths" in msg
     samples = scan_dataset(DataConfig(path=str(data / "metadata.csv"), allow_outside_paths=True))
-    assert [s.image for s in samples] == [tmp_path / "outside.png", tmp_path / "outside.png", data / "images" / "s1.png"]
+    outside = tmp_path / "outside.png"
+    assert [s.image for s in samples] == [outside, outside, data / "images" / "s1.png"]
 
 
 def test_mixed_case_extensions_end_to_end(tmp_path, components):
@@ -383,3 +385,10 @@ def test_corrupt_index_is_rebuilt(data, tmp_path, monkeypatch):
     reads = image_reads(monkeypatch)
     validate_dataset(samples, cfg, cache_dir)
     assert len(reads) == 7 and len(json.loads(index.read_text())["files"]) == 7
+
+
+def test_unwritable_index_warns_and_still_validates(data, tmp_path):
+    cfg, not_a_dir = DataConfig(path=str(data)), tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.warns(UserWarning, match="could not write the stat index .* the next start re-hashes every image"):
+        validate_dataset(scan_dataset(cfg), cfg, not_a_dir)
