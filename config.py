@@ -121,7 +121,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)  # optimizer, schedule, LoRA shape, the loop
     sample: SampleConfig = field(default_factory=SampleConfig)  # validation grids; sample.py's --sample.* defaults
     out_dir: str = "runs/default"  # run folder: lora.safetensors, checkpoints/, log.jsonl, config.json (+ cache/)
-    resume: str = ""  # "" | "latest" | path of a checkpoint folder
+    resume: str = ""  # "" (start afresh) | "latest" (out_dir's newest intact checkpoint) | a checkpoint folder
     overwrite: bool = False  # start afresh in an out_dir that holds an earlier run (deletes its LoRA, log, checkpoints)
 
 
@@ -220,7 +220,7 @@ def _problems(obj, prefix: str = "", values: bool = True) -> list[str]:
     return out
 
 
-def _run_problems(cfg: "Config") -> list[str]:
+def _run_problems(cfg: Config) -> list[str]:
     """What a run must be given, beyond single fields' types. Each check skips a field whose type is already wrong
     (reported by _problems), so one call lists everything."""
     import torch  # only to parse device strings exactly as load.parse_device will
@@ -231,12 +231,13 @@ def _run_problems(cfg: "Config") -> list[str]:
                    "DataConfig(path=...) in the --config file)")
     if isinstance(cfg.resume, str) and cfg.resume not in ("", "latest") and not Path(cfg.resume).is_dir():
         out.append(f'resume: expected "", "latest" or an existing checkpoint folder; {cfg.resume!r} is not a folder')
-    for name in ("clip", "t5", "vae", "transformer") if isinstance(cfg.model, ModelConfig) else ():
-        device = getattr(cfg.model, name).device if isinstance(getattr(cfg.model, name), Part) else None
-        try:
-            torch.device(device) if isinstance(device, str) else None
-        except (RuntimeError, TypeError):
-            out.append(f"model.{name}.device: expected a torch device ('cpu', 'cuda:0', ...), got {device!r}")
+    for name in ("clip", "t5", "vae", "transformer"):
+        part = getattr(cfg.model, name, None)
+        if isinstance(part, Part) and isinstance(part.device, str):
+            try:
+                torch.device(part.device)
+            except RuntimeError:
+                out.append(f"model.{name}.device: expected a torch device ('cpu', 'cuda:0', ...), got {part.device!r}")
     return out
 
 
