@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from cache import open_image, scan_dataset, training_data, validate_dataset
-from config import Config, TrainConfig, cli, to_json
+from config import Config, TrainConfig, cli, to_json, validate
 from encode import latent_ids, pack_latents, predict_velocity
 from kernels.attention import set_attention
 from kernels.fp8 import FP8Linear
@@ -281,6 +281,7 @@ def batch_plan(shapes: list[tuple], batch_size: int) -> str:
 
 
 def main(cfg: Config) -> dict:
+    validate(cfg)  # also when main is called from Python, not only through cli()
     rank, world = dist_info()
     out_dir, tc = Path(cfg.out_dir), cfg.train
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
@@ -331,7 +332,7 @@ def main(cfg: Config) -> dict:
     tb = _tensorboard(out_dir) if rank == 0 else None
     last_ckpt, history, vae = str(ckpt) if ckpt else "none", [], data.vae
 
-    def validate(step: int) -> None:
+    def validate_at(step: int) -> None:
         nonlocal vae
         val = held_out_loss(transformer, data.held_out, data.empty, tc, device, dtype)
         log(f"step {step}: held-out loss {val:.4f}")
@@ -343,7 +344,7 @@ def main(cfg: Config) -> dict:
                 log(f"validation grid: {path}")
 
     if tc.validate_every >= 0 and n_val and start == 0:
-        validate(0)
+        validate_at(0)
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=rank != 0, desc="train")
     for step in bar:
         t0 = time.perf_counter()
@@ -378,7 +379,7 @@ def main(cfg: Config) -> dict:
         if rank == 0 and done:
             save_lora(transformer, out_dir / "lora.safetensors")  # before the last grid: a crash there loses nothing
         if tc.validate_every >= 0 and n_val and (done or (tc.validate_every and (step + 1) % tc.validate_every == 0)):
-            validate(step + 1)
+            validate_at(step + 1)
     if rank == 0:
         if start >= tc.steps:  # resumed at or past the end: the checkpoint's LoRA is the result
             save_lora(transformer, out_dir / "lora.safetensors")
