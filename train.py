@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cache import open_image, scan_dataset, training_data, validate_dataset
+from cache import cache_dir_of, open_image, scan_dataset, training_data, validate_dataset
 from config import Config, TrainConfig, cli, to_json, validate
 from encode import latent_ids, pack_latents, predict_velocity
 from kernels.attention import set_attention
@@ -257,7 +257,7 @@ def check_run(cfg: Config, rank: int, log) -> tuple[list, int, Path | None]:
     """Everything checkable before any model loads: the whole dataset, the held-out split, the run folder
     (lora.claim_out_dir), the checkpoint to resume and how its config differs. Returns (samples, n_train, ckpt)."""
     samples = scan_dataset(cfg.data)
-    validate_dataset(samples, cfg.data)
+    validate_dataset(samples, cfg.data, cache_dir_of(cfg))  # the stat index there skips re-decoding known files
     if cfg.data.held_out >= len(samples):
         raise ValueError(f"data.held_out={cfg.data.held_out} leaves nothing to train on: the dataset has "
                          f"{len(samples)} samples")
