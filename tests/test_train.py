@@ -222,7 +222,7 @@ def np_finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
 
 
-def test_run_folder_rules_end_to_end(tmp_path):
+def test_run_folder_rules_end_to_end(tmp_path, capsys):
     """A second run into a used out_dir stops before any model loads; --overwrite starts afresh (its log holds only
     its own steps); resume at or past train.steps trains nothing and says so."""
     cfg = tiny_cfg(tmp_path, steps=4, save_every=2)
@@ -237,8 +237,9 @@ def test_run_folder_rules_end_to_end(tmp_path):
     assert [r["step"] for r in log if "loss" in r] == [1, 2] and len(out["history"]) == 2
     ckpts = list((Path(cfg.out_dir) / "checkpoints").glob("lora-*"))
     assert [json.loads((c / "state.json").read_text())["step"] for c in ckpts] == [2]
+    capsys.readouterr()
     done = run(dataclasses.replace(again, resume="latest"))
-    assert done["history"] == []
+    assert done["history"] == [] and "at step 2; train.steps is 2: nothing left to train" in capsys.readouterr().out
 
 
 def test_user_errors_are_one_line_exit_2(tmp_path):
@@ -254,3 +255,13 @@ def test_resume_without_checkpoint_fails_before_caching(tmp_path):
     with pytest.raises(ValueError, match="no checkpoint saved yet"):
         run(cfg)
     assert not list((tmp_path / "cache").glob("*.safetensors"))  # nothing was encoded first
+
+
+def test_batch_plan_and_real_batch_sizes(tmp_path):
+    plan = train.batch_plan([(1,)] * 5 + [(2,)] * 3, 4)
+    assert plan == ("batching: 2 shape bucket(s), 3 batches per epoch (1 x 4, 1 x 3, 1 x 1 samples); "
+                    "batch_size 4 is not always filled")
+    assert train.batch_plan([(1,)] * 8, 4).endswith("(2 x 4 samples)")
+    out = run(tiny_cfg(tmp_path, steps=6))  # 22 training samples in batches of 4: one batch of 2 per epoch
+    sizes = sorted({round(r["samples_per_s"] * r["s_per_step"]) for r in out["history"]})
+    assert sizes == [2, 4], sizes
