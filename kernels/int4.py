@@ -173,8 +173,8 @@ class _Linear4bitFunction(torch.autograd.Function):
         codes, absmax, qmap, nested_absmax, nested_qmap, offset = ctx.saved_tensors
         shape, blocksize, nested_blocksize, dtype, x_dtype = ctx.meta
         # dx unconditionally: autograd calls this only when x (the one input that can need a gradient besides a
-        # trainable bias) does. With a needs_input_grad[0] test here, the crash matrix's nf4 + torch.compile case
-        # (H200, torch 2.11) trained no single-block LoRA: no gradient reached them through proj_out.
+        # trainable bias) does. (Dropping the needs_input_grad[0] test did not cure the crash matrix's nf4 +
+        # torch.compile case, which trained no single-block LoRA on the H200; train.compile_choice keeps 4-bit eager.)
         w = _dequant_op(codes, absmax, qmap, shape, blocksize, dtype, nested_absmax, nested_qmap, offset,
                         nested_blocksize)
         dx, db = (dy.to(dtype) @ w).to(x_dtype), None
