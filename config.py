@@ -274,7 +274,19 @@ def _run_file(path: str | Path) -> Config:
     cfg = scope.get("config")
     if not isinstance(cfg, Config):
         raise ValueError(f"{str(path)!r} must define `config = Config(...)`; found {type(cfg).__name__}")
+    _lists_to_tuples(cfg)
     return cfg
+
+
+def _lists_to_tuples(obj) -> None:
+    """A config file may write a tuple field as a list (`target_modules=["to_q", "to_k"]`, the usual Python
+    spelling); make it the tuple the field declares, so validation and tyro see the declared type."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _lists_to_tuples(value)
+        elif isinstance(value, list) and "tuple" in str(f.type):
+            setattr(obj, f.name, tuple(value))
 
 
 def load_config(path: str | Path) -> Config:

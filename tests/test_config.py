@@ -322,3 +322,17 @@ def test_help_mentions_the_config_flag(capsys):
     out = capsys.readouterr().out
     assert "the train.py docstring line" in out and "--config PATH" in out and "{constant,linear,cosine}" in out
     assert "optimizer steps in all" in out  # a field comment, shown as its flag's help
+
+
+def test_a_list_for_a_tuple_field_is_accepted(tmp_path):
+    f = tmp_path / "lists.py"
+    f.write_text("from config import Config, DataConfig, TrainConfig\n"
+                 "config = Config(data=DataConfig(path='x', resize=[512, 768]),\n"
+                 "                train=TrainConfig(target_modules=['to_q', 'to_k'], betas=[0.9, 0.99]))\n")
+    cfg = load_config(f)
+    assert cfg.train.target_modules == ("to_q", "to_k") and cfg.train.betas == (0.9, 0.99)
+    assert cfg.data.resize == (512, 768)
+    f.write_text("from config import Config, DataConfig, TrainConfig\n"
+                 "config = Config(data=DataConfig(path='x'), train=TrainConfig(betas=[0.9, 2.0]))\n")
+    with pytest.raises(ValueError, match="train.betas"):
+        load_config(f)
