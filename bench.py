@@ -11,8 +11,8 @@ transformer (speed does not depend on the weights' values). Prints a markdown ta
 configs/fp4.py; a row may change gradient_checkpointing), then train.prepare_transformer (attention, fp8 backward,
 checkpointing, LoRA, compile), train.make_optimizer, and per step train.micro_batches + train.train_step on random
 cache entries, as `python train.py` does. Denoise rows run sample.prepare_transformer and encode.predict_velocity,
-the call of sample.py's denoising loop. "stock" rows are diffusers' FluxTransformer2DModel with peft LoRA (r16 on
-to_q/to_k/to_v/to_out.0) as a diffusers user writes them, attention pinned to PyTorch's flash backend: PyTorch's
+the call of sample.py's denoising loop, with a LoRA loaded as sample.py leaves it (unfused). "stock" rows are
+diffusers' FluxTransformer2DModel with peft LoRA (r16 on to_q/to_k/to_v/to_out.0) as a diffusers user writes them, attention pinned to PyTorch's flash backend: PyTorch's
 default SDPA choice crashed in the first Flux LoRA backward on the H100 and H200 images. Kontext at 1024^2: 4096
 target + 4096 control + 512 text tokens, batch 1. Each row: a fresh process, the model built anew, the first step
 timed on its own (compilation, reported as first_s), one more warm-up, then the median of `iters` steps (CUDA
@@ -148,14 +148,13 @@ def stock_train_fn(model, inp, ckpt: bool, compile_: bool):
     return step
 
 
-def ours_denoise_fn(model, cfg: BenchConfig, res: int, device, fuse: bool):
-    """One denoising step as sample.py runs it: sample.prepare_transformer, then predict_velocity."""
+def ours_denoise_fn(model, cfg: BenchConfig, res: int, device, compile_: bool):
+    """One denoising step as sample.py runs it: a LoRA loaded (unfused, as lora.load_lora leaves it), the shipped
+    SampleConfig (compile off unless the row turns it on) through sample.prepare_transformer, then predict_velocity."""
     from peft import LoraConfig
 
     model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=STOCK_TARGETS))  # a LoRA being sampled
-    if fuse:
-        model.fuse_lora(lora_scale=1.0)
-    sc = dataclasses.replace(SampleConfig(), compile=cfg.compile, attention_backend=cfg.attention)
+    sc = dataclasses.replace(SampleConfig(), compile=compile_ and cfg.compile, attention_backend=cfg.attention)
     attention = sample.prepare_transformer(model, sc, device)
     inp = stock_inputs(cfg, res, device)
     t = torch.full((1,), 0.5, device=device, dtype=torch.bfloat16)
@@ -326,7 +325,7 @@ def profile_step(fn) -> dict:
 
 
 def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: str = "bf16", ckpt: bool = False,
-            compile_: bool = False, denoise: bool = False, fuse: bool = False, fp8_backward: bool = False) -> dict:
+            compile_: bool = False, denoise: bool = False, fp8_backward: bool = False) -> dict:
     t0 = time.perf_counter()
     row = dict(row=label, res=res)
     try:
@@ -339,7 +338,7 @@ def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: s
             inp = stock_inputs(cfg, res, device)
             fn = stock_denoise_fn(model, inp, compile_) if denoise else stock_train_fn(model, inp, ckpt, compile_)
         elif denoise:
-            fn, row["attention"] = ours_denoise_fn(model, cfg, res, device, fuse)
+            fn, row["attention"] = ours_denoise_fn(model, cfg, res, device, compile_)
         else:
             tc = ours_config(kind, cfg, gradient_checkpointing=ckpt, fp8_backward=fp8_backward)
             fn, row["attention"] = ours_train_fn(model, tc, cfg, res, device)
@@ -386,8 +385,9 @@ def plan(cfg: BenchConfig) -> list[tuple[str, int, dict]]:
         if "denoise" in cfg.rows:
             rows += [("denoise step: stock", res, dict(stock, denoise=True)),
                      *[("denoise step: stock+compile", res, dict(stock, denoise=True, compile_=True)) for _ in sc],
-                     ("denoise step: ours (LoRA fused)", res, dict(ours, denoise=True, fuse=True)),
-                     ("denoise step: ours fp8 (LoRA unfused)", res, dict(ours, kind="fp8", denoise=True))]
+                     ("denoise step: ours (sample.py defaults)", res, dict(ours, denoise=True)),
+                     ("denoise step: ours, SampleConfig.compile=True", res, dict(ours, denoise=True, compile_=True)),
+                     ("denoise step: ours fp8", res, dict(ours, kind="fp8", denoise=True))]
     return rows
 
 

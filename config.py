@@ -110,7 +110,8 @@ class SampleConfig:
     max_area: int = 1024 ** 2  # size_mode pipeline: output area
     size_mode: Literal["native", "pipeline"] = "native"  # native: output = input size | pipeline: diffusers'
     max_sequence_length: int = 512  # T5 tokens
-    compile: bool = True  # torch.compile each transformer block (regional; CUDA only)
+    compile: bool = False  # torch.compile each block (CUDA only): ~15-35 s to compile buys ~0.1 s/step, so it pays
+    #                        from about 5 images per process (batch jobs), not for one CLI edit
     attention_backend: AttentionBackend = "auto"  # as TrainConfig.attention_backend
 
 

@@ -10,9 +10,9 @@ import bench
 @pytest.mark.parametrize("kw", [dict(who="stock"), dict(who="stock", ckpt=True), dict(who="stock", denoise=True),
                                 dict(who="ours"), dict(who="ours", kind="fp8", ckpt=True),
                                 dict(who="ours", kind="fp8", fp8_backward=True), dict(who="ours", kind="nf4", ckpt=True),
-                                dict(who="ours", kind="fp8", denoise=True), dict(who="ours", denoise=True, fuse=True)],
+                                dict(who="ours", kind="fp8", denoise=True), dict(who="ours", denoise=True, compile_=True)],
                          ids=["stock", "stock-ckpt", "stock-denoise", "bf16", "fp8-ckpt", "fp8-backward", "nf4-ckpt",
-                              "fp8-denoise", "bf16-denoise-fused"])
+                              "fp8-denoise", "bf16-denoise-compile-flag"])
 def test_rows_run_on_tiny(kw):
     cfg = bench.BenchConfig(tiny=True, text_tokens=16, iters=1, warmup=1)
     with torch.enable_grad():
