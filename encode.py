@@ -158,11 +158,12 @@ def latent_ids(height: int, width: int, marker: float = 0.0, device=None, dtype=
 
 
 def prepare_latents(image_latents: torch.Tensor | None, batch_size: int, height: int, width: int, dtype, device,
-                    generator=None, latents: torch.Tensor | None = None):
+                    generator=None, latents: torch.Tensor | None = None, num_channels_latents: int = LATENT_CHANNELS):
     """Noise and control tokens for the transformer, as pipeline.prepare_latents (after VAE encoding).
 
-    image_latents: [b, 16, h, w] control latents from encode_image, or None (text-to-image); repeated to
-    batch_size. height/width: output size in pixels. Returns (latents [B, N, 64] packed noise,
+    image_latents: [b, C, h, w] control latents from encode_image, or None (text-to-image); repeated to
+    batch_size. height/width: output size in pixels. num_channels_latents: C of the noise, the pipeline's
+    transformer.config.in_channels // 4 (16 for FLUX). Returns (latents [B, N, 64] packed noise,
     control_latents [B, M, 64] or None, latent_ids [N, 3], control_ids [M, 3] or None)."""
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -176,7 +177,7 @@ def prepare_latents(image_latents: torch.Tensor | None, batch_size: int, height:
         control_ids = latent_ids(*control.shape[2:], marker=1.0, device=device, dtype=dtype)
         control = pack_latents(control)
     if latents is None:
-        latents = pack_latents(randn_tensor((batch_size, LATENT_CHANNELS, h, w), generator=generator,
+        latents = pack_latents(randn_tensor((batch_size, num_channels_latents, h, w), generator=generator,
                                             device=torch.device(device), dtype=dtype))
     else:
         latents = latents.to(device=device, dtype=dtype)

@@ -278,8 +278,9 @@ def sample(components, image, prompt, *, prompt_2=None, negative_prompt=_DEFAULT
         if tuple(latents.shape) != expected:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {expected} (packed) for "
                              f"{n_total} images of {height}x{width}")
-    latents, control_latents, img_ids, control_ids = prepare_latents(image_latents, n_total, height, width, dtype,
-                                                                     device, generator, latents)
+    latents, control_latents, img_ids, control_ids = prepare_latents(
+        image_latents, n_total, height, width, dtype, device, generator, latents,
+        num_channels_latents=transformer.config.in_channels // 4)  # as the pipeline: not a constant 16
     if control_ids is not None:
         img_ids = torch.cat([img_ids, control_ids], dim=0)
 

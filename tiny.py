@@ -52,6 +52,7 @@ class TinySpec:
     flux_heads: int = 2
     flux_head_dim: int = 16
     flux_rope: tuple = (4, 6, 6)  # sums to flux_head_dim
+    latent_channels: int = 16  # the VAE's; the transformer takes 4x (2x2 packing), as FLUX's 16 -> 64
 
     def wide(self) -> "TinySpec":
         return dataclasses.replace(self, clip_hidden=64, t5_d_model=64, flux_heads=4, flux_head_dim=32,
@@ -158,11 +159,11 @@ def build_components(spec: TinySpec) -> dict:
     n = len(spec.vae_channels)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
                         up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=spec.vae_channels,
-                        layers_per_block=1, latent_channels=16, norm_num_groups=spec.vae_groups, sample_size=64,
+                        layers_per_block=1, latent_channels=spec.latent_channels, norm_num_groups=spec.vae_groups, sample_size=64,
                         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
                         use_post_quant_conv=False)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=spec.flux_layers, num_single_layers=spec.flux_single_layers,
+        patch_size=1, in_channels=4 * spec.latent_channels, num_layers=spec.flux_layers, num_single_layers=spec.flux_single_layers,
         attention_head_dim=spec.flux_head_dim, num_attention_heads=spec.flux_heads,
         joint_attention_dim=spec.t5_d_model, pooled_projection_dim=spec.clip_hidden, guidance_embeds=True,
         axes_dims_rope=spec.flux_rope)

@@ -89,6 +89,26 @@ def test_equals_pipeline_without_cfg(components, pipe):
     assert t.total >= t.encode_prompt + t.encode_image + sum(t.steps) + t.decode - 1e-6
 
 
+def test_latent_channels_come_from_the_transformer(tmp_path):
+    """A miniature whose VAE has 4 latent channels (transformer in_channels 16) runs in FluxKontextPipeline; sample()
+    takes the noise's channels from transformer.config.in_channels // 4 as the pipeline does, not a constant 16."""
+    from diffusers import FluxKontextPipeline
+
+    from load import load_components
+    from tiny import TinySpec, ensure_tiny
+
+    path = ensure_tiny(TinySpec(latent_channels=4), root=tmp_path)
+    c = load_components(tiny_config(path))
+    p = FluxKontextPipeline.from_pretrained(path, dtype=torch.float32)
+    p.set_progress_bar_config(disable=True)
+    img = rand_image(48, 80)
+    out = ours(c, img, PROMPT, **SMALL)
+    assert out.latents.shape == (1, 15, 16)
+    assert torch.equal(out.latents, theirs(p, img, PROMPT, **SMALL))
+    assert torch.equal(ours(c, img, PROMPT, output_type="pt", **SMALL).images,
+                       theirs(p, img, PROMPT, output_type="pt", **SMALL))
+
+
 def test_equals_pipeline_pil_and_np(components, pipe):
     img = rand_image(48, 80, seed=3)
     pil = ours(components, img, PROMPT, output_type="pil", **SMALL).images
