@@ -8,11 +8,10 @@ cuDNN path notes that the aten ops give wrong results unless every operand is co
 reaches the kernels is contiguous [B, H, S, D] (lse [B, H, S, 1]) and the backward is one explicit aten call; it ran
 in every configuration on both GPUs.
 
-The choice lives on the model: `set_attention(model, name, device)` writes the backend into each of *this* model's
-attention processors (what diffusers' `set_attention_backend` does per module, minus its process-wide
-`set_active_backend`), so two models in one process keep their own choices and the pin holds inside compiled blocks
-and checkpoint recomputes. Our cuDNN path is a diffusers backend registered under its own name ("kontext_cudnn"),
-added once beside diffusers' entries; no diffusers entry is ever replaced.
+The choice lives on the model: `set_attention(model, name, device, dtype)` sets the processor of each of *this*
+model's attention modules: our CudnnFluxAttnProcessor for "cudnn", else diffusers' FluxAttnProcessor pinned to one of
+diffusers' own backends. Two models in one process keep their own choices, the choice holds inside compiled blocks
+and checkpoint recomputes, and nothing process-wide (diffusers' backend registry, its active backend) is touched.
 """
 
 import torch
@@ -62,35 +61,49 @@ def attention_ref(q, k, v, scale=None):
     return out.transpose(1, 2)
 
 
-def diffusers_backend(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                      enable_gqa=False, return_lse=False, _parallel_config=None):
-    """cudnn_attention with diffusers' backend signature (attention_dispatch.dispatch_attention_fn)."""
-    if attn_mask is not None or dropout_p or is_causal or enable_gqa or return_lse or _parallel_config:
-        raise NotImplementedError("kernels.attention: cuDNN path without mask, dropout, GQA, lse or context "
-                                  "parallelism only (Flux uses none of them)")
-    return cudnn_attention(query, key, value, scale)
+class CudnnFluxAttnProcessor:
+    """diffusers' FluxAttnProcessor.__call__ with its attention call, dispatch_attention_fn, replaced by
+    cudnn_attention; the projections, q/k norms, text-image concat, RoPE and output split are diffusers' own code
+    paths called the same way (tests/test_attention.py checks the result equals FluxAttnProcessor's). A processor
+    of our own, set on this model's attention modules, is how the choice stays per model: diffusers' backend
+    registry is keyed by its own enum and shared by every model in the process, so we never add to it."""
+
+    _attention_backend = None  # diffusers' set_attention_backend writes here; this processor ignores it
+    _parallel_config = None
+    name = "kontext_cudnn"
+
+    def __init__(self):
+        # the model exists, so diffusers is imported already: no start-up cost here, none at this file's import
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections, apply_rotary_emb
+
+        self._qkv, self._rope = _get_qkv_projections, apply_rotary_emb
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if attention_mask is not None:
+            raise NotImplementedError("kernels.attention: the cuDNN path takes no attention mask (Flux uses none)")
+        q, k, v, eq, ek, ev = self._qkv(attn, hidden_states, encoder_hidden_states)
+        q, k, v = (x.unflatten(-1, (-1, attn.head_dim)) for x in (q, k, v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if attn.added_kv_proj_dim is not None:  # double-stream block: text tokens first, as diffusers
+            eq, ek, ev = (x.unflatten(-1, (-1, attn.head_dim)) for x in (eq, ek, ev))
+            q = torch.cat([attn.norm_added_q(eq), q], dim=1)
+            k = torch.cat([attn.norm_added_k(ek), k], dim=1)
+            v = torch.cat([ev, v], dim=1)
+        if image_rotary_emb is not None:
+            q, k = self._rope(q, image_rotary_emb, sequence_dim=1), self._rope(k, image_rotary_emb, sequence_dim=1)
+        out = cudnn_attention(q, k, v).flatten(2, 3).to(q.dtype)
+        if encoder_hidden_states is None:
+            return out
+        text, out = out.split_with_sizes([encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]],
+                                         dim=1)
+        return attn.to_out[1](attn.to_out[0](out.contiguous())), attn.to_add_out(text.contiguous())
 
 
 # ---------------------------------------------------------------- the choice, per model
 
-OURS = "kontext_cudnn"  # our backend's name in diffusers' registry
-BACKENDS = {"cudnn": OURS, "cudnn_torch": "_native_cudnn", "flash": "_native_flash",
+# our names -> diffusers' backend names; "cudnn" is our processor instead (CudnnFluxAttnProcessor)
+BACKENDS = {"cudnn": CudnnFluxAttnProcessor.name, "cudnn_torch": "_native_cudnn", "flash": "_native_flash",
             "efficient": "_native_efficient", "math": "_native_math", "default": "native"}
-
-
-def _backend_name(value: str):
-    """diffusers' AttentionBackendName member for `value`; ours is added to the enum and the registry on first use
-    (diffusers keys its registry by enum members, so a backend of our own needs a member of our own)."""
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-
-    if value == OURS and OURS not in AttentionBackendName._value2member_map_:
-        member = str.__new__(AttentionBackendName, OURS)
-        member._name_, member._value_ = OURS.upper(), OURS
-        AttentionBackendName._member_map_[member._name_] = member
-        AttentionBackendName._value2member_map_[OURS] = member
-        AttentionBackendName._member_names_.append(member._name_)
-        _AttentionBackendRegistry.register(member)(diffusers_backend)
-    return AttentionBackendName(value)
 
 
 def cudnn_usable(device: torch.device, dtype: torch.dtype) -> bool:
@@ -114,24 +127,36 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> st
 
 
 def set_attention(model: torch.nn.Module, name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Pin the attention backend in every attention processor of `model` (and nowhere else); return the name chosen.
-    `dtype` is the dtype attention runs in (the hidden states'). Pinned inside the model, the choice holds in
-    compiled blocks and when gradient checkpointing recomputes a block: an outer `sdpa_kernel` context does neither,
-    and a recompute under another backend fails torch.utils.checkpoint's metadata check (logsumexp shapes differ)."""
+    """Set the attention path in every attention module of `model` (and nowhere else); return the name chosen.
+    "cudnn": our processor; any other: diffusers' FluxAttnProcessor with that backend written into it (what
+    diffusers' set_attention_backend does per module, minus its process-wide set_active_backend). `dtype` is the
+    dtype attention runs in (the hidden states'). Held inside the model, the choice holds in compiled blocks and when
+    gradient checkpointing recomputes a block: an outer `sdpa_kernel` context does neither, and a recompute under
+    another backend fails torch.utils.checkpoint's metadata check (logsumexp shapes differ)."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
     name = resolve_attention(name, device, dtype)
     if name in ("cudnn", "cudnn_torch") and not cudnn_usable(device, dtype):
         raise ValueError(f"attention_backend {name!r} needs a CUDA GPU (sm >= 8.0) and bf16/fp16 attention; got "
                          f"{device} with {dtype}")
-    backend = _backend_name(BACKENDS[name])
-    processors = [m.processor for m in model.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")]
-    if not processors:
-        raise ValueError(f"set_attention: {type(model).__name__} has no diffusers attention processors to pin")
-    for p in processors:
-        p._attention_backend = backend
+    modules = [m for m in model.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
+    other = {type(m.processor).__name__ for m in modules} - {"FluxAttnProcessor", "CudnnFluxAttnProcessor"}
+    if not modules or other:
+        raise ValueError(f"set_attention: {type(model).__name__} needs Flux attention modules with diffusers' "
+                         f"FluxAttnProcessor; found {sorted(other) or 'none'}")
+    for m in modules:
+        if name == "cudnn":
+            m.set_processor(CudnnFluxAttnProcessor())
+        else:
+            p = FluxAttnProcessor()
+            p._attention_backend = AttentionBackendName(BACKENDS[name])
+            m.set_processor(p)
     return name
 
 
 def attention_of(model: torch.nn.Module) -> set[str]:
-    """The backend names pinned in the model's attention processors (None: diffusers' process-wide default)."""
-    return {getattr(getattr(m.processor, "_attention_backend", None), "value", None)
-            for m in model.modules() if hasattr(getattr(m, "processor", None), "_attention_backend")}
+    """The attention path of each attention module: our processor's name, or the diffusers backend pinned in it
+    (None: diffusers' process-wide default)."""
+    return {getattr(m.processor, "name", None) or getattr(m.processor._attention_backend, "value", None)
+            for m in model.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")}

@@ -13,18 +13,15 @@ import torch
 
 import tiny
 from config import TrainConfig
-from kernels.attention import (OURS, attention_of, attention_ref, cudnn_attention, diffusers_backend,
+from kernels.attention import (CudnnFluxAttnProcessor, attention_of, attention_ref, cudnn_attention,
                                resolve_attention, set_attention)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
-def test_backend_refuses_mask_and_dropout():
-    q = torch.zeros(1, 4, 2, 8)
+def test_processor_refuses_a_mask():
     with pytest.raises(NotImplementedError, match="mask"):
-        diffusers_backend(q, q, q, attn_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        diffusers_backend(q, q, q, dropout_p=0.1)
+        CudnnFluxAttnProcessor()(None, torch.zeros(1, 4, 8), attention_mask=torch.ones(1, 4, dtype=torch.bool))
 
 
 def test_auto_attention_choice(monkeypatch):
@@ -41,31 +38,51 @@ def test_auto_attention_choice(monkeypatch):
         set_attention(tiny.full_size_transformer("cpu", **tiny.MINI_DIMS), "cudnn", CPU, torch.bfloat16)
 
 
+def inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(1, 16, 64, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+                pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.ones(1), guidance=torch.ones(1),
+                img_ids=torch.randn(16, 3, generator=g), txt_ids=torch.zeros(8, 3))
+
+
 def test_choice_lives_on_the_model(monkeypatch):
-    """Two models in one process keep their own backends; nothing process-wide changes; diffusers dispatches the
-    pinned model to our function."""
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    """Two models in one process keep their own attention; nothing process-wide changes (diffusers' registry, enum
+    and active backend); the cuDNN model reaches our function, the other never does."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
     active, entries = _AttentionBackendRegistry._active_backend, dict(_AttentionBackendRegistry._backends)
+    names = set(AttentionBackendName.__members__)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     ours = tiny.full_size_transformer("cpu", torch.float32, **tiny.MINI_DIMS)
     other = tiny.full_size_transformer("cpu", torch.float32, **tiny.MINI_DIMS)
     assert set_attention(ours, "auto", CUDA, torch.bfloat16) == "cudnn"  # as on a GPU
     assert set_attention(other, "math", CPU, torch.float32) == "math"
-    assert attention_of(ours) == {OURS} and attention_of(other) == {"_native_math"}
-    assert _AttentionBackendRegistry._active_backend == active
-    assert all(_AttentionBackendRegistry._backends[k] is v for k, v in entries.items())  # none replaced
+    assert attention_of(ours) == {"kontext_cudnn"} and attention_of(other) == {"_native_math"}
+    assert _AttentionBackendRegistry._active_backend == active and set(AttentionBackendName.__members__) == names
+    assert dict(_AttentionBackendRegistry._backends) == entries
 
     calls = []
     monkeypatch.setattr("kernels.attention.cudnn_attention", lambda q, k, v, scale=None: calls.append(q.shape) or q)
-    inp = dict(hidden_states=torch.randn(1, 16, 64), encoder_hidden_states=torch.randn(1, 8, 32),
-               pooled_projections=torch.randn(1, 32), timestep=torch.ones(1), guidance=torch.ones(1),
-               img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3))
-    ours(**inp)
+    ours(**inputs())
     n_attn = len(ours.transformer_blocks) + len(ours.single_transformer_blocks)
     assert len(calls) == n_attn and calls[0] == (1, 24, 2, 16)  # [B, S_text + S_img, H, D]
-    other(**inp)
+    other(**inputs())
     assert len(calls) == n_attn  # the other model never reaches our function
+    assert set_attention(ours, "math", CPU, torch.float32) == "math" and attention_of(ours) == {"_native_math"}
+
+
+def test_our_processor_equals_diffusers_processor(monkeypatch):
+    """CudnnFluxAttnProcessor is FluxAttnProcessor with the attention call swapped: with its kernel replaced by the
+    math reference, the whole transformer (double and single blocks, RoPE, text concat) equals diffusers' processor
+    on the math backend, exactly."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    monkeypatch.setattr("kernels.attention.cudnn_attention", attention_ref)
+    torch.manual_seed(0)
+    ours = tiny.full_size_transformer("cpu", torch.float32, **dict(tiny.MINI_DIMS, num_layers=2, num_single_layers=2))
+    want = (set_attention(ours, "math", CPU, torch.float32), ours(**inputs(1))[0])[1]
+    set_attention(ours, "cudnn", CUDA, torch.bfloat16)
+    got = ours(**inputs(1))[0]
+    assert attention_of(ours) == {"kontext_cudnn"} and torch.equal(got, want)
 
 
 def test_train_logs_and_saves_the_choice():
