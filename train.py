@@ -180,9 +180,10 @@ class NonFiniteLoss(FloatingPointError):
         self.samples = samples  # global indices of the training samples of the bad micro-batch
 
 
-def train_step(model, params: list, optimizer, batches, tc: TrainConfig) -> tuple[float, float]:
+def train_step(model, params: list, optimizer, batches, tc: TrainConfig) -> tuple[float, float, int]:
     """One optimizer step: flow-matching loss and backward per micro-batch (under bf16 autocast if tc.autocast),
-    gradient clipping, the optimizer. Returns (mean loss, gradient norm). A non-finite loss raises
+    gradient clipping, the optimizer. Returns (mean loss, gradient norm, samples in the global batch: a shape
+    bucket's last batch can be smaller than batch_size). A non-finite loss raises
     FloatingPointError naming the samples before the optimizer touches the LoRA."""
     losses = []
     for b, idx, share in batches:
@@ -200,7 +201,7 @@ def train_step(model, params: list, optimizer, batches, tc: TrainConfig) -> tupl
     grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return sum(v / tc.grad_accum for v in values), float(grad_norm)
+    return sum(v / tc.grad_accum for v in values), float(grad_norm), sum(len(idx) for _, idx in losses)
 
 
 def make_optimizer(params, cfg: TrainConfig):
@@ -352,7 +353,7 @@ def main(cfg: Config) -> dict:
             g["lr"] = tc.lr * lr_factor(step, tc)
         batches = micro_batches(data.train, data.shapes, data.empty, tc, step, rank, world, device, dtype)
         try:
-            loss, grad_norm = train_step(model, params, optimizer, batches, tc)
+            loss, grad_norm, n = train_step(model, params, optimizer, batches, tc)
         except NonFiniteLoss as e:
             keys = [samples[i].key for i in e.samples]
             raise FloatingPointError(f"{e} at step {step} on samples {keys}; last good checkpoint: {last_ckpt}. "
@@ -360,8 +361,6 @@ def main(cfg: Config) -> dict:
         loss, dt = _mean_over_ranks(loss, world), time.perf_counter() - t0
         if step == start:
             log(f"first step: {dt:.1f} s (warm-up{' and compilation' if compiled == 'on' else ''}; later steps are faster)")
-        n = sum(len(global_batch(data.shapes, tc.batch_size * world, tc.seed, step * tc.grad_accum + m))
-                for m in range(tc.grad_accum))  # a shape bucket's last batch can be smaller than batch_size
         rec = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                "s_per_step": dt, "samples_per_s": n / dt}
         history.append(rec)

@@ -172,12 +172,11 @@ class _Linear4bitFunction(torch.autograd.Function):
     def backward(ctx, dy):
         codes, absmax, qmap, nested_absmax, nested_qmap, offset = ctx.saved_tensors
         shape, blocksize, nested_blocksize, dtype, x_dtype = ctx.meta
-        # dx unconditionally: autograd calls this only when x (the one input that can need a gradient besides a
-        # trainable bias) does. (Dropping the needs_input_grad[0] test did not cure the crash matrix's nf4 +
-        # torch.compile case, which trained no single-block LoRA on the H200; train.compile_choice keeps 4-bit eager.)
-        w = _dequant_op(codes, absmax, qmap, shape, blocksize, dtype, nested_absmax, nested_qmap, offset,
-                        nested_blocksize)
-        dx, db = (dy.to(dtype) @ w).to(x_dtype), None
+        dx = db = None
+        if ctx.needs_input_grad[0]:
+            w = _dequant_op(codes, absmax, qmap, shape, blocksize, dtype, nested_absmax, nested_qmap, offset,
+                            nested_blocksize)
+            dx = (dy.to(dtype) @ w).to(x_dtype)
         if ctx.needs_input_grad[1]:
             db = dy.reshape(-1, dy.shape[-1]).sum(0)
         return dx, db, *([None] * 10)

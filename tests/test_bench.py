@@ -27,6 +27,7 @@ def test_plan_labels_the_shipped_configs():
     labels = [label for label, _ in rows]
     assert "bf16 train, full ckpt: ours (configs/bf16.py)" in labels
     assert "fp8 train, no recompute: ours (configs/fp8.py)" in labels
+    assert bench.ours_config("fp8", bench.BenchConfig()).fp8_backward  # the row runs configs/fp8.py's choice
 
 
 def test_kernel_kinds():
