@@ -5,7 +5,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["bench", "train", "sample", "lora", "cache", "load", "quant", "encode", "kernels", "config", "tiny"]
+LAYERS = ["bench", "train", "convert", "caption", "sample", "stepcache", "lora", "cache", "load", "quant", "encode", "kernels",
+          "config", "tiny"]
 
 
 def project_imports(path: Path):
