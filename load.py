@@ -6,6 +6,7 @@ module goes exactly where its `Part` says. Quantized transformers (fp8 / 4-bit) 
 owns every look inside a checkpoint's files (config.json, safetensors headers): this file only chooses and places.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,20 +137,35 @@ def load_vae(cfg: ModelConfig):
     return _place(_from_pretrained(AutoencoderKL, "vae", path, sub, dtype=DTYPES[cfg.vae.dtype]), cfg.vae, "vae")
 
 
+def hub_snapshot(repo: str, sub: str, name: str) -> Path:
+    """The local snapshot of a Hub repo in the Hugging Face cache, downloading only `sub/` (and the repo's top-level
+    json) on first use; with HF_HUB_OFFLINE=1 the cache only. A quantized transformer is read from its files
+    (quant.py), so a repo id must become a folder first; from_pretrained would fetch the same files."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=[f"{sub}/*", "*.json"] if sub else None))
+    except Exception as e:  # offline without a cached copy, unknown or gated repo, network: all say the same
+        raise ValueError(f"{name}: could not get {repo!r} (subfolder {sub!r}) from the Hugging Face Hub or its cache: "
+                         f"{type(e).__name__}: {e}. Download it first (hf download {repo} --include '{sub}/*'), "
+                         f"or pass a local folder as the path") from e
+
+
 def load_transformer(cfg: ModelConfig):
-    """The FluxTransformer2DModel: as stored, or with its Linears replaced by our fp8 / 4-bit ones (quant.py)."""
+    """The FluxTransformer2DModel: as stored, or with its Linears replaced by our fp8 / 4-bit ones (quant.py).
+    A Hub id is resolved to its cached snapshot first, so pre-quantized repos and quantize-at-load work by id."""
     from diffusers import FluxTransformer2DModel
 
     dtype = parse_dtype(cfg.transformer.dtype, "transformer")
     path, sub = _resolve(cfg, cfg.transformer, "transformer")
-    if _is_local(path):
-        if cfg.quant != "none" or quant.is_quantized_checkpoint(Path(path) / sub):
-            return quant.load_quantized_transformer(Path(path) / sub, cfg.quant, dtype,
-                                                    parse_device(cfg.transformer.device, "transformer"),
-                                                    cfg.fp8_scales)
-    elif cfg.quant != "none":
-        raise ValueError(f"transformer: quant={cfg.quant!r} needs a local folder; download {path!r} first "
-                         f"(huggingface-cli download {path}) and pass its path")
+    if not _is_local(path):
+        snapshot = str(hub_snapshot(path, sub, "transformer"))
+        part = dataclasses.replace(cfg.transformer, path=snapshot)
+        path, sub = _resolve(dataclasses.replace(cfg, transformer=part), part, "transformer")  # the local checks
+    if cfg.quant != "none" or quant.is_quantized_checkpoint(Path(path) / sub):
+        return quant.load_quantized_transformer(Path(path) / sub, cfg.quant, dtype,
+                                                parse_device(cfg.transformer.device, "transformer"),
+                                                cfg.fp8_scales)
     model = _from_pretrained(FluxTransformer2DModel, "transformer", path, sub, dtype=dtype)
     return _place(model, cfg.transformer, "transformer")
 

@@ -6,7 +6,8 @@ gpu = lambda: Part(dtype="bf16", device="cuda:0")  # noqa: E731
 
 config = Config(
     model=ModelConfig(path="black-forest-labs/FLUX.1-Kontext-dev", clip=gpu(), t5=gpu(), vae=gpu(),
-                      transformer=Part(path="checkpoints/flux-kontext-4bit-fp4", dtype="bf16", device="cuda:0")),
+                      # a bnb fp4 transformer/ folder, by Hub id (fetched into the HF cache) or local path
+                      transformer=Part(path="eramth/flux-kontext-4bit-fp4", dtype="bf16", device="cuda:0")),
     data=DataConfig(path="data/my_edits"),
     train=TrainConfig(steps=2000, lr=2e-5, save_every=250, validate_every=250, gradient_checkpointing=True),
     out_dir="runs/fp4",

@@ -92,3 +92,82 @@ def test_bad_device_error(tiny_path):
     cfg.clip.device = "gpu0"
     with pytest.raises(ValueError, match=r"clip: bad device 'gpu0'"):
         load_clip(cfg)
+
+
+def fake_hub_cache(cache, repo, folder):
+    """The Hugging Face cache layout (models--org--name/refs/main -> snapshots/<commit>/...) holding `folder`'s
+    files, as `hf download` leaves it: the stand-in for the Hub in offline tests."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / ("models--" + repo.replace("/", "--"))
+    shutil.copytree(folder, root / "snapshots" / commit)
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hub"
+
+
+def test_transformer_repo_id_from_cache(tiny_path, tmp_path, offline_hub):
+    # a pre-quantized fp8 repo named by id (configs/fp8.py's kind of source), and a bf16 repo quantized at load
+    from safetensors.torch import load_file, save_file
+
+    from kernels.fp8 import FP8Linear
+    from test_quant import comfy_scaled
+
+    state = load_file(tiny_path / "transformer" / "diffusion_pytorch_model.safetensors")
+    tensors, _dense = comfy_scaled(state)
+    export = tmp_path / "export"
+    (export / "transformer").mkdir(parents=True)
+    shutil.copy(tiny_path / "transformer" / "config.json", export / "transformer" / "config.json")
+    save_file(tensors, export / "transformer" / "diffusion_pytorch_model.safetensors")
+    fake_hub_cache(offline_hub, "someone/kontext-fp8-scaled", export)
+    fake_hub_cache(offline_hub, "someone/kontext-bf16", tiny_path)
+
+    cfg = tiny_config("someone/kontext-fp8-scaled")
+    model = load_transformer(cfg)  # quant "none": detected from the files, as for a local folder
+    assert any(isinstance(m, FP8Linear) for m in model.modules())
+    cfg = tiny_config("someone/kontext-bf16")
+    cfg.quant = "fp8"
+    assert any(isinstance(m, FP8Linear) for m in load_transformer(cfg).modules())
+    cfg.quant = "none"
+    plain = load_transformer(cfg)
+    assert not any(isinstance(m, FP8Linear) for m in plain.modules())
+    ref = load_transformer(tiny_config(tiny_path))
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), ref.state_dict().values()))
+
+
+def test_transformer_repo_id_not_cached_offline(offline_hub):
+    with pytest.raises(ValueError, match=r"transformer: could not get 'someone/absent' \(subfolder 'transformer'\) "
+                                         r"from the Hugging Face Hub or its cache.*hf download someone/absent"):
+        load_transformer(tiny_config("someone/absent"))
+
+
+def test_transformer_repo_id_without_transformer_folder(tiny_path, tmp_path, offline_hub):
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_path / "vae", partial / "vae")
+    fake_hub_cache(offline_hub, "someone/vae-only", partial)
+    with pytest.raises(ValueError, match=r"transformer: .*snapshots.* has no subfolder 'transformer'"):
+        load_transformer(tiny_config("someone/vae-only"))
+
+
+def test_scaleless_fp8_repo_id_refused(tiny_path, tmp_path, offline_hub):
+    # configs/fp8.py's note: AlekseyCalvin/Flux_Kontext_Dev_fp8_scaled_diffusers kept scaled codes, dropped scales
+    from safetensors.torch import load_file, save_file
+
+    from test_quant import comfy_scaled
+
+    tensors, _ = comfy_scaled(load_file(tiny_path / "transformer" / "diffusion_pytorch_model.safetensors"), peak=416.0)
+    codes = {k: v for k, v in tensors.items() if not k.endswith((".scale_weight", ".scale_input", "scaled_fp8"))}
+    export = tmp_path / "export"
+    (export / "transformer").mkdir(parents=True)
+    shutil.copy(tiny_path / "transformer" / "config.json", export / "transformer" / "config.json")
+    save_file(codes, export / "transformer" / "diffusion_pytorch_model.safetensors")
+    fake_hub_cache(offline_hub, "AlekseyCalvin/Flux_Kontext_Dev_fp8_scaled_diffusers", export)
+    with pytest.raises(ValueError, match=r"no scale.*fp8_scales"):
+        load_transformer(tiny_config("AlekseyCalvin/Flux_Kontext_Dev_fp8_scaled_diffusers"))
