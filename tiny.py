@@ -337,6 +337,145 @@ def full_size_components(device, dtype=None, seed: int = 0) -> dict:
                 text_encoder_2=t5.eval().requires_grad_(False), tokenizer_2=tokenizer_2,
                 vae=vae.eval().requires_grad_(False), transformer=full_size_transformer(device, dtype).eval())
 
+
+# ---------------------------------------------------------------- tiny random captioners (caption.py's tests)
+
+# Bump when a builder below changes what it writes (the folder name is keyed by this and the library versions).
+CAPTIONER_VERSION = 1
+
+
+def _bpe_merges(words: Counter, splits: dict, n_merges: int) -> list[tuple[str, str]]:
+    """Greedy BPE merges over the corpus words (splits: word -> its symbols, merged in place), ties broken by the
+    pair itself: the same corpus always gives the same merges (train_clip_tokenizer's rule)."""
+    merges = []
+    for _ in range(n_merges):
+        pairs = Counter()
+        for w, count in words.items():
+            s = splits[w]
+            for p in zip(s, s[1:]):
+                pairs[p] += count
+        if not pairs:
+            break
+        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        merges.append(best)
+        for s in splits.values():
+            i = 0
+            while i < len(s) - 1:
+                if (s[i], s[i + 1]) == best:
+                    s[i:i + 2] = [s[i] + s[i + 1]]
+                i += 1
+    return merges
+
+
+def tiny_bert_tokenizer():
+    """WordPiece with BLIP's layout (BERT's [PAD]=0 ... specials, [DEC] as the bos token that starts a caption):
+    every corpus word is a piece, every character a piece and a ##continuation; a transformers BertTokenizer."""
+    from tokenizers import pre_tokenizers
+    from transformers import BertTokenizer
+
+    words = _words(pre_tokenizers.BertPreTokenizer())
+    chars = sorted({c for w in words for c in w})
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + sorted(words) + chars + ["##" + c for c in chars]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    return BertTokenizer(vocab=vocab, bos_token="[DEC]", model_max_length=512)
+
+
+def tiny_bart_tokenizer(n_merges: int = 200):
+    """Byte-level BPE with BART's layout (<s>=0, <pad>=1, </s>=2, <unk>=3) plus Florence-2's <image> token, merges
+    learnt from the corpus; a transformers BartTokenizer (RoBERTa's, as Florence-2 checkpoints name it)."""
+    from tokenizers import pre_tokenizers
+    from transformers import BartTokenizer
+
+    words = _words(pre_tokenizers.ByteLevel(add_prefix_space=False))
+    merges = _bpe_merges(words, {w: list(w) for w in words}, n_merges)
+    tokens = ["<s>", "<pad>", "</s>", "<unk>"] + sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens += ["".join(m) for m in merges] + ["<mask>", "<image>"]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    return BartTokenizer(vocab=vocab, merges=merges, extra_special_tokens={"image_token": "<image>"},
+                         model_max_length=1024)
+
+
+def _write_captioner(out: str | Path, model, processor) -> Path:
+    """model + processor via save_pretrained into a temp folder, renamed onto `out` when complete."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def write_tiny_blip(out: str | Path, seed: int = 0) -> Path:
+    """A randomly initialised BlipForConditionalGeneration + BlipProcessor folder (Salesforce/blip-image-captioning-*
+    layout: config.json, model.safetensors, generation_config.json, processor and tokenizer files); 32x32 input.
+    Weights are drawn wider than BLIP's init so that captions differ from image to image."""
+    import torch
+    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
+                              BlipTextConfig, BlipVisionConfig)
+
+    tok = tiny_bert_tokenizer()
+    torch.manual_seed(seed)
+    vision = BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32, initializer_range=0.2)
+    text = BlipTextConfig(vocab_size=len(tok), hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
+                          projection_dim=32, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=512,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.sep_token_id, sep_token_id=tok.sep_token_id,
+                          pad_token_id=tok.pad_token_id, initializer_range=0.2)
+    model = BlipForConditionalGeneration(BlipConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                                                    projection_dim=32, image_text_hidden_size=32))
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
+    return _write_captioner(out, model, processor)
+
+
+def write_tiny_florence2(out: str | Path, seed: int = 0) -> Path:
+    """A randomly initialised Florence2ForConditionalGeneration + Florence2Processor folder (the layout of
+    florence-community/Florence-2-*, transformers' native class): a 4-stage DaViT vision tower (64x64 input ->
+    2x2 features + 1 pooled = 5 image tokens), a 1+1-layer BART, a byte-level BPE tokenizer with <image>."""
+    import torch
+    from transformers import (BartConfig, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
+                              Florence2Processor, Florence2VisionConfig)
+
+    tok = tiny_bart_tokenizer()
+    torch.manual_seed(seed)
+    vision = Florence2VisionConfig(depths=(1, 1, 1, 1), embed_dim=(8, 16, 16, 32), num_heads=(1, 2, 2, 2),
+                                   num_groups=(1, 2, 2, 2), window_size=2, projection_dim=32,
+                                   max_position_embeddings=8, max_temporal_embeddings=4, drop_path_rate=0.0,
+                                   initializer_range=0.5)
+    text = BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                      decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=1024,
+                      bos_token_id=0, pad_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=2,
+                      init_std=0.2)
+    config = Florence2Config(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                             image_token_id=tok.image_token_id)
+    model = Florence2ForConditionalGeneration(config)
+    # image_seq_length: the vision tower's tokens for a 64x64 input (the processor inserts that many <image>);
+    # post_processor_config: only the parse rule caption.py uses (the real one also has ocr, grounding, boxes).
+    images = CLIPImageProcessor(size={"height": 64, "width": 64}, do_center_crop=False, image_seq_length=5)
+    processor = Florence2Processor(image_processor=images, tokenizer=tok, post_processor_config={"pure_text": {}})
+    return _write_captioner(out, model, processor)
+
+
+TINY_CAPTIONERS = {"blip": write_tiny_blip, "florence2": write_tiny_florence2}
+
+
+def ensure_tiny_captioner(kind: str = "blip", root: str | Path | None = None) -> Path:
+    """Path of the tiny `kind` captioner ("blip" | "florence2"), writing it first if absent."""
+    import tokenizers
+    import transformers
+
+    if kind not in TINY_CAPTIONERS:
+        raise ValueError(f"unknown tiny captioner {kind!r}; expected one of {', '.join(TINY_CAPTIONERS)}")
+    blob = json.dumps([kind, CAPTIONER_VERSION, transformers.__version__, tokenizers.__version__])
+    path = Path(root or default_root()) / f"tiny-{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    if not (path / "config.json").exists():
+        TINY_CAPTIONERS[kind](path)
+    return path
+
+
 if __name__ == "__main__":
     import argparse
 
