@@ -6,12 +6,15 @@ transformer (speed does not depend on the weights' values). Prints a markdown ta
     python bench.py --match ours             # --match selects rows by label (ours / stock / 'full ckpt')
     python bench.py --tiny                   # the miniature model on CPU: checks the script, times nothing useful
     python bench.py --accuracy [--tiny]      # fp8 / nf4 / fp4 vs bf16: prediction, loss, LoRA-gradient error
+    python bench.py --rows stepcache --iters 2 --warmup 0   # a 28-step sample() per SampleConfig.cache option
 
 "ours" rows run train.py's own step: the TrainConfig of the shipped config file (configs/bf16.py, configs/fp8.py,
 configs/fp4.py; a row may change gradient_checkpointing), then train.prepare_transformer (attention, fp8 backward,
 checkpointing, LoRA, compile), train.make_optimizer, and per step train.micro_batches + train.train_step on random
 cache entries, as `python train.py` does. Denoise rows run sample.prepare_transformer and encode.predict_velocity,
-the call of sample.py's denoising loop, with a LoRA loaded as sample.py leaves it (unfused). "stock" rows are
+the call of sample.py's denoising loop, with a LoRA loaded as sample.py leaves it (unfused); "stepcache" rows run
+sample.sample itself, 28 steps, once per cache option, and report its latents' error against the same call uncached
+(random weights: the error is not image quality). "stock" rows are
 diffusers' FluxTransformer2DModel with peft LoRA (r16 on to_q/to_k/to_v/to_out.0) as a diffusers user writes them, attention pinned to PyTorch's flash backend: PyTorch's
 default SDPA choice crashed in the first Flux LoRA backward on the H100 and H200 images. Kontext at 1024^2: 4096
 target + 4096 control + 512 text tokens, batch 1. Each row: a fresh process, the model built anew, the first step
@@ -30,18 +33,24 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import quant
 import sample
 import tiny
 import train
-from config import SampleConfig, TrainConfig, load_config
+from config import ModelConfig, Part, SampleConfig, TrainConfig, load_config
 from encode import latent_ids, predict_velocity
+from load import Components, load_vae
 
 STOCK_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CONFIGS = {"bf16": "configs/bf16.py", "fp8": "configs/fp8.py", "nf4": "configs/fp4.py"}  # kind -> shipped config
+# --rows stepcache: SampleConfig.cache values timed ("" = uncached, the speed-up's reference); values from the
+# methods' papers / defaults for FLUX.1-dev (stepcache.py)
+STEPCACHE_SPECS = ("", "first_block:0.08", "mag:0.06", "taylorseer:5", "faster:2", "tea:0.25", "tea:0.6")
 
 
 @dataclass
@@ -83,9 +92,9 @@ def ours_config(kind: str, cfg: BenchConfig, **overrides) -> TrainConfig:
 # ---------------------------------------------------------------- the step functions timed
 
 
-def ours_train_fn(model, tc: TrainConfig, cfg: BenchConfig, res: int, device):
-    """train.py's step on random cache entries of the Kontext shape."""
-    params, attention = train.prepare_transformer(model, tc, device)
+def ours_train_fn(model, tc: TrainConfig, cfg: BenchConfig, res: int, device, offload: int | None = None):
+    """train.py's step on random cache entries of the Kontext shape (offload: ModelConfig.resident_blocks)."""
+    params, attention = train.prepare_transformer(model, tc, device, offload)
     optimizer = train.make_optimizer(params, tc)
     entries = tiny.random_entries(tc.batch_size, res, cfg.text_tokens, dims(cfg))
     empty = tiny.random_empty(cfg.text_tokens, dims(cfg))
@@ -125,7 +134,7 @@ def stock_forward(model, inp, t=0.5):
     return out[:, :x_t.shape[1]]
 
 
-def stock_train_fn(model, inp, ckpt: bool, compile_: bool):
+def stock_train_fn(model, inp, ckpt: bool, compile_: bool, group_offload: bool = False):
     from peft import LoraConfig
 
     model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=STOCK_TARGETS))
@@ -134,6 +143,9 @@ def stock_train_fn(model, inp, ckpt: bool, compile_: bool):
         p.data = p.data.float()
     if ckpt:
         model.enable_gradient_checkpointing()
+    if group_offload:  # what a diffusers user would try first (offload.py's docstring says why it cannot train)
+        model.enable_group_offload(onload_device=inp["x0"].device, offload_device=torch.device("cpu"),
+                                   offload_type="block_level", num_blocks_per_group=1, use_stream=True)
     if compile_:
         model.compile_repeated_blocks(fullgraph=False)
     model.train()
@@ -148,14 +160,14 @@ def stock_train_fn(model, inp, ckpt: bool, compile_: bool):
     return step
 
 
-def ours_denoise_fn(model, cfg: BenchConfig, res: int, device, compile_: bool):
+def ours_denoise_fn(model, cfg: BenchConfig, res: int, device, compile_: bool, offload: int | None = None):
     """One denoising step as sample.py runs it: a LoRA loaded (unfused, as lora.load_lora leaves it), the shipped
     SampleConfig (compile off unless the row turns it on) through sample.prepare_transformer, then predict_velocity."""
     from peft import LoraConfig
 
     model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=STOCK_TARGETS))  # a LoRA being sampled
     sc = dataclasses.replace(SampleConfig(), compile=compile_ and cfg.compile, attention_backend=cfg.attention)
-    attention = sample.prepare_transformer(model, sc, device)
+    attention = sample.prepare_transformer(model, sc, device, offload)
     inp = stock_inputs(cfg, res, device)
     t = torch.full((1,), 0.5, device=device, dtype=torch.bfloat16)
     guidance = torch.full((1,), 3.5, device=device)
@@ -166,6 +178,37 @@ def ours_denoise_fn(model, cfg: BenchConfig, res: int, device, compile_: bool):
                          inp["txt_ids"], inp["img_ids"])
 
     return step, attention
+
+
+def ours_stepcache_fn(model, cfg: BenchConfig, res: int, device, cache: str):
+    """A whole sample.sample call as sample.py makes it (LoRA unfused, the shipped SampleConfig's 28 steps, only
+    `cache` changed) on a res x res control image (encoded by the tiny random VAE: only its size matters here) with
+    random prompt embeddings (no text encoders), latents out. Returns (fn, attention, extra): extra holds the
+    latents' relative error against the same call uncached and, once fn ran, denoise_s (its steps' seconds)."""
+    from peft import LoraConfig
+
+    model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=STOCK_TARGETS))
+    sc = dataclasses.replace(SampleConfig(), compile=False, attention_backend=cfg.attention, cache=cache)
+    attention = sample.prepare_transformer(model, sc, device)
+    vae = load_vae(ModelConfig(path=str(tiny.ensure_tiny()), vae=Part(dtype="bf16", device=str(device))))
+    components = Components(vae=vae, transformer=model)
+    d, g = dims(cfg), torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, cfg.text_tokens, d["joint_attention_dim"], generator=g).to(device, torch.bfloat16)
+    pooled = torch.randn(1, d["pooled_projection_dim"], generator=g).to(device, torch.bfloat16)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (res, res, 3), dtype=np.uint8))
+    kw = {k: v for k, v in dataclasses.asdict(sc).items() if k not in sample.NOT_SAMPLE_KWARGS}
+    extra = {}
+
+    def run(**override):
+        out = sample.sample(components, image, None, prompt_embeds=embeds, pooled_prompt_embeds=pooled,
+                            generator=torch.Generator().manual_seed(0), output_type="latent", progress=False,
+                            **dict(kw, **override))
+        extra["denoise_s"] = round(sum(out.timings.steps), 4)
+        return out.latents.float()
+
+    ref = run(cache="")
+    extra["latent_rel_err"] = float((run() - ref).norm() / ref.norm())
+    return run, attention, extra
 
 
 def stock_denoise_fn(model, inp, compile_: bool):
@@ -236,11 +279,44 @@ def compare(ref: dict, other: dict) -> dict:
                 finite=bool(torch.isfinite(other["pred"]).all() and torch.isfinite(a).all()))
 
 
+def t5_accuracy(cfg: BenchConfig, device) -> dict:
+    """model.t5_quant="fp8": prompt embeddings of the T5-XXL encoder (random weights, random token ids, 512 tokens)
+    with its block Linears quantized (quant.quantize_t5_fp8) against the same encoder in bf16, and the weights' GiB."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    dims = (dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4) if cfg.tiny else
+            dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64))  # google/t5-v1_1-xxl's encoder
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            t5 = T5EncoderModel(T5Config(vocab_size=32128, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+                                         use_cache=False, **dims)).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    for block in t5.encoder.block:  # as from_pretrained leaves it: T5's _keep_in_fp32_modules
+        block.layer[-1].DenseReluDense.wo.float()
+    ids = torch.randint(0, 32128, (1, cfg.text_tokens), generator=torch.Generator().manual_seed(1)).to(device)
+    gib = lambda: sum(t.numel() * t.element_size() for t in [*t5.parameters(), *t5.buffers()]) / 2**30  # noqa: E731
+    with torch.no_grad():
+        ref, before = t5(ids).last_hidden_state.double(), gib()
+        quant.quantize_t5_fp8(t5)
+        out = t5(ids).last_hidden_state.double()
+    row = dict(kind="t5 fp8 weight-only", rel_err=float((out - ref).norm() / ref.norm()),
+               cosine=float((out * ref).sum() / (out.norm() * ref.norm())), gib_bf16=round(before, 2),
+               gib_fp8=round(gib(), 2))
+    print(f"t5 fp8: prompt-embedding rel err {row['rel_err']:.2e} (cosine {row['cosine']:.6f}), weights "
+          f"{row['gib_bf16']} -> {row['gib_fp8']} GiB", flush=True)
+    return row
+
+
 def accuracy(cfg: BenchConfig) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     res = cfg.res[0]
+    rows = [t5_accuracy(cfg, device)]
+    gc.collect()
     ref = accuracy_kind("bf16", cfg, res, device)
-    rows = []
     for kind in ACCURACY_KINDS:
         gc.collect()
         torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -325,7 +401,8 @@ def profile_step(fn) -> dict:
 
 
 def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: str = "bf16", ckpt: bool = False,
-            compile_: bool = False, denoise: bool = False, fp8_backward: bool | None = None) -> dict:
+            compile_: bool = False, denoise: bool = False, fp8_backward: bool | None = None,
+            offload: int | None = None, cache: str | None = None) -> dict:
     t0 = time.perf_counter()
     row = dict(row=label, res=res)
     try:
@@ -336,16 +413,25 @@ def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: s
             if torch.cuda.is_available():
                 model.set_attention_backend("_native_flash")
             inp = stock_inputs(cfg, res, device)
-            fn = stock_denoise_fn(model, inp, compile_) if denoise else stock_train_fn(model, inp, ckpt, compile_)
+            fn = (stock_denoise_fn(model, inp, compile_) if denoise else
+                  stock_train_fn(model, inp, ckpt, compile_, group_offload=offload is not None))
+        elif cache is not None:
+            row["cache"] = cache
+            fn, row["attention"], extra = ours_stepcache_fn(model, cfg, res, device, cache)
         elif denoise:
-            fn, row["attention"] = ours_denoise_fn(model, cfg, res, device, compile_)
+            fn, row["attention"] = ours_denoise_fn(model, cfg, res, device, compile_, offload)
         else:
             # fp8_backward None: the shipped config's choice (configs/fp8.py: on)
             extra = {} if fp8_backward is None else dict(fp8_backward=fp8_backward)
             tc = ours_config(kind, cfg, gradient_checkpointing=ckpt, **extra)
-            fn, row["attention"] = ours_train_fn(model, tc, cfg, res, device)
+            fn, row["attention"] = ours_train_fn(model, tc, cfg, res, device, offload)
         row.update(timed(fn, cfg))
-        if cfg.profile and who == "ours" and torch.cuda.is_available():
+        if offload is not None and who == "ours":  # what crosses the host link per step: divide by your GB/s
+            off = model._block_offload
+            row["host_gb_per_step"] = round(off.bytes_per_fetch * (1 if denoise else 2) / 1e9, 1)
+        if cache is not None:
+            row.update(extra)  # denoise_s of the last timed call
+        elif cfg.profile and who == "ours" and torch.cuda.is_available():
             prof = profile_step(fn)
             # timed step minus GPU kernel time: launch overhead, host work and syncs while the GPU idles
             row["profile_ms"] = dict(prof, gap_ms=round(row["seconds"] * 1e3 - prof["kernels_ms"], 1))
@@ -390,6 +476,20 @@ def plan(cfg: BenchConfig) -> list[tuple[str, int, dict]]:
                      ("denoise step: ours (sample.py defaults)", res, dict(ours, denoise=True)),
                      ("denoise step: ours, SampleConfig.compile=True", res, dict(ours, denoise=True, compile_=True)),
                      ("denoise step: ours fp8", res, dict(ours, kind="fp8", denoise=True))]
+        if "stepcache" in cfg.rows:  # not in the default rows: --rows stepcache
+            rows += [(f"28-step sample: cache {spec or 'off'}", res, dict(ours, cache=spec))
+                     for spec in STEPCACHE_SPECS]
+        if "offload" in cfg.rows:  # ModelConfig.offload: the weights stream from host memory (offload.py)
+            rows += [("bf16 train, full ckpt, diffusers group offloading (block level, stream): stock", res,
+                      dict(stock, ckpt=True, offload=0)),
+                     ("bf16 train, full ckpt, block offload, all blocks streamed: ours", res,
+                      dict(ours, ckpt=True, offload=0)),
+                     ("bf16 train, full ckpt, block offload, 24 blocks resident: ours", res,
+                      dict(ours, ckpt=True, offload=24)),
+                     ("nf4 train, full ckpt, block offload, all blocks streamed: ours", res,
+                      dict(ours, kind="nf4", ckpt=True, offload=0)),
+                     ("denoise step: ours, block offload, all blocks streamed", res,
+                      dict(ours, denoise=True, offload=0))]
     return rows
 
 
@@ -431,7 +531,9 @@ def main(cfg: BenchConfig) -> list[dict]:
     print(f"# {versions}; ours: compile={cfg.compile} attention={cfg.attention}", flush=True)
     results = [run_child(cfg, i, label, res) for i, (label, res, _) in enumerate(rows)
                if not cfg.match or any(m in label for m in cfg.match)]
-    print(format_table(results))
+    print(format_table([r for r in results if "cache" not in r]))
+    if any("cache" in r for r in results):  # whole images, not steps: their own table
+        print(format_stepcache(results))
     if cfg.out:
         with open(cfg.out, "w") as f:
             json.dump(dict(versions, attention=cfg.attention, rows=results), f, indent=1)
@@ -448,6 +550,23 @@ def format_table(rows: list[dict]) -> str:
         prof = " · ".join(f"{k} {v:g}" for k, v in r.get("profile_ms", {}).items())
         lines.append(f"| {r['row']} | {r['res']} | {s} | {p} | {r.get('first_s', '-')} | {r.get('attention', 'flash')}"
                      f" | {prof} |")
+    return "\n".join(lines)
+
+
+def format_stepcache(rows: list[dict]) -> str:
+    """The stepcache rows: seconds per image (the whole sample() call and its 28 steps), speed-up of the steps
+    against the uncached row, latents' relative error against the same call uncached."""
+    rows = [r for r in rows if "cache" in r]
+    base = next((r.get("denoise_s") for r in rows if r["cache"] == ""), None)
+    lines = ["| cache | res | s/image | denoise s | speed-up | latent rel. error vs uncached | peak GiB |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("seconds") is None:
+            lines.append(f"| {r['cache'] or 'off'} | {r['res']} | failed: {r.get('error', '')[:80]} | | | | |")
+            continue
+        up = f"{base / r['denoise_s']:.2f}x" if base and r.get("denoise_s") else "-"
+        lines.append(f"| {r['cache'] or 'off'} | {r['res']} | {r['seconds']:.3f} | {r['denoise_s']:.3f} | {up} | "
+                     f"{r['latent_rel_err']:.4f} | {r['peak_gib']:.1f} |")
     return "\n".join(lines)
 
 

@@ -4,17 +4,28 @@ Layouts (DataConfig.path):
   (a) a folder: images/<stem>.{png,jpg,jpeg,webp} (targets), control/<stem>.* (inputs), captions <stem>.txt
       (beside the image, in captions/, or in the folder itself), optional masks images/<stem>_mask.png (white = edit
       region). Extensions match in any case (.Png, .JPG); stems match after NFC normalisation (macOS writes NFD).
+      Several references: control/<stem>_1.*, <stem>_2.* ... are the 2nd, 3rd ... after control/<stem>.* (numbered
+      without gaps; a control whose stem is a target's own stays that target's control).
   (b) a metadata.csv or .jsonl with columns image, control (or kontext_images), prompt, optional mask; paths are
       relative to the file and must stay inside its folder unless DataConfig.allow_outside_paths. Text files are
-      UTF-8 (a leading BOM, as Excel and Notepad write it, is skipped).
+      UTF-8 (a leading BOM, as Excel and Notepad write it, is skipped). Several references: a JSON list in .jsonl
+      (["a.png", "b.png"]), ';'-separated paths in a .csv cell (a.png;b.png).
 Text-to-image (DataConfig.text_to_image) needs no control images. A folder holding both images/ and a metadata file
 is refused (which one is meant is not ours to guess). Errors are collected and raised as one DatasetError; what does
 not stop training (empty caption, unknown column, aspect change) is a DatasetWarning.
+`python cache.py check DATA [--max-pixels N ...]` (check_dataset) runs the same scan and validation without a model
+and prints counts, training sizes, caption statistics and every problem; exit 2 on errors.
+
+Decoding (_decode, for targets, controls and masks): EXIF orientation first (every size check sees the upright
+image), 16-bit grayscale scaled to 8 bits, transparency composited on DataConfig.background (masks: on black).
 
 Each sample is cached as one safetensors file named by a hash of everything it depends on (image, control and
-mask bytes, prompt, model identity, preprocessing settings), never by its position or a step:
-  image_latents [16, h, w], control_latents [16, h', w'] (edit mode), prompt_embeds [L, D],
-  pooled_prompt_embeds [P], mask [1, h, w] (optional, 1 = edit region, at latent resolution).
+mask bytes, prompt, model identity, preprocessing settings incl. background, CACHE_VERSION for the decoder), never
+by its position or a step:
+  image_latents [16, h, w], control_latents [16, h', w'] (edit mode; further references control_latents_1,
+  control_latents_2 ..., each of its own size), prompt_embeds [L, D], pooled_prompt_embeds [P], mask [1, h, w]
+  (optional, 1 = edit region, at latent resolution). A one-reference entry is what it was before several references
+  existed (same key, same tensors), so old caches stay valid; a k-reference key covers all k files.
 The empty prompt's embeddings (for caption dropout) are cached once per model and max_sequence_length. Each file's
 metadata carries the sha256 of its tensors (tensor_digest), checked on every read: a file changed in place is
 rebuilt like a truncated one.
@@ -32,11 +43,14 @@ import gc
 import hashlib
 import io
 import json
+import math
 import os
+import sys
 import tempfile
 import time
 import unicodedata
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,15 +59,16 @@ from safetensors import SafetensorError
 import safetensors.torch
 from safetensors.torch import save_file
 
-from config import Config, DataConfig
+from config import Config, DataConfig, validate
 from encode import encode_image, encode_prompt, preprocess_image
 from load import load_components, model_identity
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")  # compared lower-cased
 METADATA_COLUMNS = ("image", "control", "kontext_images", "prompt", "mask")
 ASPECT_TOLERANCE = 0.05  # relative aspect-ratio change from flooring to 16 beyond which validate_dataset warns
-CACHE_VERSION = "2"  # bump when the cached tensors' meaning or the file format changes (2: tensor_digest in metadata)
-INDEX_VERSION = 1
+CACHE_VERSION = "3"  # bump when the cached tensors' meaning or the file format changes (2: tensor_digest in metadata;
+#                      3: _decode applies EXIF orientation, scales 16-bit, composites transparency)
+INDEX_VERSION = 2  # 2: "hw" is the upright (EXIF-transposed) size
 # A file whose mtime/ctime is this recent when it is hashed is not remembered: a rewrite within the same timestamp
 # tick (coarse kernel clocks, 2 s on FAT) would keep its stat, so its hash is only trusted once it is older (git's
 # "racy" rule).
@@ -65,8 +80,14 @@ class Sample:
     key: str  # the stem (folders) or row number (metadata); used in messages only
     image: Path
     prompt: str
-    control: Path | None = None
+    control: Path | None = None  # the first reference
     mask: Path | None = None
+    extra_controls: tuple[Path, ...] = ()  # the 2nd, 3rd ... references, in order
+
+    @property
+    def controls(self) -> tuple[Path, ...]:
+        """Every reference image, in order (empty for text-to-image)."""
+        return ((self.control,) if self.control is not None else ()) + self.extra_controls
 
 
 class DatasetError(ValueError):
@@ -122,6 +143,33 @@ def _read_text(path: Path, problems: list[str]) -> str | None:
         return None
 
 
+def _extra_references(controls: dict[str, Path], images: dict[str, Path], problems: list[str]
+                      ) -> tuple[dict[str, tuple[Path, ...]], list[Path]]:
+    """Folder layout, several references: control/<stem>_<n>.* (n = 1, 2, ... without gaps) is reference n + 1 of
+    target <stem>, unless <stem>_<n> is itself a target's stem (then it is that target's control, as always).
+    Returns ({stem: (2nd, 3rd, ... reference)}, the controls that belong to no target)."""
+    numbered: dict[str, dict[int, Path]] = {}
+    orphans = []
+    for stem, path in sorted(controls.items()):
+        if stem in images:
+            continue
+        base, _, n = stem.rpartition("_")
+        # "_01" or "_0" would make two spellings of one number: only 1, 2, ... as written by str(int)
+        if base in images and n.isascii() and n.isdigit() and n == str(int(n)) and int(n) >= 1:
+            numbered.setdefault(base, {})[int(n)] = path
+        else:
+            orphans.append(path)
+    extra = {}
+    for stem, refs in sorted(numbered.items()):
+        gap = next(n for n in range(1, max(refs) + 2) if n not in refs)
+        if gap < max(refs):
+            problems.append(f"{refs[max(refs)]}: reference _{max(refs)} of {images[stem]} but no {stem}_{gap}.* in "
+                            f"{refs[max(refs)].parent} (number further references _1, _2, ... without gaps)")
+            continue
+        extra[stem] = tuple(refs[n] for n in sorted(refs))
+    return extra, orphans
+
+
 def _scan_folder(root: Path, text_to_image: bool, problems: list[str], empty: list[str]) -> list[Sample]:
     images_dir, control_dir = root / "images", root / "control"
     if not images_dir.is_dir():
@@ -133,6 +181,7 @@ def _scan_folder(root: Path, text_to_image: bool, problems: list[str], empty: li
     controls = _by_stem(control_dir, IMAGE_EXTS, problems) if not text_to_image else {}
     caption_dirs = [images_dir, root / "captions", root]
     captions = [_by_stem(d, (".txt",), problems) for d in caption_dirs]
+    extra, orphans = _extra_references(controls, images, problems)
     samples = []
     for stem, image in sorted(images.items()):
         where = [c[stem] for c in captions if stem in c]
@@ -143,15 +192,20 @@ def _scan_folder(root: Path, text_to_image: bool, problems: list[str], empty: li
             problems.append(f"{image}: no caption (expected {images_dir / (stem + '.txt')})")
         control = controls.get(stem)
         if not text_to_image and control is None:
-            problems.append(f"{image}: no control image (expected {control_dir / (stem + '.png')} or .jpg/.webp)")
+            problems.append(f"{image}: no control image (expected {control_dir / (stem + '.png')} or .jpg/.webp"
+                            + (f"; {extra[stem][0].name} is the 2nd reference, {stem}.* the 1st" if stem in extra
+                               else "") + ")")
         prompt = _read_text(where[0], problems) if where else None
         if prompt is not None and (text_to_image or control is not None):
             if not prompt.strip():
                 empty.append(str(where[0]))
-            samples.append(Sample(stem, image, prompt.strip(), control, found.get(stem + "_mask")))
-    for stem, p in sorted(controls.items()):
-        if stem not in images:
-            problems.append(f"{p}: control image without a target in {images_dir}")
+            samples.append(Sample(stem, image, prompt.strip(), control, found.get(stem + "_mask"),
+                                  extra.get(stem, ())))
+    for p in orphans:
+        base, _, n = _nfc(p.stem).rpartition("_")
+        hint = (f" (further references of {images[base].name} are numbered {base}_1, {base}_2, ...)"
+                if base in images else "")
+        problems.append(f"{p}: control image without a target in {images_dir}{hint}")
     return samples
 
 
@@ -221,6 +275,25 @@ def _lines(where: list[str], rows: list) -> str:
     return f" in line(s) {', '.join(nums[:10])}{' ...' if len(nums) > 10 else ''}"
 
 
+def _reference_cell(value, column: str, csv_file: bool, where: str, problems: list[str]) -> list | None:
+    """The paths a control cell names, in order: a JSON list (.jsonl), ';'-separated paths (.csv), or one path;
+    None when the cell is malformed (a problem is recorded)."""
+    if isinstance(value, list):
+        return value
+    if csv_file and isinstance(value, str):
+        if value.lstrip().startswith("["):  # a JSON or Python list typed into a spreadsheet cell
+            problems.append(f"{where}: {column} cell {value!r} looks like a list; in a .csv separate several "
+                            f"references with ';' (a.png;b.png), or use a JSON list in a .jsonl")
+            return None
+        if ";" in value:
+            parts = [v.strip() for v in value.split(";")]
+            if not all(parts):
+                problems.append(f"{where}: an empty path in {column} cell {value!r} (paths separated by ';')")
+                return None
+            return parts
+    return [value]
+
+
 def _scan_metadata(file: Path, cfg: DataConfig, problems: list[str], empty: list[str]) -> list[Sample]:
     read = _rows(file, problems)
     if read is None:
@@ -252,22 +325,30 @@ def _scan_metadata(file: Path, cfg: DataConfig, problems: list[str], empty: list
         if blank:
             problems.append(f"{where}: empty {' and '.join(map(repr, blank))} cell")
             continue
+        refs = []
+        if "control" in cells:
+            column = "control" if "control" in row else "kontext_images"
+            refs = _reference_cell(cells.pop("control"), column, file.suffix.lower() == ".csv", where, problems)
+            if refs is None:
+                continue
         paths = {k: _dataset_path(file, v, cfg, where, problems) for k, v in cells.items() if v is not None}
-        if any(p is None for p in paths.values()):
+        controls = [_dataset_path(file, v, cfg, where, problems) for v in refs]
+        if any(p is None for p in [*paths.values(), *controls]):
             continue
         prompt = "" if row.get("prompt") is None else str(row["prompt"]).strip()
         if not prompt:
             empty.append(where)
-        samples.append(Sample(where.rsplit(":", 1)[1], paths["image"], prompt, paths.get("control"),
-                              paths.get("mask")))
+        samples.append(Sample(where.rsplit(":", 1)[1], paths["image"], prompt, controls[0] if controls else None,
+                              paths.get("mask"), tuple(controls[1:])))
     return samples
 
 
-def scan_dataset(cfg: DataConfig) -> list[Sample]:
+def scan_dataset(cfg: DataConfig, problems: list[str] | None = None) -> list[Sample]:
     """List the samples, or raise DatasetError naming every problem at once. Opens no image. Warns (DatasetWarning)
-    about empty captions and unknown metadata columns."""
+    about empty captions and unknown metadata columns. `problems`: a list to collect the problems in instead of
+    raising (check_dataset; the complete samples are returned); a dataset that is missing or ambiguous still raises."""
     root = Path(cfg.path)
-    problems: list[str] = []
+    collect, problems = problems is not None, [] if problems is None else problems
     if not cfg.path or not root.exists():
         raise DatasetError(f"dataset {cfg.path!r} does not exist (expected a folder or a metadata.csv / .jsonl)")
     if root.is_dir():
@@ -286,7 +367,8 @@ def scan_dataset(cfg: DataConfig) -> list[Sample]:
           "write a caption; train.caption_dropout is the way to train on the empty prompt on purpose")
     if not samples and not problems:
         problems.append(f"{cfg.path}: the dataset is empty")
-    _raise(problems, cfg)
+    if not collect:
+        _raise(problems, cfg)
     return samples
 
 
@@ -378,27 +460,43 @@ def file_digest(path: Path | None, idx: StatIndex) -> str:
 # ---------------------------------------------------------------- images and validation
 
 
-def _decode(data: bytes, path: Path, mode: str):
-    from PIL import Image
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PNG's 16-bit grayscale opens as I;16 (I: 32-bit ints)
+
+
+def _decode(data: bytes, path: Path, mode: str, background: tuple[int, int, int] = WHITE):
+    """Fully decode (a truncated file fails here, not mid-training), in this order: EXIF orientation applied (what
+    a viewer shows; the sizes validate_dataset checks are these), 16-bit grayscale scaled to 8 bits (Pillow's
+    convert clips it: everything above 255 turns white), transparency composited on `background` (else convert
+    keeps the hidden RGB under alpha 0), then `mode`."""
+    import numpy as np
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im.load()  # the full decode: a truncated file fails here, not mid-training
+            im.load()
+            ImageOps.exif_transpose(im, in_place=True)
+            if im.mode in SIXTEEN_BIT:
+                # 65535 / 257 = 255: the full 16-bit range onto the full 8-bit range
+                a = np.asarray(im).astype(np.float32) / 257
+                im = Image.fromarray(a.round().clip(0, 255).astype(np.uint8))
+            if im.has_transparency_data:
+                im = Image.alpha_composite(Image.new("RGBA", im.size, (*background, 255)), im.convert("RGBA"))
             return im.convert(mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{path}: unreadable or corrupt image ({e})") from None
 
 
-def open_image(path: Path, mode: str = "RGB"):
-    """Fully decode an image (a truncated file fails here, not mid-training)."""
+def open_image(path: Path, mode: str = "RGB", background: tuple[int, int, int] = WHITE):
+    """Fully decode an image: upright (EXIF), 8-bit, transparency on `background` (DataConfig.background)."""
     if not Path(path).is_file():
         raise DatasetError(f"image file {str(path)!r} does not exist")
-    return _decode(Path(path).read_bytes(), path, mode)
+    return _decode(Path(path).read_bytes(), path, mode, background)
 
 
 def _checked_size(path: Path, mode: str, idx: StatIndex) -> tuple[int, int]:
-    """(height, width) of a file that decodes fully: decoded (and hashed, from the same read) unless the index
-    already knows it under its current stat."""
+    """(height, width), upright, of a file that decodes fully: decoded (and hashed, from the same read) unless the
+    index already knows it under its current stat."""
     entry = _entry(idx, path)
     if "hw" not in entry:
         data = Path(path).read_bytes()
@@ -424,31 +522,38 @@ def aspect_change(size_hw: tuple[int, int], cfg: DataConfig) -> float:
     return (tw / th) / (w / h) - 1
 
 
-def validate_dataset(samples: list[Sample], cfg: DataConfig, cache_dir: Path | None = None) -> None:
-    """Decode every image once and check sizes; raise DatasetError listing every problem. Warns (DatasetWarning)
-    about images whose aspect ratio changes by more than ASPECT_TOLERANCE when floored to multiples of 16.
-    cache_dir (train.py: cache_dir_of(cfg)): where the stat index lives; files it knows under their current stat
-    are not decoded again. None: decode everything, remember nothing."""
+def validate_dataset(samples: list[Sample], cfg: DataConfig, cache_dir: Path | None = None,
+                     problems: list[str] | None = None) -> list[dict]:
+    """Decode every image once and check sizes; raise DatasetError listing every problem (or, given `problems`,
+    append them there). Warns (DatasetWarning) about images whose aspect ratio changes by more than
+    ASPECT_TOLERANCE when floored to multiples of 16. cache_dir (train.py: cache_dir_of(cfg)): where the stat index
+    lives; files it knows under their current stat are not decoded again. None: decode everything, remember nothing.
+    Returns per sample {"image" / "control" / "control_1" ... / "mask": upright (height, width)} of the files that
+    decoded ("control_1", "control_2" ...: the 2nd, 3rd ... references)."""
     idx = read_index(cache_dir, cfg)
-    problems, squashed = [], []
+    collect, problems = problems is not None, [] if problems is None else problems
+    squashed, out = [], []
     for s in samples:
         sizes = {}
-        for name, path in (("image", s.image), ("control", s.control), ("mask", s.mask)):
+        out.append(sizes)
+        files = {"image": s.image, "control": s.control, **{f"control_{i + 1}": p for i, p in
+                                                             enumerate(s.extra_controls)}, "mask": s.mask}
+        for name, path in files.items():
             if path is None:
                 continue
             try:
                 sizes[name] = _checked_size(path, "L" if name == "mask" else "RGB", idx)
             except DatasetError as e:
                 problems.append(str(e))
-        for name in ("image", "control"):
-            if name not in sizes:
+        for name in files:
+            if name not in sizes or name == "mask":
                 continue
             (h, w), (th, tw) = sizes[name], target_size(sizes[name], cfg)
             if min(th, tw) < 16:
-                problems.append(f"{getattr(s, name)}: {w}x{h} is too small to encode "
+                problems.append(f"{files[name]}: {w}x{h} is too small to encode "
                                 f"(needs at least 16x16 pixels after resizing)")
             elif abs(change := aspect_change(sizes[name], cfg)) > ASPECT_TOLERANCE:
-                squashed.append(f"{getattr(s, name)}: {w}x{h} -> {tw}x{th} (aspect {w / h:.3g} -> {tw / th:.3g}, "
+                squashed.append(f"{files[name]}: {w}x{h} -> {tw}x{th} (aspect {w / h:.3g} -> {tw / th:.3g}, "
                                 f"{change:+.0%})")
         if "mask" in sizes and "image" in sizes and sizes["mask"] != sizes["image"]:
             problems.append(f"{s.mask}: mask is {sizes['mask'][1]}x{sizes['mask'][0]} but its image {s.image} "
@@ -456,20 +561,23 @@ def validate_dataset(samples: list[Sample], cfg: DataConfig, cache_dir: Path | N
     write_index(idx)
     _warn(f"image(s) change aspect ratio by more than {ASPECT_TOLERANCE:.0%} when floored to multiples of 16",
           squashed, "crop or pad them to multiples of 16 pixels, or to a less extreme aspect ratio")
-    _raise(problems, cfg)
+    if not collect:
+        _raise(problems, cfg)
+    return out
 
 
 def load_pixels(path: Path, cfg: DataConfig) -> torch.Tensor:
     """[1, 3, H, W] in [-1, 1] at target_size (encode.preprocess_image: Lanczos resize, as the pipeline)."""
-    im = open_image(path)
+    im = open_image(path, "RGB", tuple(cfg.background))
     return preprocess_image(im, *target_size((im.height, im.width), cfg))
 
 
 def load_mask(path: Path, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """[1, h, w] in [0, 1] at latent resolution (area average of the white = edit region)."""
+    """[1, h, w] in [0, 1] at latent resolution (area average of the white = edit region). Transparent mask pixels
+    are black (outside the edit region: a stroke painted on a transparent layer marks the region)."""
     import numpy as np
 
-    m = torch.from_numpy(np.asarray(open_image(path, "L"), dtype=np.float32) / 255.0)[None, None]
+    m = torch.from_numpy(np.asarray(open_image(path, "L", BLACK), dtype=np.float32) / 255.0)[None, None]
     return torch.nn.functional.interpolate(m, size=latent_hw, mode="area")[0]
 
 
@@ -480,9 +588,10 @@ def sample_key(s: Sample, cfg: DataConfig, model_ident: str, idx: StatIndex | No
     """Content key: image / control / mask bytes, prompt, model identity and every preprocessing setting. The
     file hashes come from idx where it knows the file under its current stat (else the file is read)."""
     idx = StatIndex() if idx is None else idx
-    digests = [file_digest(p, idx) for p in (s.image, s.control, s.mask)]
-    parts = [CACHE_VERSION, *digests, s.prompt,
-             model_ident, json.dumps([cfg.max_pixels, cfg.resize, cfg.max_sequence_length, cfg.text_to_image])]
+    # further references only when there are some: a one-reference sample keeps the key it always had
+    digests = [file_digest(p, idx) for p in (s.image, s.control, s.mask, *s.extra_controls)]
+    settings = [cfg.max_pixels, cfg.resize, cfg.max_sequence_length, cfg.text_to_image, list(cfg.background)]
+    parts = [CACHE_VERSION, *digests, s.prompt, model_ident, json.dumps(settings)]
     return hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest()[:32]
 
 
@@ -539,16 +648,29 @@ def read_entry(path: Path, key: str, required: tuple[str, ...]) -> dict | None:
     return tensors
 
 
+def control_key(i: int) -> str:
+    """Cache entry name of reference i (0-based): control_latents, then control_latents_1, _2 ..."""
+    return f"control_latents_{i}" if i else "control_latents"
+
+
+def control_latents_of(entry: dict) -> list[torch.Tensor]:
+    """A cache entry's references [16, h_i, w_i], in order (empty for text-to-image)."""
+    out = []
+    while control_key(len(out)) in entry:
+        out.append(entry[control_key(len(out))])
+    return out
+
+
 def required_keys(s: Sample) -> tuple[str, ...]:
-    return ("image_latents", "prompt_embeds", "pooled_prompt_embeds") + (("control_latents",) if s.control else ()) \
-        + (("mask",) if s.mask else ())
+    return ("image_latents", "prompt_embeds", "pooled_prompt_embeds") \
+        + tuple(control_key(i) for i in range(len(s.controls))) + (("mask",) if s.mask else ())
 
 
 def encode_sample(s: Sample, cfg: DataConfig, c, device=None) -> dict:
     """Every cached tensor of one sample (batch dim dropped), computed with encode.py on the components' devices."""
     out = {"image_latents": encode_image(c.vae, load_pixels(s.image, cfg), device=device)[0]}
-    if s.control is not None:
-        out["control_latents"] = encode_image(c.vae, load_pixels(s.control, cfg), device=device)[0]
+    for i, path in enumerate(s.controls):  # each reference at its own target_size, as the single one always was
+        out[control_key(i)] = encode_image(c.vae, load_pixels(path, cfg), device=device)[0]
     embeds, pooled, _ = encode_prompt(c.clip, c.clip_tokenizer, c.t5, c.t5_tokenizer, s.prompt,
                                       max_sequence_length=cfg.max_sequence_length, device=device)
     out["prompt_embeds"], out["pooled_prompt_embeds"] = embeds[0], pooled[0]
@@ -615,7 +737,7 @@ def training_data(cfg: Config, samples: list[Sample], n_train: int, log=print) -
     if not cfg.train.cached:
         encoders = load_components(cfg.model, which=("clip", "t5", "vae"))
         empty = encode_empty(cfg.data, encoders, device="cpu")
-        train = OnTheFly(samples[:n_train], cfg.data, encoders)
+        train = OnTheFly(samples[:n_train], cfg.data, encoders, read_index(cache_dir_of(cfg), cfg.data))
         return TrainingData(train, OnTheFly(samples[n_train:], cfg.data, encoders), empty,
                             [train.shape(i) for i in range(n_train)], encoders.vae)
     ident = "|".join(model_identity(cfg.model, getattr(cfg.model, n), n) for n in ("clip", "t5", "vae"))
@@ -634,7 +756,8 @@ def training_data(cfg: Config, samples: list[Sample], n_train: int, log=print) -
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    shapes = [tuple(e["image_latents"].shape) + tuple(e.get("control_latents", torch.empty(0)).shape)
+    # every reference's shape is in the key: a batch holds one number and size of references
+    shapes = [tuple(e["image_latents"].shape) + sum((tuple(c.shape) for c in control_latents_of(e)), ())
               for e in entries[:n_train]]
     return TrainingData(entries[:n_train], entries[n_train:], empty, shapes, None)
 
@@ -642,8 +765,9 @@ def training_data(cfg: Config, samples: list[Sample], n_train: int, log=print) -
 class OnTheFly:
     """Uncached mode: a sequence of samples encoded when indexed."""
 
-    def __init__(self, samples: list[Sample], cfg: DataConfig, components):
+    def __init__(self, samples: list[Sample], cfg: DataConfig, components, idx: StatIndex | None = None):
         self.samples, self.cfg, self.c = samples, cfg, components
+        self.idx = StatIndex() if idx is None else idx
 
     def __getitem__(self, i: int) -> dict:
         return encode_sample(self.samples[i], self.cfg, self.c, device="cpu")
@@ -652,13 +776,100 @@ class OnTheFly:
         return len(self.samples)
 
     def shape(self, i: int) -> tuple:
-        """The latent shapes encoding would give (read from the image headers, not by encoding)."""
-        from PIL import Image
-
+        """The latent shapes encoding would give, from the upright sizes validate_dataset found (the stat index; a
+        file it does not know is decoded: a header alone may not say the orientation, PNG's eXIf can follow IDAT)."""
         out = ()
-        for p in (self.samples[i].image, self.samples[i].control):
+        for p in (self.samples[i].image, *self.samples[i].controls):
             if p is not None:
-                with Image.open(p) as im:
-                    h, w = target_size((im.height, im.width), self.cfg)
+                h, w = target_size(_checked_size(p, "RGB", self.idx), self.cfg)
                 out += (self.c.vae.config.latent_channels, h // 8, w // 8)
         return out
+
+
+# ---------------------------------------------------------------- the dataset check: python cache.py check DATA
+
+CLIP_TOKENS = 77  # CLIPTokenizer's model_max_length: the pipeline truncates the prompt there for CLIP
+
+
+def token_estimate(text: str) -> int:
+    """Rough CLIP / T5 token count of English text without a tokenizer: the larger of 4/3 per word and 1 per 4
+    characters (both BPE and SentencePiece average about that on prose; rare words and symbols split more)."""
+    return math.ceil(max(len(text.split()) * 4 / 3, len(text) / 4))
+
+
+def check_dataset(cfg: DataConfig, cache_dir: Path | None = None, out=print) -> int:
+    """Scan and validate as training does (no model loaded) and print: counts, the training sizes (target_size:
+    max_pixels / resize, floored to 16) as a histogram of (target, control) pairs (one batch holds one pair),
+    caption statistics, then every warning and error with its file. Returns the exit code: 2 on errors, else 0."""
+    problems: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            samples = scan_dataset(cfg, problems)
+            sizes = validate_dataset(samples, cfg, cache_dir, problems)
+        except DatasetError as e:  # missing or ambiguous: nothing to count
+            problems.append(str(e))
+            samples, sizes = [], []
+    out(f"dataset {cfg.path}")
+    prompts = [s.prompt for s in samples]
+    several = sum(len(s.controls) > 1 for s in samples)
+    out(f"samples: {len(samples)}; with control: {sum(s.control is not None for s in samples)}; with mask: "
+        f"{sum(s.mask is not None for s in samples)}; with a caption: {sum(bool(p) for p in prompts)}"
+        + (f"; with several references: {several}" if several else ""))
+    keys = lambda s: ["image"] + [f"control_{i}" if i else "control" for i in range(len(s.controls))]  # noqa: E731
+    pairs = Counter(tuple(target_size(z[k], cfg)[::-1] for k in keys(s))
+                    for s, z in zip(samples, sizes) if all(k in z for k in keys(s)))
+    if pairs:
+        out("training sizes, W x H (after max_pixels / resize, floored to 16; a batch holds one line's size):")
+        for pair, n in sorted(pairs.items(), key=lambda kv: -kv[1]):
+            out(f"  {n:6d}  target {pair[0][0]}x{pair[0][1]}" + "".join(
+                f", control{f' {i + 1}' if i else ''} {w}x{h}" for i, (w, h) in enumerate(pair[1:])))
+    if samples:
+        words = sorted(len(p.split()) for p in prompts)
+        out(f"captions: {len(set(prompts))} distinct; {words[0]}-{words[-1]} words (median {words[len(words) // 2]}),"
+            f" up to {max(map(len, prompts))} characters")
+        # the text's share of each window: CLIP adds BOS and EOS, T5 adds EOS
+        for name, n, text, why in (("CLIP", CLIP_TOKENS, CLIP_TOKENS - 2, "CLIP encodes only the first 77; T5 more"),
+                                   ("T5", cfg.max_sequence_length, cfg.max_sequence_length - 1,
+                                    "data.max_sequence_length: the rest is cut off")):
+            over = [f"{s.image}: ~{token_estimate(s.prompt)} tokens ({len(s.prompt)} characters)"
+                    for s in samples if token_estimate(s.prompt) > text]
+            out(f"  likely over {n} {name} tokens ({why}; estimated, no tokenizer): {len(over)}"
+                + "".join(f"\n    {o}" for o in over))
+        shared = Counter(p for p in prompts if p)
+        shared = {p: n for p, n in shared.items() if n > 1}
+        top = max(shared, key=shared.get, default=None)
+        out(f"  empty: {prompts.count('')}; shared by several samples: {len(shared)} caption(s), "
+            f"{sum(shared.values())} samples" + (f" (most: {top[:60]!r} x {shared[top]})" if top else ""))
+    for w in caught:
+        out(f"warning: {w.message}")
+    for p in problems:
+        out(f"error: {p}")
+    out(f"check: {len(problems)} error(s), {len(caught)} warning(s)")
+    return 2 if problems else 0
+
+
+def main(argv: list[str]) -> int:
+    """`python cache.py check DATA [--max-pixels N] [--resize H W] [--text-to-image] [--cache-dir DIR] ...`:
+    DataConfig's fields as flags; --cache-dir uses (and updates) that cache's stat index, else nothing is written."""
+    import tyro
+
+    if not argv or argv[0] != "check":
+        print("usage: python cache.py check DATA [--max-pixels N ...]  (python cache.py check --help)", file=sys.stderr)
+        return 2
+    rest = argv[1:]
+    if rest and not rest[0].startswith("-"):  # DATA, positional: the same as --path
+        rest = ["--path", *rest]
+    data = tyro.cli(DataConfig, default=DataConfig(), args=rest, prog="cache.py check",
+                    description="Scan and validate a dataset as train.py does (no model loaded); exit 2 on errors. "
+                                "DATA (first argument) = --path.")
+    try:
+        validate(Config(data=data))
+    except ValueError as e:
+        print(f"cache.py check: error: {e}", file=sys.stderr)
+        return 2
+    return check_dataset(data, Path(data.cache_dir) if data.cache_dir else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -49,6 +49,13 @@ class ModelConfig:
     # Pre-quantized checkpoints are detected from their files; this quantizes a bf16 one at load time.
     quant: Quant = "none"
     fp8_scales: str = ""  # optional safetensors of per-layer scales for a scaled-fp8 export that lost them
+    # Small GPUs: stream the transformer's frozen block weights from host memory to transformer.device, block by
+    # block on a side stream (offload.py), keeping the first `resident_blocks` of the 57 on the GPU. Training with it
+    # needs train.gradient_checkpointing (the recompute is what lets a block's weights leave the GPU).
+    offload: bool = False  # stream the transformer's block weights from host memory (offload.py)
+    resident_blocks: int = 0  # with offload: this many blocks, first in execution order, stay on the GPU
+    t5_quant: Literal["none", "fp8"] = "none"  # fp8: T5's block Linears stored e4m3 per row (weight-only)
+    vae_tile: int = 0  # >0: tiled VAE encode/decode in tiles of this many pixels (diffusers' enable_tiling); 0: off
 
 
 @dataclass
@@ -61,6 +68,10 @@ class DataConfig:
     max_sequence_length: int = 512  # T5 tokens per caption (at most 512, as in the pipeline)
     held_out: int = 1  # samples kept out of training for validation (the last ones, by key order)
     allow_outside_paths: bool = False  # metadata files may name images outside the dataset folder (absolute, ../)
+    repeat: int = 1  # each training sample this many times per epoch (DiffSynth's dataset_repeat)
+    # RGB that transparent pixels of images and controls are composited on (RGBA, LA, P or tRNS transparency);
+    # masks always composite on black (transparent = outside the edit region)
+    background: tuple[int, int, int] = (255, 255, 255)
 
 
 @dataclass
@@ -79,6 +90,10 @@ class TrainConfig:
     alpha: float = 16.0  # LoRA alpha: the update is scaled by alpha / rank
     target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")  # peft target_modules (name suffixes)
     lora_init: Literal["default", "gaussian"] = "default"  # peft init_lora_weights: default (B = 0) | gaussian
+    # the final lora.safetensors (checkpoints keep lora.py's own): comfyui = diffusers keys + .alpha tensors, read
+    # unchanged by ComfyUI and FluxKontextPipeline.load_lora_weights | kohya (BFL names) | diffusers (alpha in the
+    # header only, which ComfyUI ignores). convert.py converts between them.
+    lora_format: Literal["comfyui", "kohya", "diffusers"] = "comfyui"
     timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"  # t ~ U(0, 1) | sigmoid(N(mean, std))
     logit_mean: float = 0.0  # logit_normal: mean of the normal before the sigmoid
     logit_std: float = 1.0  # logit_normal: std of the normal before the sigmoid
@@ -98,6 +113,8 @@ class TrainConfig:
     compile: bool = True  # torch.compile each transformer block (regional; CUDA only, the CPU runs eager)
     attention_backend: AttentionBackend = "auto"  # kernels/attention.py resolve_attention; saved in config.json
     fp8_backward: bool = False  # fp8 transformer: input gradient as an e5m2 x e4m3 GEMM (kernels/fp8.py)
+    activation_offload: bool = False  # keep the tensors saved for the backward in pinned host memory (with
+    #                                   checkpointing: the block inputs; torch.autograd.graph.save_on_cpu)
 
 
 @dataclass
@@ -113,6 +130,34 @@ class SampleConfig:
     compile: bool = False  # torch.compile each block (CUDA only): ~15-35 s to compile buys ~0.1 s/step, so it pays
     #                        from about 5 images per process (batch jobs), not for one CLI edit
     attention_backend: AttentionBackend = "auto"  # as TrainConfig.attention_backend
+    cache: str = ""  # reuse work across steps (stepcache.py): "" off | first_block:0.08 | mag:0.06 | taylorseer:5 |
+    #                  faster:2 | tea:0.25 (METHOD:VALUE, see parse_cache)
+
+
+# SampleConfig.cache's methods -> the type of their one value: a threshold (>= 0) or a step interval (>= 1).
+# stepcache.py maps each to its hook (diffusers' FirstBlockCache / MagCache / TaylorSeer / FasterCache, our TeaCache).
+CACHE_METHODS = {"first_block": float, "mag": float, "taylorseer": int, "faster": int, "tea": float}
+CACHE_EXAMPLE = "first_block:0.08, mag:0.06, taylorseer:5, faster:2, tea:0.25"
+
+
+def parse_cache(spec: str) -> tuple[str, float | int] | None:
+    """SampleConfig.cache -> None ("" = off) or (method, value). ValueError saying what was expected."""
+    if spec == "":
+        return None
+    method, _, text = spec.partition(":")
+    if method not in CACHE_METHODS:
+        raise ValueError(f"cache {spec!r}: unknown method {method!r}; expected METHOD:VALUE with METHOD one of "
+                         f"{' | '.join(CACHE_METHODS)} (e.g. {CACHE_EXAMPLE}), or '' for no cache")
+    kind = CACHE_METHODS[method]
+    what = "a threshold >= 0" if kind is float else "a step interval, an integer >= 1"
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"cache {spec!r}: {method} takes {what} after the colon ({method}:"
+                         f"{'0.1' if kind is float else '2'}), got {text!r}") from None
+    if not (0 <= value < float("inf") if kind is float else value >= 1):
+        raise ValueError(f"cache {spec!r}: {method} takes {what}, got {value}")
+    return method, value
 
 
 @dataclass
@@ -136,6 +181,14 @@ def _between(lo, hi):
     return (lambda v: lo <= v <= hi), f" in [{lo}, {hi}]"
 
 
+def _cache_ok(spec: str) -> bool:
+    try:
+        parse_cache(spec)
+    except ValueError:
+        return False
+    return True
+
+
 _POSITIVE = (lambda v: v > 0), " > 0"
 _NOT_EMPTY = (lambda v: len(v) > 0), ", not empty"
 
@@ -146,6 +199,8 @@ RULES = {
     "data.resize": ((lambda v: v is None or min(v) >= 16), ", each side >= 16 (sizes are floored to 16)"),
     "data.max_sequence_length": _between(1, 512),  # the pipeline refuses more than 512 T5 tokens
     "data.held_out": _at_least(0),
+    "data.repeat": _at_least(1),
+    "data.background": ((lambda v: all(0 <= c <= 255 for c in v)), ", each in [0, 255] (R, G, B)"),
     "train.steps": _at_least(1),
     "train.batch_size": _at_least(1),
     "train.grad_accum": _at_least(1),
@@ -167,6 +222,9 @@ RULES = {
     "sample.num_inference_steps": _at_least(1),
     "sample.max_area": _at_least(16 * 16),
     "sample.max_sequence_length": _between(1, 512),
+    "sample.cache": ((lambda v: _cache_ok(v)), f", '' (off) or METHOD:VALUE ({CACHE_EXAMPLE})"),
+    "model.resident_blocks": _between(0, 57),  # FLUX has 19 double + 38 single blocks
+    "model.vae_tile": ((lambda v: v == 0 or (v >= 64 and v % 64 == 0)), ", 0 (off) or a multiple of 64 >= 64"),
     "out_dir": _NOT_EMPTY,
 }
 
@@ -239,6 +297,10 @@ def _run_problems(cfg: Config) -> list[str]:
                 torch.device(part.device)
             except RuntimeError:
                 out.append(f"model.{name}.device: expected a torch device ('cpu', 'cuda:0', ...), got {part.device!r}")
+    if (isinstance(cfg.model, ModelConfig) and cfg.model.offload is True and isinstance(cfg.train, TrainConfig)
+            and cfg.train.gradient_checkpointing is False):
+        out.append("model.offload: training with block offload needs train.gradient_checkpointing True (without "
+                   "the recompute, every block's weights stay on the GPU for the backward: no saving)")
     return out
 
 

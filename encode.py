@@ -1,7 +1,9 @@
 """Prompts, images, latents, packing and ids: FluxKontextPipeline's math as plain functions over loaded modules.
 
-Every function here is compared with the pipeline method of the same name in tests/test_encode.py. Results land on
-`device` (default: the encoder's own device), so encoders and transformer may live on different devices.
+Every function here is compared with the pipeline method of the same name in tests/test_encode.py; the ids of
+several references (reference_offsets, control_ids), which the pipeline lacks, follow ComfyUI (tests/test_multiref.py).
+Results land on `device` (default: the encoder's own device), so encoders and transformer may live on different
+devices.
 """
 
 import numpy as np
@@ -147,22 +149,59 @@ def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tenso
     return x.reshape(b, d // 4, height, width)
 
 
-def latent_ids(height: int, width: int, marker: float = 0.0, device=None, dtype=torch.float32) -> torch.Tensor:
+def latent_ids(height: int, width: int, marker: float = 0.0, device=None, dtype=torch.float32,
+               offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """[(H/2)(W/2), 3] position ids for a latent of size H x W: (marker, row, col). marker 0 marks the target /
-    noise tokens, 1 the control (context) tokens (pipeline.prepare_latents sets image_ids[..., 0] = 1)."""
-    rows = torch.arange(height // 2).repeat_interleave(width // 2)
-    cols = torch.arange(width // 2).repeat(height // 2)
+    noise tokens, 1 the control (context) tokens (pipeline.prepare_latents sets image_ids[..., 0] = 1).
+    offset: (rows, cols) in tokens added to row and col (a reference placed beside others: control_ids)."""
+    rows = torch.arange(height // 2).repeat_interleave(width // 2) + offset[0]
+    cols = torch.arange(width // 2).repeat(height // 2) + offset[1]
     ids = torch.stack([torch.full_like(rows, 0), rows, cols], dim=1).to(dtype)
     ids[:, 0] = marker
     return ids.to(device)
 
 
-def prepare_latents(image_latents: torch.Tensor | None, batch_size: int, height: int, width: int, dtype, device,
-                    generator=None, latents: torch.Tensor | None = None, num_channels_latents: int = LATENT_CHANNELS):
+def reference_offsets(sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Where each of several references sits on the one control plane (index 1), as ComfyUI's default "offset"
+    method (comfy/ldm/flux/model.py, Flux._forward; SimpleTuner's build_kontext_inputs follows it, so LoRAs trained
+    on several references behave the same there). sizes: latent (h, w) per reference, in order. Returns (h_offset,
+    w_offset) per reference in latent pixels: a reference goes to the right of the canvas covered so far when
+    h + canvas_h > w + canvas_w (below would make it the taller side), else below it; the canvas grows to cover it.
+    The first is always (0, 0), so one reference has the pipeline's ids. The target's own tokens (index 0) are not
+    part of the canvas: references overlap its rows and columns, told apart by the index."""
+    canvas_h = canvas_w = 0
+    offsets = []
+    for h, w in sizes:
+        off = (0, canvas_w) if h + canvas_h > w + canvas_w else (canvas_h, 0)
+        canvas_h, canvas_w = max(canvas_h, h + off[0]), max(canvas_w, w + off[1])
+        offsets.append(off)
+    return offsets
+
+
+def control_ids(sizes: list[tuple[int, int]], device=None, dtype=torch.float32) -> torch.Tensor:
+    """[sum (h/2)(w/2), 3] ids of the control tokens of references of latent sizes `sizes`, in order:
+    (1, row + h_offset, col + w_offset) with reference_offsets in tokens, rounded as ComfyUI's process_img does:
+    (offset + 1) // 2. One reference: latent_ids(h, w, marker=1.0), the pipeline's control ids."""
+    return torch.cat([latent_ids(h, w, 1.0, device, dtype, ((oh + 1) // 2, (ow + 1) // 2))
+                      for (h, w), (oh, ow) in zip(sizes, reference_offsets(sizes))])
+
+
+def pack_controls(control_latents: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """References [B, C, h_i, w_i], in order -> (control tokens [B, M, 4C], each packed and concatenated in that
+    order, as ComfyUI appends reference_latents; their ids [M, 3] from control_ids, in the latents' dtype and
+    device). train.py's collate and prepare_latents both call it."""
+    x = control_latents[0]
+    ids = control_ids([tuple(c.shape[2:]) for c in control_latents], device=x.device, dtype=x.dtype)
+    return torch.cat([pack_latents(c) for c in control_latents], dim=1), ids
+
+
+def prepare_latents(image_latents, batch_size: int, height: int, width: int, dtype, device, generator=None,
+                    latents: torch.Tensor | None = None, num_channels_latents: int = LATENT_CHANNELS):
     """Noise and control tokens for the transformer, as pipeline.prepare_latents (after VAE encoding).
 
-    image_latents: [b, C, h, w] control latents from encode_image, or None (text-to-image); repeated to
-    batch_size. height/width: output size in pixels. num_channels_latents: C of the noise, the pipeline's
+    image_latents: [b, C, h, w] control latents from encode_image, a list of them (several references, each of
+    its own size, placed by reference_offsets), or None (text-to-image); each repeated to batch_size.
+    height/width: output size in pixels. num_channels_latents: C of the noise, the pipeline's
     transformer.config.in_channels // 4 (16 for FLUX). Returns (latents [B, N, 64] packed noise,
     control_latents [B, M, 64] or None, latent_ids [N, 3], control_ids [M, 3] or None)."""
     from diffusers.utils.torch_utils import randn_tensor
@@ -170,12 +209,12 @@ def prepare_latents(image_latents: torch.Tensor | None, batch_size: int, height:
     h, w = 2 * (height // MULTIPLE), 2 * (width // MULTIPLE)
     control = control_ids = None
     if image_latents is not None:
-        n = image_latents.shape[0]
-        if batch_size % n:
-            raise ValueError(f"cannot repeat {n} control images to a batch of {batch_size}")
-        control = image_latents.to(device=device, dtype=dtype).repeat(batch_size // n, 1, 1, 1)
-        control_ids = latent_ids(*control.shape[2:], marker=1.0, device=device, dtype=dtype)
-        control = pack_latents(control)
+        refs = [image_latents] if isinstance(image_latents, torch.Tensor) else list(image_latents)
+        for x in refs:
+            if batch_size % x.shape[0]:
+                raise ValueError(f"cannot repeat {x.shape[0]} control images to a batch of {batch_size}")
+        control, control_ids = pack_controls([x.to(device=device, dtype=dtype).repeat(batch_size // x.shape[0], 1, 1, 1)
+                                              for x in refs])
     if latents is None:
         latents = pack_latents(randn_tensor((batch_size, num_channels_latents, h, w), generator=generator,
                                             device=torch.device(device), dtype=dtype))

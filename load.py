@@ -119,7 +119,10 @@ def load_t5(cfg: ModelConfig):
 
     parse_dtype(cfg.t5.dtype, "t5")
     path, sub = _resolve(cfg, cfg.t5, "t5")
-    return _place(_from_pretrained(T5EncoderModel, "t5", path, sub, dtype=DTYPES[cfg.t5.dtype]), cfg.t5, "t5")
+    t5 = _from_pretrained(T5EncoderModel, "t5", path, sub, dtype=DTYPES[cfg.t5.dtype])
+    if cfg.t5_quant == "fp8":
+        t5 = quant.quantize_t5_fp8(t5)  # on the host, before placing: the GPU never holds the bf16 copy
+    return _place(t5, cfg.t5, "t5")
 
 
 def load_t5_tokenizer(cfg: ModelConfig):
@@ -134,7 +137,14 @@ def load_vae(cfg: ModelConfig):
 
     parse_dtype(cfg.vae.dtype, "vae")
     path, sub = _resolve(cfg, cfg.vae, "vae")
-    return _place(_from_pretrained(AutoencoderKL, "vae", path, sub, dtype=DTYPES[cfg.vae.dtype]), cfg.vae, "vae")
+    vae = _place(_from_pretrained(AutoencoderKL, "vae", path, sub, dtype=DTYPES[cfg.vae.dtype]), cfg.vae, "vae")
+    if cfg.vae_tile:
+        # diffusers tiles only images larger than tile_sample_min_size (config.sample_size: 1024 for FLUX, so a
+        # 1-2 MP image would hardly tile); tiles overlap by 1/4 and are blended
+        vae.enable_tiling()
+        vae.tile_sample_min_size = cfg.vae_tile
+        vae.tile_latent_min_size = cfg.vae_tile // 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae
 
 
 def hub_snapshot(repo: str, sub: str, name: str) -> Path:
@@ -162,12 +172,13 @@ def load_transformer(cfg: ModelConfig):
         snapshot = str(hub_snapshot(path, sub, "transformer"))
         part = dataclasses.replace(cfg.transformer, path=snapshot)
         path, sub = _resolve(dataclasses.replace(cfg, transformer=part), part, "transformer")  # the local checks
+    device = parse_device(cfg.transformer.device, "transformer")
+    if cfg.offload:  # stays in host memory: offload.py moves the non-block parts and the resident blocks
+        device = torch.device("cpu")
     if cfg.quant != "none" or quant.is_quantized_checkpoint(Path(path) / sub):
-        return quant.load_quantized_transformer(Path(path) / sub, cfg.quant, dtype,
-                                                parse_device(cfg.transformer.device, "transformer"),
-                                                cfg.fp8_scales)
+        return quant.load_quantized_transformer(Path(path) / sub, cfg.quant, dtype, device, cfg.fp8_scales)
     model = _from_pretrained(FluxTransformer2DModel, "transformer", path, sub, dtype=dtype)
-    return _place(model, cfg.transformer, "transformer")
+    return model.to(device).eval().requires_grad_(False)
 
 
 def load_components(cfg: ModelConfig, which: tuple[str, ...] = ("clip", "t5", "vae", "transformer")) -> Components:
@@ -194,6 +205,11 @@ def model_identity(cfg: ModelConfig, part: Part, name: str) -> str:
 
     path, sub = _resolve(cfg, part, name)
     h = hashlib.sha256(f"{path}/{sub}:{part.dtype}".encode())
+    # options that change what the component computes (absent when off, so older cache keys stay valid)
+    if name == "t5" and cfg.t5_quant != "none":
+        h.update(f"quant={cfg.t5_quant}".encode())
+    if name == "vae" and cfg.vae_tile:
+        h.update(f"tile={cfg.vae_tile}".encode())
     if _is_local(path):
         # Hashing 10-20 GB of weights per run is too slow; the header (names, shapes, offsets), the size and the
         # first and last 4 MiB of each weight file tell two checkpoints apart, random tiny ones included.

@@ -4,7 +4,8 @@ reads unchanged, read and check such a file, load / scale / unload adapters for 
 
 The file format, written and parsed only here: safetensors with keys `transformer.<module>.lora_A.weight` /
 `lora_B.weight` (diffusers' save_lora_weights layout) and the adapter's LoraConfig (r, lora_alpha, targets) as JSON
-in the header under "lora_adapter_metadata".
+in the header under "lora_adapter_metadata". read_lora also takes the layouts diffusers converts (kohya, ComfyUI,
+BFL names, PEFT keys with `.alpha` tensors); convert.py writes the comfyui and kohya ones.
 """
 
 import hashlib
@@ -242,7 +243,11 @@ _FORMAT = ("keys 'transformer.<module>.lora_A.weight' / 'lora_B.weight', as Flux
 
 def read_lora(path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(state_dict, adapter metadata or None) of a LoRA safetensors file. The metadata (r, lora_alpha, targets) is
-    the JSON that save_lora_weights stores in the header under 'lora_adapter_metadata'."""
+    the JSON that save_lora_weights stores in the header under 'lora_adapter_metadata'.
+
+    Files in other layouts (kohya / sd-scripts / musubi `lora_unet_*`, ComfyUI `diffusion_model.*`, BFL names,
+    xlabs, fal; PEFT keys with `.alpha` tensors) go through diffusers' own converter,
+    FluxKontextPipeline.lora_state_dict, as load_lora_weights does (_foreign_lora)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -259,7 +264,50 @@ def read_lora(path) -> tuple[dict[str, torch.Tensor], dict | None]:
         metadata = json.loads(raw) if raw else None
     except json.JSONDecodeError as e:
         raise ValueError(f"LoRA file {str(path)!r}: its 'lora_adapter_metadata' is not valid JSON: {e}") from None
+    if state_dict and not all(_LORA_KEY.fullmatch(k) for k in state_dict):
+        return _foreign_lora(state_dict, metadata, path)
     return state_dict, metadata
+
+
+_SHAPES = "diffusers' kohya converter assumes FLUX.1's full size (linear1 split 3072/3072/3072/12288)"
+_ALPHA_KEY = re.compile(rf"{PREFIX}\.(?P<module>.+)\.alpha")
+
+
+def _foreign_lora(state_dict: dict, metadata: dict | None, path: Path) -> tuple[dict, dict | None]:
+    """A LoRA in another layout, converted by FluxKontextPipeline.lora_state_dict (kohya-style formats come back
+    with alpha / rank folded into the weights, PEFT keys with their `.alpha` tensors as network_alphas). Network
+    alphas become the LoraConfig that diffusers' load_lora_adapter would build from them (get_peft_kwargs), so
+    the result loads with load_lora_adapter(metadata=...) exactly as load_lora_weights loads the file."""
+    from diffusers import FluxKontextPipeline
+    from diffusers.utils.peft_utils import get_peft_kwargs
+
+    where = f"LoRA file {str(path)!r}"
+    alphas = [k for k in state_dict if _ALPHA_KEY.fullmatch(k)]
+    if alphas and metadata is not None:  # load_lora_adapter refuses the pair too ("Both network_alphas and ...")
+        raise ValueError(f"{where} holds both '.alpha' tensors ({_few(alphas)}) and 'lora_adapter_metadata': "
+                         f"diffusers refuses such a file; keep one of the two")
+    try:
+        converted, network_alphas = FluxKontextPipeline.lora_state_dict(dict(state_dict), return_alphas=True)
+    except (AssertionError, ValueError, KeyError, NotImplementedError, IndexError) as e:
+        odd = [k for k in state_dict if not _LORA_KEY.fullmatch(k)]
+        raise ValueError(f"{where}: {len(odd)} of {len(state_dict)} keys are not in the supported format "
+                         f"({_FORMAT}) and diffusers' FluxKontextPipeline.lora_state_dict does not convert them "
+                         f"({type(e).__name__}: {str(e) or _SHAPES}): {_few(odd)}") from None
+    text = [k for k in converted if k.startswith("text_encoder")]
+    if text:
+        raise ValueError(f"{where} holds {len(text)} text-encoder LoRA tensors ({_few(text)}); only transformer "
+                         f"LoRAs are supported")
+    # diffusers' kohya converter names the modules outside the blocks (img_in -> x_embedder, final_layer ->
+    # proj_out, ...) without the 'transformer.' prefix, so load_lora_weights silently drops them (diffusers
+    # 0.42.1); they are transformer modules, so they keep it here
+    converted = {k if k.startswith(f"{PREFIX}.") else f"{PREFIX}.{k}": v for k, v in converted.items()}
+    if not network_alphas:
+        return converted, None
+    bare = {k.removeprefix(f"{PREFIX}."): v for k, v in converted.items()}
+    ranks = {f"^{k}": v.shape[1] for k, v in bare.items() if "lora_B" in k and v.ndim > 1}  # as load_lora_adapter
+    alphas = {k.removeprefix(f"{PREFIX}."): float(v) for k, v in network_alphas.items()}
+    conf = get_peft_kwargs(ranks, network_alpha_dict=alphas, peft_state_dict=bare)
+    return converted, {f"{PREFIX}.{k}": v for k, v in conf.items()}
 
 
 def _few(keys: list[str], n: int = 3) -> str:
@@ -278,8 +326,8 @@ def check_lora_keys(transformer, state_dict: dict[str, torch.Tensor], path) -> N
     unsupported = [k for k in state_dict if not _LORA_KEY.fullmatch(k)]
     if unsupported:
         raise ValueError(f"{where}: {len(unsupported)} of {len(state_dict)} keys are not in the supported format "
-                         f"({_FORMAT}): {_few(unsupported)}. Other formats (kohya, xlabs, ...): load them with "
-                         f"FluxKontextPipeline.lora_state_dict and write them with save_lora_weights first")
+                         f"({_FORMAT}, or a layout that FluxKontextPipeline.lora_state_dict converts to it): "
+                         f"{_few(unsupported)}")
     modules = dict(transformer.named_modules())
     halves: dict[str, dict[str, torch.Tensor]] = {}
     unmatched = []

@@ -4,6 +4,8 @@
     python sample.py --config configs/bf16.py --image in.png --prompt "..." --lora run/lora.safetensors \
         --lora-scale 0.8 --sample.negative-prompt "blurry" --sample.true-cfg-scale 2.0 \
         --sample.num-inference-steps 28 --sample.seed 1 --sample.size-mode native
+    python sample.py --config configs/bf16.py --image in.png --prompt "..." --sample.cache first_block:0.08
+    python sample.py --config configs/bf16.py --image person.png --image garment.png --prompt "..."  # 2 references
 
     from sample import sample; from lora import load_lora
     out = sample(components, image, "make the sky red", generator=torch.Generator().manual_seed(0))
@@ -21,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -33,8 +36,10 @@ from config import ModelConfig, SampleConfig, load_config, split_config_flag
 from encode import (MULTIPLE, _device_of, decode_latents, encode_image, encode_prompt, image_size, kontext_size,
                     output_size, predict_velocity, prepare_latents, preprocess_image, unpack_latents)
 from kernels.attention import set_attention
-from load import load_components
+from load import load_components, parse_device
 from lora import load_lora, read_lora
+from offload import offload_transformer
+from stepcache import cache_context, check_cache, step_cache
 
 SIZE_MODES = ("pipeline", "native")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -85,14 +90,17 @@ def sample_sizes(image_hw: tuple[int, int] | None, height: int | None, width: in
 # ---------------------------------------------------------------- the transformer
 
 
-def prepare_transformer(transformer, sc: SampleConfig, device: torch.device) -> str:
-    """What sampling does to a loaded transformer (LoRAs loaded first: compiled blocks would recompile for them):
-    the attention backend pinned in this model (kernels/attention.py, attention in the input embedder's dtype, as
-    train.prepare_transformer), eval mode, regional compile (CUDA only). Returns the attention backend chosen.
-    bench.py calls it too, so its denoise rows time what `python sample.py` runs."""
+def prepare_transformer(transformer, sc: SampleConfig, device: torch.device, offload: int | None = None) -> str:
+    """What sampling does to a loaded transformer (LoRAs loaded first: compiled blocks would recompile for them, and
+    offload moves the weights it finds): the attention backend pinned in this model (kernels/attention.py, attention
+    in the input embedder's dtype, as train.prepare_transformer), eval mode, block offload (`offload` = blocks kept
+    resident, None: off; ModelConfig.offload), regional compile (CUDA only, not with offload). Returns the attention
+    backend chosen. bench.py calls it too, so its denoise rows time what `python sample.py` runs."""
     attention = set_attention(transformer, sc.attention_backend, device, transformer.x_embedder.weight.dtype)
     transformer.eval()
-    if sc.compile and device.type == "cuda":
+    if offload is not None:
+        transformer._block_offload = offload_transformer(transformer, device, offload, wrap=True)
+    elif sc.compile and device.type == "cuda":
         transformer.compile_repeated_blocks(fullgraph=False)
     return attention
 
@@ -206,9 +214,18 @@ def _check_inputs(components, image, prompt, prompt_embeds, pooled_prompt_embeds
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     if c.vae is None and (image is not None or output_type != "latent"):
         raise ValueError("components.vae is None: it is needed to encode the image and to decode the output")
-    if image is not None and not isinstance(image, (np.ndarray, torch.Tensor)) and not hasattr(image, "size"):
-        raise ValueError(f"image must be a PIL image, an ndarray or a tensor (one image per call), got "
-                         f"{type(image).__name__}")
+    refs = _references(image)
+    if image is not None and not refs:
+        raise ValueError("image is an empty list: pass None for text-to-image")
+    for i, im in enumerate(refs):
+        if not isinstance(im, (np.ndarray, torch.Tensor)) and not hasattr(im, "size"):
+            raise ValueError(f"image{f' {i + 1} of {len(refs)}' if len(refs) > 1 else ''} must be a PIL image, an "
+                             f"ndarray or a tensor (a list of them: several references), got {type(im).__name__}")
+
+
+def _references(image) -> list:
+    """sample()'s `image` as the list of references: None -> [], one image -> [it], a list or tuple -> itself."""
+    return list(image) if isinstance(image, (list, tuple)) else [] if image is None else [image]
 
 
 @torch.no_grad()  # as pipeline.__call__ (grad mode also changes which SDPA kernel runs)
@@ -220,15 +237,21 @@ def sample(components, image, prompt, *, prompt_2=None, negative_prompt=_DEFAULT
            max_sequence_length: int = _DEFAULTS.max_sequence_length, num_images_per_prompt: int = 1,
            prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt_embeds=None,
            negative_pooled_prompt_embeds=None, latents=None, output_type: str = "pil",
-           progress: bool = True) -> SampleOutput:
+           cache: str = _DEFAULTS.cache, progress: bool = True) -> SampleOutput:
     """FluxKontextPipeline.__call__ for image editing, over loaded `Components` (load.py), with per-stage timings.
 
-    image: one PIL image / HWC ndarray / CHW tensor (values as the pipeline takes them), or None for text-to-image
-    (no control tokens; FLUX.1-Krea-dev). prompt: a string or a list (a batch); a string prompt_2, negative_prompt or
-    negative_prompt_2 is used for every prompt. True CFG runs when true_cfg_scale > 1 with a negative prompt:
-    v = v_neg + true_cfg_scale * (v_pos - v_neg). Sizes: see `sample_sizes` (size_mode "pipeline" or "native").
+    image: one PIL image / HWC ndarray / CHW tensor (values as the pipeline takes them), a list of them (several
+    references of one edit, in order, as ComfyUI's chained ReferenceLatent nodes; not a batch as in the pipeline:
+    each is sized like the pipeline's one image, its ids placed by encode.reference_offsets; the output size follows
+    the first), or None for text-to-image (no control tokens; FLUX.1-Krea-dev). prompt: a string or a list (a
+    batch); a string prompt_2, negative_prompt or negative_prompt_2 is used for every prompt. True CFG runs when
+    true_cfg_scale > 1 with a negative prompt: v = v_neg + true_cfg_scale * (v_pos - v_neg). Sizes: see
+    `sample_sizes` (size_mode "pipeline" or "native").
     Given prompt_embeds / pooled_prompt_embeds ([B, L, D] / [B, P]) are repeated num_images_per_prompt times.
     latents: packed starting noise [B * n, N, 64]. Returns SampleOutput(images, latents, timings).
+    cache: reuse work across steps, "METHOD:VALUE" (stepcache.py: first_block, mag, taylorseer, faster, tea; "" off),
+    enabled on the transformer for this call only; each transformer call runs in FluxPipeline's cache_context
+    ("cond", true CFG's negative "uncond"), so the two branches keep separate caches.
 
     Defaults: a keyword named like a SampleConfig field takes its default (config.py). Those are the pipeline's,
     except size_mode: "native" (output = input size); size_mode="pipeline" gives the pipeline's height x width
@@ -236,13 +259,18 @@ def sample(components, image, prompt, *, prompt_2=None, negative_prompt=_DEFAULT
     c = components
     _check_inputs(c, image, prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt, negative_prompt_embeds,
                   negative_pooled_prompt_embeds, true_cfg_scale, output_type)
+    check_cache(cache, true_cfg_scale > 1)
     devices = _cuda_devices(c.clip, c.t5, c.vae, c.transformer)
     transformer = c.transformer
     device, dtype = _device_of(transformer), transformer.dtype
     start = _clock(devices)
 
-    (height, width), control_hw = sample_sizes(image_size(image) if image is not None else None, height, width,
+    refs = _references(image)
+    (height, width), control_hw = sample_sizes(image_size(refs[0]) if refs else None, height, width,
                                                max_area, size_mode, auto_resize)
+    # further references: each sized as sample_sizes sizes the first (own size, or the snap when auto_resize)
+    control_hws = [control_hw] + [kontext_size(*image_size(im), auto_resize and size_mode == "pipeline")
+                                  for im in refs[1:]]
     if isinstance(prompt, str):
         batch_size = 1
     elif prompt is not None:
@@ -264,11 +292,11 @@ def sample(components, image, prompt, *, prompt_2=None, negative_prompt=_DEFAULT
             negative_pooled_prompt_embeds, num_images_per_prompt, max_sequence_length, device, dtype)
     t_prompt = _clock(devices)
 
-    # 2. control image: encoded on the VAE's device, its latents moved to the transformer
+    # 2. control image(s): encoded on the VAE's device, the latents moved to the transformer
     image_latents = None
-    if image is not None:
-        pixels = preprocess_image(image, *control_hw)
-        image_latents = encode_image(c.vae, pixels, device=device, dtype=dtype)
+    if refs:
+        image_latents = [encode_image(c.vae, preprocess_image(im, *hw), device=device, dtype=dtype)
+                         for im, hw in zip(refs, control_hws)]
     t_image = _clock(devices)
 
     # 3. noise tokens [B*n, N, 64], control tokens [B*n, M, 64] and their ids (target first, as the pipeline)
@@ -301,21 +329,28 @@ def sample(components, image, prompt, *, prompt_2=None, negative_prompt=_DEFAULT
     if transformer.config.guidance_embeds:
         guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(n_total)
 
-    # 5. denoise
+    # 5. denoise (with the step cache, if any, on the transformer for this loop only)
     steps = []
+    current = [None]  # the step's timestep (0-1000), the pipeline's `current_timestep` that FasterCache reads
     t_step = _clock(devices)
-    for t in tqdm(timesteps, desc="denoise", unit="step", disable=not progress):
-        timestep = t.expand(n_total).to(dtype) / 1000  # the transformer takes t in [0, 1]
-        v = predict_velocity(transformer, latents, control_latents, timestep, guidance, prompt_embeds,
-                             pooled_prompt_embeds, text_ids, img_ids)
-        if do_true_cfg:
-            v_neg = predict_velocity(transformer, latents, control_latents, timestep, guidance,
-                                     negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids, img_ids)
-            v = v_neg + true_cfg_scale * (v - v_neg)
-        latents = scheduler.step(v, t, latents, return_dict=False)[0]
-        now = _clock(devices)
-        steps.append(now - t_step)
-        t_step = now
+    with step_cache(transformer, cache, len(timesteps), dtype, lambda: current[0], do_true_cfg):
+        for i, t in enumerate(tqdm(timesteps, desc="denoise", unit="step", disable=not progress)):
+            current[0] = t
+            timestep = t.expand(n_total).to(dtype) / 1000  # the transformer takes t in [0, 1]
+            where = dict(step_index=i, num_inference_steps=len(timesteps), timestep=t)
+            with cache_context(transformer, "cond", **where):
+                v = predict_velocity(transformer, latents, control_latents, timestep, guidance, prompt_embeds,
+                                     pooled_prompt_embeds, text_ids, img_ids)
+            if do_true_cfg:
+                with cache_context(transformer, "uncond", **where):
+                    v_neg = predict_velocity(transformer, latents, control_latents, timestep, guidance,
+                                             negative_prompt_embeds, negative_pooled_prompt_embeds,
+                                             negative_text_ids, img_ids)
+                v = v_neg + true_cfg_scale * (v - v_neg)
+            latents = scheduler.step(v, t, latents, return_dict=False)[0]
+            now = _clock(devices)
+            steps.append(now - t_step)
+            t_step = now
 
     # 6. decode on the VAE's device; pixels -> output_type with the pipeline's own postprocess
     images = None
@@ -332,6 +367,8 @@ def sample(components, image, prompt, *, prompt_2=None, negative_prompt=_DEFAULT
 
 # ---------------------------------------------------------------- CLI
 
+Repeated = Annotated[tuple[str, ...], tyro.conf.UseAppendAction]  # --image a.png --image b.png -> ("a.png", "b.png")
+
 
 @dataclass
 class Args:
@@ -339,7 +376,7 @@ class Args:
     its config.sample (SampleConfig in config.py)."""
 
     prompt: str = ""  # the edit instruction (required)
-    image: str = ""  # input image; empty: text-to-image (FLUX.1-Krea-dev configs)
+    image: Repeated = ()  # input image; repeat the flag for several references, in order; none: text-to-image
     out: str = "edited.png"
     config: str = ""  # config file (python defining `config = Config(...)`); empty: the Config() defaults
     lora: tuple[str, ...] = ()  # LoRA safetensors files, applied together
@@ -361,10 +398,11 @@ def main(args: Args) -> Path:
     s = args.sample
     if not args.prompt:
         raise ValueError("--prompt is required")
-    image = open_image(Path(args.image)) if args.image else None
+    images = [open_image(Path(p)) for p in args.image]
     # the checks sample() makes that need no model, made before loading one
     _check_true_cfg(s.true_cfg_scale, s.negative_prompt is not None)
-    sample_sizes(image_size(image) if image else None, args.height, args.width, s.max_area, s.size_mode, True)
+    check_cache(s.cache, s.true_cfg_scale > 1)
+    sample_sizes(image_size(images[0]) if images else None, args.height, args.width, s.max_area, s.size_mode, True)
     out = Path(args.out)
     if out.suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"--out {str(out)!r}: unknown image extension {out.suffix!r} (use .png, .jpg, .webp, ...)")
@@ -373,14 +411,16 @@ def main(args: Args) -> Path:
     for path in args.lora:
         read_lora(path)  # a missing or unreadable file fails now, not after loading the model
 
-    components = load_components(load_config(args.config).model if args.config else ModelConfig())
+    mc = load_config(args.config).model if args.config else ModelConfig()
+    components = load_components(mc)
     for i, path in enumerate(args.lora):
         load_lora(components.transformer, path, f"lora{i}", args.lora_scale[i] if args.lora_scale else 1.0)
-    prepare_transformer(components.transformer, s, _device_of(components.transformer))
+    prepare_transformer(components.transformer, s, parse_device(mc.transformer.device, "transformer"),
+                        mc.resident_blocks if mc.offload else None)
 
     # the other SampleConfig fields are sample() keywords of the same name (tests/test_sample.py checks it)
     kw = {k: v for k, v in dataclasses.asdict(s).items() if k not in NOT_SAMPLE_KWARGS}
-    result = sample(components, image, args.prompt, generator=torch.Generator().manual_seed(s.seed),
+    result = sample(components, images or None, args.prompt, generator=torch.Generator().manual_seed(s.seed),
                     height=args.height, width=args.width, **kw)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.images[0].save(out)

@@ -4,13 +4,15 @@ The objective (the one place it is written):
     x_t = (1 - t) * x0 + t * noise,   target = noise - x0,   loss = mean((v(x_t, t) - target)^2)
 with t in [0, 1] (t = 1 is pure noise; sampling runs t from 1 to 0), passed to the transformer as `timestep=t`
 (the pipeline passes sigma * 1000 / 1000). The transformer sees cat([noisy target tokens, control tokens]) with
-ids (0, row, col) and (1, row, col); only the first N (target) outputs are scored.
+ids (0, row, col) and (1, row, col) (several references: side by side on the index-1 plane, encode.control_ids);
+only the first N (target) outputs are scored.
 
 Noise, timesteps, caption dropout and the data order are pure functions of (seed, step): a resumed run repeats
 exactly what the uninterrupted one would have done, and DDP ranks slice one global batch. Multi-GPU:
 `torchrun --nproc_per_node N train.py --config ...` (DDP over the LoRA parameters).
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -24,15 +26,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cache import cache_dir_of, open_image, scan_dataset, training_data, validate_dataset
+from cache import (cache_dir_of, check_dataset, control_latents_of, open_image, scan_dataset, training_data,
+                   validate_dataset)
 from config import Config, TrainConfig, cli, to_json, validate
-from encode import latent_ids, pack_latents, predict_velocity
+from convert import save_lora_as
+from encode import latent_ids, pack_controls, pack_latents, predict_velocity
 from kernels.attention import set_attention
 from kernels.fp8 import FP8Linear
 from kernels.int4 import Linear4bit
 from load import Components, load_transformer, load_vae, parse_dtype
 from lora import (add_lora, claim_out_dir, config_differences, load_checkpoint, new_run_id, resolve_resume,
-                  save_checkpoint, save_lora)
+                  save_checkpoint)
+from offload import offload_transformer
 from sample import sample
 
 # ---------------------------------------------------------------- the objective
@@ -90,11 +95,14 @@ def make_batches(shapes: list[tuple], batch_size: int, seed: int, epoch: int) ->
     return [batches[i] for i in perm]
 
 
-def global_batch(shapes: list[tuple], batch_size: int, seed: int, index: int) -> list[int]:
+def global_batch(shapes: list[tuple], batch_size: int, seed: int, index: int, repeat: int = 1) -> list[int]:
     """The index-th batch of the endless stream of epochs. Every epoch has the same number of batches (shuffling
-    moves samples within their shape bucket), so the epoch is index // that number: O(N) per step, not O(steps)."""
-    per_epoch = sum(math.ceil(n / batch_size) for n in Counter(shapes).values())
-    return make_batches(shapes, batch_size, seed, index // per_epoch)[index % per_epoch]
+    moves samples within their shape bucket), so the epoch is index // that number: O(N) per step, not O(steps).
+    repeat (DataConfig.repeat, DiffSynth's dataset_repeat): an epoch shuffles the list repeated that many times,
+    so each sample comes `repeat` times per epoch (a batch may hold one sample twice)."""
+    n, shapes = len(shapes), list(shapes) * repeat
+    per_epoch = sum(math.ceil(k / batch_size) for k in Counter(shapes).values())
+    return [i % n for i in make_batches(shapes, batch_size, seed, index // per_epoch)[index % per_epoch]]
 
 
 def collate(entries: list[dict], empty: dict, cfg: TrainConfig, step_key: tuple, device, dtype, rank_slice: slice):
@@ -111,9 +119,12 @@ def collate(entries: list[dict], empty: dict, cfg: TrainConfig, step_key: tuple,
                           for e, d in zip(entries, drop)])
     ids = [latent_ids(h, w, 0.0)]
     control = None
-    if "control_latents" in entries[0]:
-        control = pack_latents(torch.stack([e["control_latents"] for e in entries]).float())
-        ids.append(latent_ids(*entries[0]["control_latents"].shape[1:], marker=1.0))
+    refs = [control_latents_of(e) for e in entries]  # one shape bucket: the same number and sizes in every entry
+    if len({len(r) for r in refs}) > 1:  # zip would drop the extra references silently
+        raise ValueError(f"collate: entries with {sorted({len(r) for r in refs})} references in one batch")
+    if refs[0]:
+        control, control_ids = pack_controls([torch.stack(r).float() for r in zip(*refs)])
+        ids.append(control_ids)
     weight = None
     if "mask" in entries[0]:
         m = pack_latents(torch.stack([e["mask"] for e in entries]).float().repeat(1, 4, 1, 1))[..., :1]
@@ -129,11 +140,13 @@ def collate(entries: list[dict], empty: dict, cfg: TrainConfig, step_key: tuple,
 # ---------------------------------------------------------------- model, step, optimizer, schedule
 
 
-def prepare_transformer(transformer, tc: TrainConfig, device: torch.device) -> tuple[list, str]:
+def prepare_transformer(transformer, tc: TrainConfig, device: torch.device,
+                        offload: int | None = None) -> tuple[list, str]:
     """What training does to a loaded transformer before the first step, in this order: the attention backend pinned
-    in this model, the fp8 input-gradient choice, gradient checkpointing, the LoRA (seeded), train mode, regional
-    compile (CUDA only: on the CPU inductor compiles for minutes and gains little). Returns (LoRA parameters,
-    attention backend). bench.py calls this too, so its rows time what `python train.py` runs."""
+    in this model, the fp8 input-gradient choice, gradient checkpointing, the LoRA (seeded), train mode, block
+    offload (`offload` = blocks kept resident, None: off; ModelConfig.offload), regional compile (CUDA only: on the
+    CPU inductor compiles for minutes and gains little). Returns (LoRA parameters, attention backend). bench.py calls
+    this too, so its rows time what `python train.py` runs."""
     # attention runs in the hidden states' dtype, set by the input embedder (block Linears may hold fp8/4-bit codes)
     attn_dtype = torch.bfloat16 if tc.autocast else transformer.x_embedder.weight.dtype
     attention = set_attention(transformer, tc.attention_backend, device, attn_dtype)
@@ -145,9 +158,20 @@ def prepare_transformer(transformer, tc: TrainConfig, device: torch.device) -> t
     torch.manual_seed(tc.seed)  # LoRA A init draws from the global generator: same seed, same start
     params = add_lora(transformer, tc)
     transformer.train()
+    if offload is not None:
+        transformer._block_offload = offload_transformer(transformer, device, offload)
     if compile_choice(transformer, tc, device) == "on":
         transformer.compile_repeated_blocks(fullgraph=False)
     return params, attention
+
+
+def offload_note(transformer) -> str:
+    """The log line's words for block offload: blocks streamed and the bytes moved per step (forward + recompute)."""
+    off = getattr(transformer, "_block_offload", None)
+    if off is None:
+        return ""
+    return (f"; block offload: {len(off.host)} of {len(off.blocks)} blocks streamed from host memory, "
+            f"{2 * off.bytes_per_fetch / 2**30:.1f} GiB moved per step")
 
 
 def compile_choice(transformer, tc: TrainConfig, device: torch.device) -> str:
@@ -157,18 +181,20 @@ def compile_choice(transformer, tc: TrainConfig, device: torch.device) -> str:
         return "off"
     if device.type != "cuda":
         return "off (CPU)"
+    if hasattr(transformer, "_block_offload"):
+        return "off (block offload swaps the blocks' weights each call)"
     if any(isinstance(m, Linear4bit) for m in transformer.modules()):
         return "off (4-bit transformer: its compiled step gave no gradient to the single blocks' LoRA)"
     return "on"
 
 
 def micro_batches(data, shapes: list[tuple], empty: dict, tc: TrainConfig, step: int, rank: int, world: int,
-                  device, dtype):
+                  device, dtype, repeat: int = 1):
     """Optimizer step `step`'s grad_accum micro-batches for this rank, collated one at a time:
     (batch, global sample indices, the loss's share). DDP averages gradients over ranks, so each rank's share is
     its slice of the global batch."""
     for micro in range(tc.grad_accum):
-        idx = global_batch(shapes, tc.batch_size * world, tc.seed, step * tc.grad_accum + micro)
+        idx = global_batch(shapes, tc.batch_size * world, tc.seed, step * tc.grad_accum + micro, repeat)
         lo, hi = rank * len(idx) // world, (rank + 1) * len(idx) // world
         b = collate([data[i] for i in idx], empty, tc, ("step", step, micro), device, dtype, slice(lo, hi))
         yield b, idx, (hi - lo) / len(idx) * world / tc.grad_accum
@@ -187,7 +213,10 @@ def train_step(model, params: list, optimizer, batches, tc: TrainConfig) -> tupl
     FloatingPointError naming the samples before the optimizer touches the LoRA."""
     losses = []
     for b, idx, share in batches:
-        with torch.autocast(b["x0"].device.type, dtype=torch.bfloat16, enabled=tc.autocast):
+        # activation offload: what the backward needs waits in pinned host memory (torch's own hook)
+        with (torch.autograd.graph.save_on_cpu(pin_memory=b["x0"].is_cuda) if tc.activation_offload
+              else contextlib.nullcontext()), \
+                torch.autocast(b["x0"].device.type, dtype=torch.bfloat16, enabled=tc.autocast):
             loss = flow_matching_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
                                       b["pooled_prompt_embeds"], b["img_ids"], b["text_ids"], tc.guidance,
                                       b["weight"])
@@ -300,17 +329,19 @@ def main(cfg: Config) -> dict:
     data = training_data(cfg, samples, n_train, log)
     if world > 1 and rank == 0:
         torch.distributed.barrier()
-    log(batch_plan(data.shapes, tc.batch_size * world))
+    log(batch_plan(data.shapes * cfg.data.repeat, tc.batch_size * world))
 
     # 3. Transformer + LoRA, exactly as bench.py times it.
     device = rank_device(cfg, rank)
     dtype = parse_dtype(cfg.model.transformer.dtype, "transformer")
     transformer = load_transformer(dataclasses.replace(
         cfg.model, transformer=dataclasses.replace(cfg.model.transformer, device=str(device))))
-    params, attention = prepare_transformer(transformer, tc, device)
+    params, attention = prepare_transformer(transformer, tc, device,
+                                            cfg.model.resident_blocks if cfg.model.offload else None)
     compiled = compile_choice(transformer, tc, device)
     log(f"attention: {attention}; compile: {compiled}; "
-        f"gradient checkpointing: {'on' if tc.gradient_checkpointing else 'off'}")
+        f"gradient checkpointing: {'on' if tc.gradient_checkpointing else 'off'}"
+        + ("; activation offload: on" if tc.activation_offload else "") + offload_note(transformer))
     model = transformer
     if world > 1:
         # Only the LoRA is trained: DDP must neither broadcast the frozen base (gloo cannot send float8, and a 12B
@@ -351,7 +382,8 @@ def main(cfg: Config) -> dict:
         t0 = time.perf_counter()
         for g in optimizer.param_groups:
             g["lr"] = tc.lr * lr_factor(step, tc)
-        batches = micro_batches(data.train, data.shapes, data.empty, tc, step, rank, world, device, dtype)
+        batches = micro_batches(data.train, data.shapes, data.empty, tc, step, rank, world, device, dtype,
+                                cfg.data.repeat)
         try:
             loss, grad_norm, n = train_step(model, params, optimizer, batches, tc)
         except NonFiniteLoss as e:
@@ -376,12 +408,13 @@ def main(cfg: Config) -> dict:
         if rank == 0 and (done or (tc.save_every and (step + 1) % tc.save_every == 0)):
             last_ckpt = str(save_checkpoint(out_dir, transformer, optimizer, step + 1, cfg, tc.keep_checkpoints, run))
         if rank == 0 and done:
-            save_lora(transformer, out_dir / "lora.safetensors")  # before the last grid: a crash there loses nothing
+            # before the last grid: a crash there loses nothing
+            save_lora_as(transformer, out_dir / "lora.safetensors", tc.lora_format)
         if tc.validate_every >= 0 and n_val and (done or (tc.validate_every and (step + 1) % tc.validate_every == 0)):
             validate_at(step + 1)
     if rank == 0:
         if start >= tc.steps:  # resumed at or past the end: the checkpoint's LoRA is the result
-            save_lora(transformer, out_dir / "lora.safetensors")
+            save_lora_as(transformer, out_dir / "lora.safetensors", tc.lora_format)
         log(f"wrote {out_dir / 'lora.safetensors'} and checkpoint {last_ckpt}")
         log_file.close()
     if world > 1:
@@ -392,19 +425,41 @@ def main(cfg: Config) -> dict:
 # ---------------------------------------------------------------- validation
 
 
+def tile_grid(rows: list[list], gap: int = 0, fill=(255, 255, 255)):
+    """Rows of PIL images as one RGB image, every tile whole at the top left of its cell: rows right-aligned by
+    column (the last columns, sample | target, line up when rows hold different numbers of controls), each column as
+    wide as its widest tile, each row as high as its highest, padding and `gap` pixels between cells in `fill` (white:
+    not mistaken for a dark tile's edge)."""
+    from PIL import Image
+
+    n = max(len(r) for r in rows)
+    rows = [[None] * (n - len(r)) + list(r) for r in rows]
+    widths = [max((r[j].width for r in rows if r[j] is not None), default=0) for j in range(n)]
+    heights = [max(t.height for t in r if t is not None) for r in rows]
+    grid = Image.new("RGB", (sum(widths) + gap * (n - 1), sum(heights) + gap * (len(rows) - 1)), fill)
+    y = 0
+    for r, h in zip(rows, heights):
+        x = 0
+        for t, w in zip(r, widths):
+            if t is not None:
+                grid.paste(t.convert("RGB"), (x, y))
+            x += w + gap
+        y += h + gap
+    return grid
+
+
 @torch.no_grad()
 def validation_grid(transformer, vae, val_samples, val_data, cfg: Config, step: int, out_dir: Path) -> Path:
     """sample.py on each held-out pair (fixed seeds, cached prompt embeddings), saved as one PNG with a row per
-    sample: control | sample | target."""
-    from PIL import Image
-
+    sample: control(s) | sample | target."""
     was = transformer.training
     transformer.eval()
     rows = []
     for i, s in enumerate(val_samples):
         e = val_data[i]
-        control = open_image(s.control) if s.control is not None else None
-        target = open_image(s.image)
+        controls = [open_image(p, background=cfg.data.background) for p in s.controls]
+        control = controls or None  # sample() takes the list of references; [one] is the single-image edit
+        target = open_image(s.image, background=cfg.data.background)
         sc = cfg.sample
         out = sample(Components(vae=vae, transformer=transformer), control, None,
                      prompt_embeds=e["prompt_embeds"][None], pooled_prompt_embeds=e["pooled_prompt_embeds"][None],
@@ -412,19 +467,8 @@ def validation_grid(transformer, vae, val_samples, val_data, cfg: Config, step: 
                      generator=torch.Generator().manual_seed(sc.seed + i), size_mode="native",
                      height=None if control is not None else target.height,
                      width=None if control is not None else target.width, progress=False).images[0]
-        tiles = ([control] if control is not None else []) + [out, target]
-        h = max(t.height for t in tiles)
-        row = Image.new("RGB", (sum(t.width for t in tiles), h))
-        x = 0
-        for t in tiles:
-            row.paste(t, (x, 0))
-            x += t.width
-        rows.append(row)
-    grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)))
-    y = 0
-    for r in rows:
-        grid.paste(r, (0, y))
-        y += r.height
+        rows.append(controls + [out, target])
+    grid = tile_grid(rows)
     path = out_dir / "validation" / f"step-{step:06d}.png"  # a log artefact, not a checkpoint
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
@@ -472,7 +516,11 @@ def _tensorboard(out_dir: Path):
 
 if __name__ == "__main__":
     try:
-        main(cli(description=__doc__.splitlines()[0]))
+        argv = [a for a in sys.argv[1:] if a != "--check"]
+        cfg = cli(argv, description=__doc__.splitlines()[0] + " --check: only check the dataset (cache.py check).")
+        if len(argv) < len(sys.argv) - 1:  # --check: exit 2 on dataset errors, before any model loads
+            sys.exit(check_dataset(cfg.data, cache_dir_of(cfg)))
+        main(cfg)
     except ValueError as e:  # user errors (dataset, config, run folder): the message, not a traceback
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)

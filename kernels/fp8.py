@@ -147,17 +147,18 @@ def fp8_supported(device: torch.device) -> bool:
 
 
 def fp8_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-               w_codes_t: torch.Tensor | None = None) -> torch.Tensor:
+               w_codes_t: torch.Tensor | None = None, weight_only: bool = False) -> torch.Tensor:
     """Same result as fp8_linear_ref (up to activation rounding on the fp8 path); see the module docstring.
-    w_codes_t (w_codes.T, contiguous) selects the fp8 input-gradient GEMM in backward."""
+    w_codes_t (w_codes.T, contiguous) selects the fp8 input-gradient GEMM in backward; weight_only keeps the
+    activations in their dtype (dequantized weight, then F.linear: fp8 storage only)."""
     if not x.is_cuda:
         return fp8_linear_ref(x, w_codes, w_scale, bias)
     N, K = w_codes.shape
     M = x.numel() // K
     # _scaled_mm wants in/out features in multiples of 16; on the H100 (torch 2.11) cuBLASLt also refused the
     # row-wise + bias case for M = 5 (CUBLAS_STATUS_NOT_SUPPORTED), so token counts off 16 take the weight-only path.
-    use_fp8 = (x.dtype == torch.bfloat16 and w_codes.dtype == E4M3 and N % 16 == 0 and K % 16 == 0
-               and M % 16 == 0 and fp8_supported(x.device))
+    use_fp8 = (not weight_only and x.dtype == torch.bfloat16 and w_codes.dtype == E4M3 and N % 16 == 0
+               and K % 16 == 0 and M % 16 == 0 and fp8_supported(x.device))
     return _FP8LinearFn.apply(x, w_codes, w_scale, bias, use_fp8, w_codes_t)
 
 
@@ -234,6 +235,7 @@ class FP8Linear(nn.Linear):
         self.weight_scale = _frozen(torch.ones(out_features, dtype=torch.float32, device=device))
         self.bias = _frozen(torch.zeros(out_features, dtype=compute_dtype, device=device)) if bias else None
         self.register_buffer("weight_t", None, persistent=False)  # set_backward_fp8
+        self.weight_only = False  # True: fp8 storage, activations stay in their dtype (the fp8 T5)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
@@ -247,7 +249,7 @@ class FP8Linear(nn.Linear):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.weight_t)
+        return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.weight_t, self.weight_only)
 
     def set_backward_fp8(self, on: bool) -> None:
         """Input gradient as an e5m2 x e4m3 GEMM (on) or dY @ dequantized W in bf16 (off). The fp8 GEMM needs W

@@ -21,6 +21,15 @@ def test_rows_run_on_tiny(kw):
     assert kw["who"] == "stock" or row["attention"] == "default", row  # CPU: PyTorch's default SDPA
 
 
+def test_stepcache_row_runs_on_tiny():
+    cfg = bench.BenchConfig(tiny=True, text_tokens=16, iters=1, warmup=0)
+    row = bench.run_row("row", cfg, torch.device("cpu"), 32, who="ours", cache="tea:0.6")
+    assert row["seconds"] > 0 and row["denoise_s"] > 0 and 0 < row["latent_rel_err"] < 0.5, row
+    assert "| tea:0.6 | 32 |" in bench.format_stepcache([dict(row, cache=""), row])
+    assert "stepcache" not in bench.BenchConfig().rows and len(bench.plan(bench.BenchConfig(rows=("stepcache",)))) \
+        == len(bench.STEPCACHE_SPECS)
+
+
 def test_plan_labels_the_shipped_configs():
     rows = [(label, res) for label, res, _ in bench.plan(bench.BenchConfig())]
     assert len(rows) == len(set(rows))
@@ -48,7 +57,9 @@ def test_kernel_kinds():
 def test_accuracy_mode_on_tiny():
     with torch.enable_grad():
         rows = {r["kind"]: r for r in bench.main(bench.BenchConfig(tiny=True, accuracy=True))}
-    assert set(rows) == {"fp8", "nf4", "fp4"}
+    assert set(rows) == {"t5 fp8 weight-only", "fp8", "nf4", "fp4"}
+    t5 = rows.pop("t5 fp8 weight-only")
+    assert 0 < t5["rel_err"] < 0.1 and 0.99 < t5["cosine"] <= 1.0, t5
     for r in rows.values():
         assert r["finite"] and 0 < r["pred_rel_err"] < 0.05 and 0.95 < r["grad_cosine"] <= 1.0, r
     assert rows["fp8"]["pred_rel_err"] < rows["nf4"]["pred_rel_err"]  # 8 bits per weight vs 4

@@ -4,6 +4,8 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import unicodedata
 import warnings
 from pathlib import Path
@@ -18,6 +20,8 @@ from cache import (DatasetError, DatasetWarning, Sample, build_cache, cache_path
                    sample_key, scan_dataset, validate_dataset)
 from config import DataConfig
 from encode import encode_image, encode_prompt, preprocess_image
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_pair(root, stem, size=(48, 64), caption="make the square red", seed=0, mask=False):
@@ -392,3 +396,178 @@ def test_unwritable_index_warns_and_still_validates(data, tmp_path):
     not_a_dir.write_text("")
     with pytest.warns(UserWarning, match="could not write the stat index .* the next start re-hashes every image"):
         validate_dataset(scan_dataset(cfg), cfg, not_a_dir)
+
+
+# ---------------------------------------------------------------- decoding: orientation, 16-bit, transparency
+
+
+def save_oriented(array, path, orientation):
+    """A PNG of `array` (as stored) whose EXIF says how to turn it upright."""
+    im = Image.fromarray(array)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    im.save(path, exif=exif)
+
+
+def pixels(t):
+    """load_pixels' [1, 3, H, W] in [-1, 1] back to uint8-valued [H, W, 3]."""
+    return ((t[0].permute(1, 2, 0) + 1) * 127.5).round()
+
+
+def test_exif_orientation_applied_to_target_control_and_mask(tmp_path, components, capsys):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "d"
+    (root / "images").mkdir(parents=True)
+    (root / "control").mkdir()
+    stored = rng.integers(0, 256, (32, 48, 3), dtype=np.uint8)  # h 32, w 48 as stored; upright 48 high, 32 wide
+    save_oriented(stored, root / "images" / "a.png", 6)  # 6: turn 90 degrees clockwise to view
+    save_oriented(stored, root / "control" / "a.png", 8)  # 8: 90 degrees counter-clockwise
+    mask = np.zeros((48, 32), np.uint8)
+    mask[:8] = 255  # the top rows as stored: the bottom rows once turned 180 degrees
+    save_oriented(mask, root / "images" / "a_mask.png", 3)
+    (root / "images" / "a.txt").write_text("x")
+    cfg = DataConfig(path=str(root))
+    s = scan_dataset(cfg)[0]
+    assert validate_dataset([s], cfg) == [{"image": (48, 32), "control": (48, 32), "mask": (48, 32)}]  # upright
+    assert torch.equal(pixels(cache.load_pixels(s.image, cfg)), torch.from_numpy(np.rot90(stored, -1).copy()).float())
+    assert torch.equal(pixels(cache.load_pixels(s.control, cfg)), torch.from_numpy(np.rot90(stored, 1).copy()).float())
+    m = cache.load_mask(s.mask, (6, 4))[0]
+    assert torch.equal(m[:5], torch.zeros(5, 4)) and torch.equal(m[5], torch.ones(4))
+    e = encode_sample(s, DataConfig(path="", max_sequence_length=32), components)
+    assert e["image_latents"].shape[1:] == e["control_latents"].shape[1:] == e["mask"].shape[1:] == (6, 4)
+    # Uncached training takes its batch shapes from the same upright sizes.
+    assert cache.OnTheFly([s], cfg, components).shape(0) == tuple(e["image_latents"].shape) * 2
+    assert cache.check_dataset(cfg) == 0
+    assert "target 32x48, control 32x48" in capsys.readouterr().out  # W x H, upright
+
+
+def test_old_stat_index_sizes_are_not_trusted(tmp_path, monkeypatch):
+    # An index written before orientation was applied holds the stored size; its version is refused.
+    monkeypatch.setattr(cache, "RACY_NS", 0)
+    root, cache_dir = tmp_path / "d", tmp_path / "cache"
+    write_pair(root, "a", size=(32, 48))
+    save_oriented(np.zeros((32, 48, 3), np.uint8), root / "images" / "a.png", 6)
+    cfg = DataConfig(path=str(root))
+    validate_dataset(scan_dataset(cfg), cfg, cache_dir)
+    index = next(cache_dir.glob("stat-index-*.json"))
+    stored = json.loads(index.read_text())
+    name = os.path.abspath(root / "images" / "a.png")
+    assert stored["files"][name]["hw"] == [48, 32]
+    stored["files"][name]["hw"], stored["version"] = [32, 48], 1  # as the old decoder recorded it
+    index.write_text(json.dumps(stored))
+    assert validate_dataset(scan_dataset(cfg), cfg, cache_dir)[0]["image"] == (48, 32)
+
+
+def test_16_bit_png_scaled_not_clipped(tmp_path):
+    values = np.arange(256, dtype=np.uint16).reshape(16, 16) * 257  # 0, 257, ..., 65535: every 8-bit level
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    want = torch.from_numpy(np.arange(256).reshape(16, 16)).float()
+    got = pixels(cache.load_pixels(tmp_path / "g16.png", DataConfig(path="")))
+    assert all(torch.equal(got[..., c], want) for c in range(3))
+    mask = cache.load_mask(tmp_path / "g16.png", (16, 16))[0]
+    torch.testing.assert_close(mask * 255, want)
+
+
+def transparent(mode, rgb=(200, 30, 60)):
+    """(image, alpha [H, W] in 0..255): left half opaque `rgb`, right half transparent over a hidden colour; RGBA
+    also has a half-transparent middle column."""
+    if mode == "P":
+        im = Image.new("P", (16, 16), 0)
+        im.putpalette([*rgb, 10, 250, 10] + [0] * 762)  # index 1: a hidden green, transparent (tRNS)
+        im.paste(1, (8, 0, 16, 16))
+        im.info["transparency"] = 1
+        alpha = np.full((16, 16), 255)
+        alpha[:, 8:] = 0
+        return im, alpha
+    a = np.zeros((16, 16, 4), np.uint8)
+    a[..., :3] = (10, 250, 10)
+    a[:, :8, :3] = rgb
+    a[:, :8, 3] = 255
+    if mode == "RGBA":
+        a[:, 8, 3] = 128
+    im = Image.fromarray(a, "RGBA")
+    if mode == "LA":
+        im = im.convert("LA")
+    return im, a[..., 3].astype(int)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+@pytest.mark.parametrize("background", [(255, 255, 255), (0, 128, 255)])
+def test_transparency_composited_on_the_background(tmp_path, mode, background):
+    im, alpha = transparent(mode)
+    im.save(tmp_path / "t.png")
+    shown = np.asarray(im.convert("RGBA"))[..., :3].astype(float)  # the colour under the alpha
+    a = alpha[..., None] / 255
+    want = torch.from_numpy(shown * a + np.array(background) * (1 - a)).float()
+    got = pixels(cache.load_pixels(tmp_path / "t.png", DataConfig(path="", background=background)))
+    assert (got - want).abs().max() <= 1  # alpha_composite rounds
+    assert torch.equal(got[:, 12], torch.tensor(background).float().expand(16, 3))  # transparent: the background
+    assert torch.equal(got[:, 0], torch.from_numpy(shown[:, 0]).float())  # opaque: unchanged
+
+
+def test_transparent_mask_pixels_are_outside_the_edit_region(tmp_path):
+    a = np.full((16, 16, 4), 255, np.uint8)  # white everywhere, as painting tools leave the hidden RGB
+    a[:, 8:, 3] = 0  # a white stroke on the left half; the right half is transparent
+    Image.fromarray(a, "RGBA").save(tmp_path / "m.png")
+    m = cache.load_mask(tmp_path / "m.png", (16, 16))[0]
+    assert torch.equal(m[:, :8], torch.ones(16, 8)) and torch.equal(m[:, 8:], torch.zeros(16, 8))
+
+
+def test_decoder_changes_change_the_cache_key(data, monkeypatch):
+    cfg = DataConfig(path=str(data))
+    s = scan_dataset(cfg)[0]
+    k = sample_key(s, cfg, "m")
+    assert sample_key(s, DataConfig(path=str(data), background=(0, 0, 0)), "m") != k
+    monkeypatch.setattr(cache, "CACHE_VERSION", "2")  # the decoder before orientation / 16-bit / transparency
+    assert sample_key(s, cfg, "m") != k
+
+
+# ---------------------------------------------------------------- python cache.py check
+
+
+def check(capsys, *args) -> tuple[int, str]:
+    code = cache.main(["check", *map(str, args)])
+    return code, capsys.readouterr().out
+
+
+def test_check_prints_counts_sizes_and_caption_stats(data, capsys):
+    write_pair(data, "wide", size=(48, 100), caption="make the square red")
+    write_pair(data, "clip", caption=" ".join(["word"] * 60))  # ~80 tokens: over CLIP's 77, within T5's 512
+    write_pair(data, "long", caption=" ".join(["word"] * 600))  # ~800 tokens: over both
+    (data / "images" / "s2.txt").write_text("")
+    code, out = check(capsys, data)
+    assert code == 0, out
+    assert "samples: 6; with control: 6; with mask: 1; with a caption: 5" in out
+    assert "     5  target 64x48, control 64x48" in out and "     1  target 96x48, control 96x48" in out
+    assert "likely over 77 CLIP tokens" in out and f"{data / 'images' / 'clip.png'}: ~80 tokens" in out
+    clip_line, t5_line = [line for line in out.splitlines() if "likely over" in line]
+    assert clip_line.endswith(": 2") and t5_line.endswith(": 1") and "likely over 512 T5 tokens" in t5_line
+    assert "empty: 1; shared by several samples: 1 caption(s), 3 samples (most: 'make the square red' x 3)" in out
+    assert "warning: 1 sample(s) with an empty caption" in out and "s2.txt" in out
+    assert out.rstrip().endswith("check: 0 error(s), 1 warning(s)")  # warnings are not fatal
+    code, out = check(capsys, data, "--max-pixels", 1024, "--max-sequence-length", 100)
+    th, tw = cache.target_size((48, 64), DataConfig(path="", max_pixels=1024))
+    assert code == 0 and f"target {tw}x{th}, control {tw}x{th}" in out and "likely over 100 T5 tokens" in out
+
+
+def test_check_lists_every_problem_and_exits_2(data, capsys, tmp_path):
+    (data / "images" / "s1.txt").unlink()  # no caption: a scan problem
+    full = (data / "control" / "s2.png").read_bytes()
+    (data / "control" / "s2.png").write_bytes(full[: len(full) // 2])  # truncated: found by decoding
+    code, out = check(capsys, data)
+    assert code == 2
+    assert "error: " + str(data / "images" / "s1.png") + ": no caption" in out
+    assert "error: " + str(data / "control" / "s2.png") + ": unreadable or corrupt image" in out
+    assert "samples: 2;" in out and "     1  target 64x48, control 64x48" in out  # s0 still counted; s2 unsized
+    assert cache.main(["check", str(data), "--repeat", "0"]) == 2
+    assert "data.repeat: expected an integer >= 1" in capsys.readouterr().err
+    # The command itself (python cache.py check DATA): exit codes.
+    run = lambda path: subprocess.run([sys.executable, str(ROOT / "cache.py"), "check", str(path)],  # noqa: E731
+                                      capture_output=True, text=True, cwd=ROOT)
+    r = run(data)
+    assert r.returncode == 2 and "no caption" in r.stdout
+    (data / "images" / "s1.txt").write_text("x")
+    (data / "control" / "s2.png").write_bytes(full)
+    r = run(data)
+    assert r.returncode == 0 and "check: 0 error(s)" in r.stdout, r.stdout + r.stderr

@@ -11,7 +11,6 @@ import typing
 from pathlib import Path
 
 import pytest
-import tyro
 
 import config
 from config import (Config, DataConfig, ModelConfig, Part, SampleConfig, TrainConfig, cli, load_config, to_json,

@@ -245,6 +245,11 @@ def bnb_dequantized_model(folder: Path, dense):
     return model
 
 
+def conf_width(folder) -> int:
+    c = json.loads((folder / "config.json").read_text())
+    return c["num_attention_heads"] * c["attention_head_dim"]
+
+
 def test_bnb_export_layout(bnb_export):
     folder, quant_type, double = bnb_export
     conf = json.loads((folder / "config.json").read_text())["quantization_config"]
@@ -254,9 +259,10 @@ def test_bnb_export_layout(bnb_export):
 
     sd = load_file(folder / "diffusion_pytorch_model.safetensors")
     k = "transformer_blocks.0.attn.to_q.weight"
-    assert sd[k].dtype == torch.uint8 and sd[k].shape == (32 * 32 // 2, 1)
+    width = conf_width(folder)  # the tiny transformer's inner dim (heads x head dim)
+    assert sd[k].dtype == torch.uint8 and sd[k].shape == (width * width // 2, 1)
     qs = json.loads(bytes(sd[f"{k}.quant_state.bitsandbytes__{quant_type}"].numpy()))
-    assert qs["shape"] == [32, 32] and qs["blocksize"] == 64 and ("nested_offset" in qs) == double
+    assert qs["shape"] == [width, width] and qs["blocksize"] == 64 and ("nested_offset" in qs) == double
     assert sd[f"{k}.absmax"].dtype == (torch.uint8 if double else torch.float32)
 
 
@@ -300,7 +306,7 @@ def test_load_bnb_transformer_errors(bnb_export, tmp_path):
         ("no_state", lambda sd: sd.pop(f"{k}.quant_state.bitsandbytes__{quant_type}"), "quant_state"),
         ("bad_shape", lambda sd: sd.update({f"{k}.quant_state.bitsandbytes__{quant_type}": torch.tensor(list(
             json.dumps({"quant_type": quant_type, "blocksize": 64, "dtype": "bfloat16", "shape": [16, 64]}).encode()),
-            dtype=torch.uint8)}), r"shape \[16, 64\].*\[32, 32\]"),
+            dtype=torch.uint8)}), rf"shape \[16, 64\].*\[{conf_width(folder)}, {conf_width(folder)}\]"),
         ("no_norm", lambda sd: sd.pop("single_transformer_blocks.0.attn.norm_q.weight"), "missing tensors"),
     ]:
         bad = _rewrite(folder, tmp_path / name, edit)

@@ -94,7 +94,9 @@ def test_lora_loads_in_pipeline_and_changes_output(tmp_path, pipe):
     cfg = tiny_cfg(tmp_path, steps=20)
     lora = run(cfg)["lora"]
     sd = load_file(lora)
-    assert all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in sd)
+    # the default lora_format, comfyui: PEFT keys plus one `.alpha` tensor per module (convert.py)
+    assert all(k.startswith("transformer.") and k.endswith((".lora_A.weight", ".lora_B.weight", ".alpha")) for k in sd)
+    assert any(k.endswith(".alpha") for k in sd)
     base = edit_with_pipe(pipe)
     pipe.load_lora_weights(str(lora))
     try:
@@ -105,24 +107,89 @@ def test_lora_loads_in_pipeline_and_changes_output(tmp_path, pipe):
     assert torch.equal(edit_with_pipe(pipe), base)
 
 
-@pytest.mark.slow
-def test_learns_the_toy_edit(tmp_path, pipe):
-    """600 steps on the toy task: held-out loss drops by >= 25%, and the pipeline with the LoRA moves its edit of
-    held-out controls toward the targets."""
-    from tests_util import mse_to_targets
+def edit_errors(pipe, pairs, lora=None, steps: int = 8) -> dict:
+    """Latent mean squared errors to the targets over fresh toy pairs (never trained on): the sampled edit with each
+    pair's own control, the same with the controls rolled by one (another pair's control, own target and prompt),
+    copying the control, and the sampled edit without the LoRA; plus train.py's flow-matching loss at t in {0.25,
+    0.5, 0.75} with own vs rolled controls."""
+    from PIL import Image
 
-    cfg = tiny_cfg(tmp_path, steps=600, validate_every=600)
-    run(cfg)
-    log = [json.loads(l) for l in (Path(cfg.out_dir) / "log.jsonl").read_text().splitlines()]
-    held = [r["held_out_loss"] for r in log if "held_out_loss" in r]
-    assert held[-1] < 0.75 * held[0], held
-    before = mse_to_targets(pipe, cfg)
-    pipe.load_lora_weights(str(Path(cfg.out_dir) / "lora.safetensors"))
+    from encode import encode_image, latent_ids, pack_latents, preprocess_image
+
+    controls = [Image.open(c).convert("RGB") for c, _ in pairs]
+    targets = [pack_latents(encode_image(pipe.vae, preprocess_image(Image.open(t).convert("RGB")))) for _, t in pairs]
+    embeds, pooled, text_ids = pipe.encode_prompt("make the square red", prompt_2=None, max_sequence_length=32)
+
+    def sampled(images):
+        return [pipe(image=im, prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=im.height, width=im.width,
+                     max_area=im.height * im.width, num_inference_steps=steps, guidance_scale=1.0,
+                     _auto_resize=False, output_type="latent", generator=torch.Generator().manual_seed(i)).images
+                for i, im in enumerate(images)]
+
+    def mse(outs):
+        return float(torch.stack([((o - t) ** 2).mean() for o, t in zip(outs, targets)]).mean())
+
+    rolled = controls[1:] + controls[:1]
+    out = {"copy_control": mse([pack_latents(encode_image(pipe.vae, preprocess_image(c))) for c in controls])}
+    out["no_lora"] = mse(sampled(controls))
+    pipe.load_lora_weights(str(lora))
     try:
-        after = mse_to_targets(pipe, cfg)
+        out["own_control"], out["rolled_controls"] = mse(sampled(controls)), mse(sampled(rolled))
+        x0 = torch.cat(targets)
+        control = torch.cat([pack_latents(encode_image(pipe.vae, preprocess_image(c))) for c in controls])
+        n, side = x0.shape[0], controls[0].height // 8  # latent rows
+        ids = torch.cat([latent_ids(side, side, 0.0), latent_ids(side, side, marker=1.0)])
+        g = torch.Generator().manual_seed(0)
+        for name, ctrl in (("loss_own", control), ("loss_rolled", control.roll(1, 0))):
+            out[name] = sum(float(train.flow_matching_loss(
+                pipe.transformer, x0, torch.randn(x0.shape, generator=g), torch.full((n,), t), ctrl,
+                embeds.expand(n, -1, -1), pooled.expand(n, -1), ids, text_ids, 1.0)) for t in (0.25, 0.5, 0.75)) / 3
     finally:
         pipe.unload_lora_weights()
-    assert after < 0.8 * before, (before, after)
+    return out
+
+
+@pytest.mark.slow
+def test_learns_the_toy_edit_from_the_control(tmp_path):
+    """configs/tiny.py as shipped, then fresh toy pairs (another seed): the LoRA's edit is much closer to the target
+    with each pair's own control than with another pair's (the control is used, and paired with the right target),
+    closer than copying the control and than the copy-trained base without the LoRA; the held-out loss agrees."""
+    from diffusers import FluxKontextPipeline
+
+    from tiny import ensure_toy_dataset
+
+    steps = load_config(ROOT / "configs" / "tiny.py").train.steps
+    cfg = tiny_cfg(tmp_path, steps=steps, validate_every=0)
+    run(cfg)
+    assert (Path(cfg.out_dir) / "validation" / f"step-{steps:06d}.png").is_file()
+    pipe = FluxKontextPipeline.from_pretrained(cfg.model.path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    fresh = ensure_toy_dataset(n=8, seed=1)
+    pairs = [(fresh / "control" / f"{i:03d}.png", fresh / "images" / f"{i:03d}.png") for i in range(8)]
+    e = edit_errors(pipe, pairs, Path(cfg.out_dir) / "lora.safetensors")
+    print(e)
+    assert e["own_control"] < 0.5 * e["copy_control"], e
+    assert e["own_control"] < 0.5 * e["no_lora"], e
+    assert e["own_control"] < 0.25 * e["rolled_controls"], e
+    assert e["loss_own"] < 0.5 * e["loss_rolled"], e
+
+
+def test_tile_grid_keeps_every_tile_whole():
+    """Rows of different sizes and lengths (one or two controls): every tile lands whole where its right-aligned
+    column and its row put it, with white gaps between cells."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    tile = lambda w, h: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))  # noqa: E731
+    rows = [[tile(64, 48), tile(64, 48), tile(80, 64)], [tile(32, 32), tile(40, 24), tile(32, 32), tile(16, 16)]]
+    grid = train.tile_grid(rows, gap=2)
+    xs, ys = [0, 34, 100, 166], [0, 66]  # column widths 32, 64, 64, 80; row heights 64, 32
+    assert grid.size == (246, 98)
+    for r, y in zip(rows, ys):
+        for t, x in zip(r, xs[len(xs) - len(r):]):
+            assert np.array_equal(np.asarray(grid.crop((x, y, x + t.width, y + t.height))), np.asarray(t))
+    assert grid.getpixel((98, 10)) == (255, 255, 255) and grid.getpixel((10, 64)) == (255, 255, 255)
 
 
 def test_nan_loss_stops_with_context(tmp_path):
@@ -160,12 +227,17 @@ def test_ddp_two_processes_equal_one(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_file(tmp_path / "one" / "lora.safetensors"), load_file(tmp_path / "two" / "lora.safetensors")
     assert a.keys() == b.keys()
+    # the two reduction orders differ in the last bits, and Adam's m / sqrt(v) magnifies that on near-zero
+    # gradients (one of 1024 values 1.4e-5 apart with the copy-pretrained tiny model): elementwise to 5e-5,
+    # the whole LoRA to 1e-4 relative
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=5e-5)
+    num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a) ** 0.5
+    assert num <= 1e-4 * sum(float(a[k].double().norm() ** 2) for k in a) ** 0.5
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
 
 
-@pytest.mark.parametrize("name", ["tiny", "bf16", "fp8", "fp4", "krea_bf16"])
+@pytest.mark.parametrize("name", ["tiny", "bf16", "bf16_24gb", "fp8", "fp4", "krea_bf16"])
 def test_every_config_file_loads(name):
     cfg = load_config(ROOT / "configs" / f"{name}.py")
     assert cfg.train.steps > 0 and cfg.model.path
@@ -266,3 +338,42 @@ def test_batch_plan_and_real_batch_sizes(tmp_path):
     out = run(tiny_cfg(tmp_path, steps=6))  # 22 training samples in batches of 4: one batch of 2 per epoch
     sizes = sorted({round(r["samples_per_s"] * r["s_per_step"]) for r in out["history"]})
     assert sizes == [2, 4], sizes
+
+
+def test_repeat_each_sample_n_times_per_epoch():
+    shapes = [(1,)] * 5 + [(2,)] * 3
+    epoch = [train.global_batch(shapes, 4, 0, i, repeat=3) for i in range(7)]  # ceil(15/4) + ceil(9/4) batches
+    assert sorted(i for b in epoch for i in b) == sorted(list(range(8)) * 3)
+    assert all(len({shapes[i] for i in b}) == 1 for b in epoch)  # one shape per batch, as without repeat
+    assert [len(b) for b in epoch if shapes[b[0]] == (1,)].count(4) == 3  # 15 = 3 x 4 + 3: one partial, not three
+    assert [train.global_batch(shapes, 4, 0, i) for i in range(3)] == train.make_batches(shapes, 4, 0, 0)
+
+
+def test_repeat_resume_is_exact(tmp_path, capsys, monkeypatch):
+    """data.repeat 2 over the toy set (22 training samples, batch 4): main batches the doubled list (44 = 11 x 4, no
+    partial batch; the batches are global_batch's with repeat 2), and 2 steps + resume to 4 == 4 straight."""
+    def cfg(where, steps, **kw):
+        c = tiny_cfg(tmp_path / where, steps=steps)  # one content-keyed cache for the three runs: encoded once
+        return dataclasses.replace(c, data=dataclasses.replace(c.data, repeat=2, cache_dir=str(tmp_path / "cache")),
+                                   **kw)
+
+    seen, global_batch = [], train.global_batch
+    monkeypatch.setattr(train, "global_batch", lambda *a, **kw: seen.append(global_batch(*a, **kw)) or seen[-1])
+    straight = run(cfg("s", 4))
+    assert "11 batches per epoch (11 x 4 samples)" in capsys.readouterr().out
+    shapes = [()] * 22  # one image size in the toy set
+    assert seen == [global_batch(shapes, 4, 0, i, repeat=2) for i in range(4)]
+    assert seen != [global_batch(shapes, 4, 0, i) for i in range(4)]
+    run(cfg("r", 2))
+    run(cfg("r", 4, resume="latest"))
+    a, b = load_file(straight["lora"]), load_file(tmp_path / "r" / "run" / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_check_flag_checks_the_dataset_only(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py"),
+                        "--check", "--out-dir", str(tmp_path / "run"), "--data.max-pixels", "1024"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "samples: 24; with control: 24" in r.stdout and "target 32x32, control 32x32" in r.stdout
+    assert not (tmp_path / "run" / "log.jsonl").exists()  # nothing trained
