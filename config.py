@@ -102,6 +102,11 @@ class TrainConfig:
     caption_dropout: float = 0.0  # probability of swapping in the empty-prompt embeddings
     mask_weight_fg: float = 1.0  # loss weight inside the mask (white = edit region), when masks are given
     mask_weight_bg: float = 1.0  # loss weight outside the mask, when masks are given
+    # plain: the velocity error everywhere (mask-weighted). dual_masked: inside the mask the velocity error, outside
+    # it the identity error of the reconstructed latent against the control (pixel-aligned pairs only), weighted by
+    # mask_weight_fg / mask_weight_bg, plus loss_l2 * sum of squared LoRA parameters (train.py dual_masked_loss)
+    loss: Literal["plain", "dual_masked"] = "plain"
+    loss_l2: float = 1e-4  # dual_masked: L2 stabiliser on the LoRA parameters
     cached: bool = True  # True: precompute latents and embeddings, train from the cache only
     gradient_checkpointing: bool = False  # recompute block activations in the backward: less memory, more time
     autocast: bool = False  # bf16 autocast around the transformer (for an fp32 master model)
@@ -216,6 +221,7 @@ RULES = {
     "train.caption_dropout": _between(0, 1),
     "train.mask_weight_fg": _at_least(0),
     "train.mask_weight_bg": _at_least(0),
+    "train.loss_l2": _at_least(0),
     "train.save_every": _at_least(0),
     "train.keep_checkpoints": _at_least(0),
     "train.log_every": _at_least(1),

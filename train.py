@@ -5,7 +5,8 @@ The objective (the one place it is written):
 with t in [0, 1] (t = 1 is pure noise; sampling runs t from 1 to 0), passed to the transformer as `timestep=t`
 (the pipeline passes sigma * 1000 / 1000). The transformer sees cat([noisy target tokens, control tokens]) with
 ids (0, row, col) and (1, row, col) (several references: side by side on the index-1 plane, encode.control_ids);
-only the first N (target) outputs are scored.
+only the first N (target) outputs are scored. train.loss="dual_masked" (dual_masked_terms) keeps this convention
+and scores the same prediction inside the mask against noise - x0, outside it as (noise - v) against the control.
 
 Noise, timesteps, caption dropout and the data order are pure functions of (seed, step): a resumed run repeats
 exactly what the uninterrupted one would have done, and DDP ranks slice one global batch. Multi-GPU:
@@ -60,20 +61,61 @@ def sample_timesteps(n: int, cfg: TrainConfig, n_tokens: int, generator: torch.G
     return t
 
 
+def predicted_velocity(transformer, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                       control: torch.Tensor | None, prompt_embeds, pooled_prompt_embeds, img_ids, text_ids,
+                       guidance: float) -> torch.Tensor:
+    """The transformer's velocity at x_t = (1 - t) x0 + t noise (the one place x_t is formed), [B, N, 64]."""
+    t_ = t.view(-1, 1, 1).to(x0.dtype)
+    x_t = (1 - t_) * x0 + t_ * noise
+    g = torch.full((x0.shape[0],), guidance, device=x0.device, dtype=torch.float32)
+    return predict_velocity(transformer, x_t, control, t.to(x0.dtype), g, prompt_embeds, pooled_prompt_embeds,
+                            text_ids, img_ids)
+
+
 def flow_matching_loss(transformer, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                        control: torch.Tensor | None, prompt_embeds, pooled_prompt_embeds, img_ids, text_ids,
                        guidance: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Packed x0, noise [B, N, 64]; control [B, M, 64] or None; t [B]; weight [B, N, 1] or None."""
-    t_ = t.view(-1, 1, 1).to(x0.dtype)
-    x_t = (1 - t_) * x0 + t_ * noise
-    target = noise - x0
-    g = torch.full((x0.shape[0],), guidance, device=x0.device, dtype=torch.float32)
-    pred = predict_velocity(transformer, x_t, control, t.to(x0.dtype), g, prompt_embeds, pooled_prompt_embeds,
-                            text_ids, img_ids)
-    err = (pred.float() - target.float()) ** 2
+    pred = predicted_velocity(transformer, x0, noise, t, control, prompt_embeds, pooled_prompt_embeds, img_ids,
+                              text_ids, guidance)
+    err = (pred.float() - (noise - x0).float()) ** 2
     if weight is None:
         return err.mean()
     return (err * weight).sum() / (weight.sum() * err.shape[-1]).clamp_min(1e-8)
+
+
+def dual_masked_terms(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, context: torch.Tensor,
+                      mask: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The dual masked loss's two data terms, with the convention above (x_t = (1 - t) x0 + t noise, v = noise - x0):
+    inside the mask (m = 1) the velocity error (v_pred - (noise - x0))^2; outside it the identity on the
+    reconstructed latent, (noise - v_pred - context)^2. Both are normalised together by sum(weight) * C, as the
+    plain weighted loss is, so an all-ones mask gives exactly the plain loss and an all-zeros one the identity term.
+    pred, x0, noise, context [B, N, C]; mask, weight [B, N, 1]."""
+    pred, x0, noise, context = pred.float(), x0.float(), noise.float(), context.float()
+    den = (weight.sum() * pred.shape[-1]).clamp_min(1e-8)
+    inside = ((pred - (noise - x0)) ** 2 * weight * mask).sum() / den
+    outside = ((noise - pred - context) ** 2 * weight * (1 - mask)).sum() / den
+    return {"loss_in": inside, "loss_out": outside}
+
+
+def dual_masked_loss(transformer, x0, noise, t, control, prompt_embeds, pooled_prompt_embeds, img_ids, text_ids,
+                     guidance: float, weight: torch.Tensor | None, mask: torch.Tensor | None) -> dict:
+    """dual_masked_terms on the transformer's prediction. The outside term compares with the control token by token,
+    so the (single) control must have the target's size. No mask: the whole image is editable (the plain loss)."""
+    if control is None or control.shape != x0.shape:
+        raise ValueError(f"train.loss='dual_masked' needs one control image the size of the target (pixel-aligned "
+                         f"pairs); got control tokens {None if control is None else tuple(control.shape)} for target "
+                         f"tokens {tuple(x0.shape)}")
+    if mask is None:
+        mask = weight = torch.ones(*x0.shape[:2], 1, device=x0.device)
+    pred = predicted_velocity(transformer, x0, noise, t, control, prompt_embeds, pooled_prompt_embeds, img_ids,
+                              text_ids, guidance)
+    return dual_masked_terms(pred, x0, noise, control, mask, weight)
+
+
+def lora_l2(params) -> torch.Tensor:
+    """The stabiliser's sum of squared LoRA parameters (fp32)."""
+    return sum(p.float().pow(2).sum() for p in params)
 
 
 # ---------------------------------------------------------------- batches
@@ -125,7 +167,7 @@ def collate(entries: list[dict], empty: dict, cfg: TrainConfig, step_key: tuple,
     if refs[0]:
         control, control_ids = pack_controls([torch.stack(r).float() for r in zip(*refs)])
         ids.append(control_ids)
-    weight = None
+    weight = m = None
     if "mask" in entries[0]:
         m = pack_latents(torch.stack([e["mask"] for e in entries]).float().repeat(1, 4, 1, 1))[..., :1]
         weight = cfg.mask_weight_bg + (cfg.mask_weight_fg - cfg.mask_weight_bg) * m  # [B, N, 1]
@@ -134,7 +176,8 @@ def collate(entries: list[dict], empty: dict, cfg: TrainConfig, step_key: tuple,
                 prompt_embeds=to(embeds), pooled_prompt_embeds=to(pooled),
                 img_ids=torch.cat(ids).to(device=device, dtype=dtype),
                 text_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),
-                weight=None if weight is None else weight[rank_slice].to(device))
+                weight=None if weight is None else weight[rank_slice].to(device),
+                mask=None if m is None else m[rank_slice].to(device))
 
 
 # ---------------------------------------------------------------- model, step, optimizer, schedule
@@ -206,22 +249,34 @@ class NonFiniteLoss(FloatingPointError):
         self.samples = samples  # global indices of the training samples of the bad micro-batch
 
 
-def train_step(model, params: list, optimizer, batches, tc: TrainConfig) -> tuple[float, float, int]:
-    """One optimizer step: flow-matching loss and backward per micro-batch (under bf16 autocast if tc.autocast),
-    gradient clipping, the optimizer. Returns (mean loss, gradient norm, samples in the global batch: a shape
-    bucket's last batch can be smaller than batch_size). A non-finite loss raises
+def train_step(model, params: list, optimizer, batches, tc: TrainConfig,
+               terms: dict | None = None) -> tuple[float, float, int]:
+    """One optimizer step: flow-matching loss (tc.loss) and backward per micro-batch (under bf16 autocast if
+    tc.autocast), gradient clipping, the optimizer. Returns (mean loss, gradient norm, samples in the global batch: a
+    shape bucket's last batch can be smaller than batch_size); `terms`, if given, receives the dual masked loss's
+    terms averaged over the micro-batches. A non-finite loss raises
     FloatingPointError naming the samples before the optimizer touches the LoRA."""
-    losses = []
+    losses, parts = [], []
     for b, idx, share in batches:
         # activation offload: what the backward needs waits in pinned host memory (torch's own hook)
         with (torch.autograd.graph.save_on_cpu(pin_memory=b["x0"].is_cuda) if tc.activation_offload
               else contextlib.nullcontext()), \
                 torch.autocast(b["x0"].device.type, dtype=torch.bfloat16, enabled=tc.autocast):
-            loss = flow_matching_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
-                                      b["pooled_prompt_embeds"], b["img_ids"], b["text_ids"], tc.guidance,
-                                      b["weight"])
+            if tc.loss == "dual_masked":
+                part = dual_masked_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
+                                        b["pooled_prompt_embeds"], b["img_ids"], b["text_ids"], tc.guidance,
+                                        b["weight"], b["mask"])
+                part["loss_l2"] = tc.loss_l2 * lora_l2(params)
+                loss = sum(part.values())
+                parts.append({k: v.detach() for k, v in part.items()})
+            else:
+                loss = flow_matching_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
+                                          b["pooled_prompt_embeds"], b["img_ids"], b["text_ids"], tc.guidance,
+                                          b["weight"])
         (loss * share).backward()
         losses.append((loss.detach(), idx))
+    if terms is not None and parts:
+        terms.update({k: sum(p[k].item() for p in parts) / len(parts) for k in parts[0]})
     values = [loss.item() for loss, _ in losses]  # the step's one host sync
     bad = [(v, idx) for v, (_, idx) in zip(values, losses) if not math.isfinite(v)]
     if bad:
@@ -385,7 +440,8 @@ def main(cfg: Config) -> dict:
         batches = micro_batches(data.train, data.shapes, data.empty, tc, step, rank, world, device, dtype,
                                 cfg.data.repeat)
         try:
-            loss, grad_norm, n = train_step(model, params, optimizer, batches, tc)
+            terms: dict = {}
+            loss, grad_norm, n = train_step(model, params, optimizer, batches, tc, terms)
         except NonFiniteLoss as e:
             keys = [samples[i].key for i in e.samples]
             raise FloatingPointError(f"{e} at step {step} on samples {keys}; last good checkpoint: {last_ckpt}. "
@@ -394,7 +450,7 @@ def main(cfg: Config) -> dict:
         if step == start:
             log(f"first step: {dt:.1f} s (warm-up{' and compilation' if compiled == 'on' else ''}; later steps are faster)")
         rec = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-               "s_per_step": dt, "samples_per_s": n / dt}
+               "s_per_step": dt, "samples_per_s": n / dt, **terms}
         history.append(rec)
         if rank == 0:
             log_file.write(json.dumps(rec) + "\n")
