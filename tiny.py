@@ -92,6 +92,29 @@ def _words(pre_tokenizer) -> Counter:
     return words
 
 
+def _bpe_merges(words: Counter, splits: dict, n_merges: int) -> list[tuple[str, str]]:
+    """Greedy BPE merges over the corpus words (splits: word -> its symbols, merged in place), ties broken by the
+    pair itself: the same corpus always gives the same merges."""
+    merges = []
+    for _ in range(n_merges):
+        pairs = Counter()
+        for w, count in words.items():
+            s = splits[w]
+            for p in zip(s, s[1:]):
+                pairs[p] += count
+        if not pairs:
+            break
+        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        merges.append(best)
+        for s in splits.values():
+            i = 0
+            while i < len(s) - 1:
+                if (s[i], s[i + 1]) == best:
+                    s[i:i + 2] = [s[i] + s[i + 1]]
+                i += 1
+    return merges
+
+
 def train_clip_tokenizer(n_merges: int):
     """Byte-level BPE with CLIP's pre-tokenizer, learnt from the corpus; returns a transformers CLIPTokenizer.
 
@@ -106,23 +129,7 @@ def train_clip_tokenizer(n_merges: int):
         pre_tokenizers.ByteLevel(add_prefix_space=False)])
     words = _words(pre)
     splits = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in words}
-    merges = []
-    for _ in range(n_merges):
-        pairs = Counter()
-        for w, count in words.items():
-            s = splits[w]
-            for p in zip(s, s[1:]):
-                pairs[p] += count
-        if not pairs:
-            break
-        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]  # ties broken by the pair itself
-        merges.append(best)
-        for w, s in splits.items():
-            i = 0
-            while i < len(s) - 1:
-                if (s[i], s[i + 1]) == best:
-                    s[i:i + 2] = [s[i] + s[i + 1]]
-                i += 1
+    merges = _bpe_merges(words, splits, n_merges)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     tokens = sorted(alphabet) + [c + "</w>" for c in sorted(alphabet)] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
@@ -518,27 +525,6 @@ def full_size_components(device, dtype=None, seed: int = 0) -> dict:
 CAPTIONER_VERSION = 1
 
 
-def _bpe_merges(words: Counter, splits: dict, n_merges: int) -> list[tuple[str, str]]:
-    """Greedy BPE merges over the corpus words (splits: word -> its symbols, merged in place), ties broken by the
-    pair itself: the same corpus always gives the same merges (train_clip_tokenizer's rule)."""
-    merges = []
-    for _ in range(n_merges):
-        pairs = Counter()
-        for w, count in words.items():
-            s = splits[w]
-            for p in zip(s, s[1:]):
-                pairs[p] += count
-        if not pairs:
-            break
-        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]
-        merges.append(best)
-        for s in splits.values():
-            i = 0
-            while i < len(s) - 1:
-                if (s[i], s[i + 1]) == best:
-                    s[i:i + 2] = [s[i] + s[i + 1]]
-                i += 1
-    return merges
 
 
 def tiny_bert_tokenizer():
