@@ -68,6 +68,8 @@ class BlockOffload:
             self.host[i] = entries
             self.handles.append(block.register_forward_pre_hook(self._pre(i)))
             self.handles.append(block.register_forward_hook(self._post(i)))
+        # the streamed blocks' ends in execution order: where the prefetch turns (none streamed: no hooks run)
+        self.first, self.final = (min(self.host), max(self.host)) if self.host else (0, -1)
 
     @staticmethod
     def _set(m: nn.Module, n: str, is_param: bool, t: torch.Tensor) -> None:
@@ -106,7 +108,7 @@ class BlockOffload:
             self.active.add(i)
             self.order.append(i)
             # forward runs blocks upwards, the checkpoint recomputes in the backward downwards: prefetch the next one
-            first, final = min(self.host), max(self.host)
+            first, final = self.first, self.final
             upwards = i > self.last or i == first
             self.last = i
             if upwards and i == final:
