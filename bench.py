@@ -7,6 +7,7 @@ transformer (speed does not depend on the weights' values). Prints a markdown ta
     python bench.py --tiny                   # the miniature model on CPU: checks the script, times nothing useful
     python bench.py --accuracy [--tiny]      # fp8 / nf4 / fp4 vs bf16: prediction, loss, LoRA-gradient error
     python bench.py --rows stepcache --iters 2 --warmup 0   # a 28-step sample() per SampleConfig.cache option
+    python bench.py --rows masked            # the IP-Adapter and region-token recipe beside the plain bf16 step
 
 "ours" rows run train.py's own step: the TrainConfig of the shipped config file (configs/bf16.py, configs/fp8.py,
 configs/fp4.py; a row may change gradient_checkpointing), then train.prepare_transformer (attention, fp8 backward,
@@ -44,10 +45,11 @@ import tiny
 import train
 from config import ModelConfig, Part, SampleConfig, TrainConfig, load_config
 from encode import latent_ids, predict_velocity
-from load import Components, load_vae
+from load import Components, add_ip_adapter, load_components, load_vae
 
 STOCK_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-CONFIGS = {"bf16": "configs/bf16.py", "fp8": "configs/fp8.py", "nf4": "configs/fp4.py"}  # kind -> shipped config
+CONFIGS = {"bf16": "configs/bf16.py", "fp8": "configs/fp8.py", "nf4": "configs/fp4.py",  # kind -> shipped config
+           "region_depth": "configs/region_depth.py"}  # bf16 + IP-Adapter + region token + dual masked loss
 # --rows stepcache: SampleConfig.cache values timed ("" = uncached, the speed-up's reference); values from the
 # methods' papers / defaults for FLUX.1-dev (stepcache.py)
 STEPCACHE_SPECS = ("", "first_block:0.08", "mag:0.06", "taylorseer:5", "faster:2", "tea:0.25", "tea:0.6")
@@ -79,7 +81,7 @@ def dims(cfg: BenchConfig) -> dict:
 def build(cfg: BenchConfig, device, kind: str = "bf16"):
     """The random transformer, quantized as load.py does at load (quant.quantize_transformer)."""
     model = tiny.full_size_transformer(device, **dims(cfg))
-    return model if kind == "bf16" else quant.quantize_transformer(model, kind)
+    return model if kind in ("bf16", "region_depth") else quant.quantize_transformer(model, kind)
 
 
 def ours_config(kind: str, cfg: BenchConfig, **overrides) -> TrainConfig:
@@ -92,11 +94,25 @@ def ours_config(kind: str, cfg: BenchConfig, **overrides) -> TrainConfig:
 # ---------------------------------------------------------------- the step functions timed
 
 
-def ours_train_fn(model, tc: TrainConfig, cfg: BenchConfig, res: int, device, offload: int | None = None):
-    """train.py's step on random cache entries of the Kontext shape (offload: ModelConfig.resident_blocks)."""
+def ours_train_fn(model, tc: TrainConfig, cfg: BenchConfig, res: int, device, offload: int | None = None,
+                  ip_adapter: bool = False):
+    """train.py's step on random cache entries of the Kontext shape (offload: ModelConfig.resident_blocks). With
+    ip_adapter, an XLabs-sized random IP-Adapter is loaded first (as load_transformer does) and each entry carries
+    CLIP image embeddings; with tc.region_token (configs/region_depth.py) the region token trains too, and entries
+    carry a mask (the left half)."""
+    if ip_adapter:
+        add_ip_adapter(model, tiny.random_ip_adapter_state(model))
     params, attention = train.prepare_transformer(model, tc, device, offload)
+    region = train.make_region(model, tc, device)
+    params = params + (list(region.parameters()) if region is not None else [])
     optimizer = train.make_optimizer(params, tc)
     entries = tiny.random_entries(tc.batch_size, res, cfg.text_tokens, dims(cfg))
+    for e in entries:
+        if ip_adapter:
+            e["ip_image_embeds"] = torch.randn(1, 768)  # CLIP ViT-L/14's projection width
+        if tc.region_token or tc.loss == "dual_masked":
+            e["mask"] = torch.zeros(1, *e["image_latents"].shape[1:])
+            e["mask"][..., : e["mask"].shape[-1] // 2] = 1.0
     empty = tiny.random_empty(cfg.text_tokens, dims(cfg))
     shapes = [tuple(e["image_latents"].shape) + tuple(e["control_latents"].shape) for e in entries]
     steps = itertools.count()
@@ -106,7 +122,7 @@ def ours_train_fn(model, tc: TrainConfig, cfg: BenchConfig, res: int, device, of
         for g in optimizer.param_groups:
             g["lr"] = tc.lr * train.lr_factor(i, tc)
         batches = train.micro_batches(entries, shapes, empty, tc, i, 0, 1, device, torch.bfloat16)
-        train.train_step(model, params, optimizer, batches, tc)
+        train.train_step(model, params, optimizer, batches, tc, region=region)
 
     return step, attention
 
@@ -209,6 +225,28 @@ def ours_stepcache_fn(model, cfg: BenchConfig, res: int, device, cache: str):
     ref = run(cache="")
     extra["latent_rel_err"] = float((run() - ref).norm() / ref.norm())
     return run, attention, extra
+
+
+def ours_pipeline_fn(cfg: BenchConfig, res: int, device, offload: int | None):
+    """sample.py's whole call on full-size random components, all bf16 on the GPU (CLIP-L, T5-XXL, the FLUX VAE)
+    but the transformer, which streams from host memory with offload (sample.prepare_transformer): prompt encoding,
+    a res x res control image encoded, the shipped SampleConfig's 28 steps, decoding to a PIL image."""
+    if cfg.tiny:  # the code path on the miniature checkpoint (full-size encoders do not fit a CPU box beside 12B)
+        part = Part(dtype="bf16", device=str(device))
+        c = load_components(ModelConfig(path=str(tiny.ensure_tiny()), clip=part, t5=part, vae=part, transformer=part))
+    else:
+        parts = tiny.full_size_components(device, transformer_device="cpu" if offload is not None else None)
+        c = Components(clip=parts["text_encoder"], clip_tokenizer=parts["tokenizer"], t5=parts["text_encoder_2"],
+                       t5_tokenizer=parts["tokenizer_2"], vae=parts["vae"], transformer=parts["transformer"])
+    sc = dataclasses.replace(SampleConfig(), attention_backend=cfg.attention)
+    attention = sample.prepare_transformer(c.transformer, sc, device, offload)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (res, res, 3), dtype=np.uint8))
+    kw = {k: v for k, v in dataclasses.asdict(sc).items() if k not in sample.NOT_SAMPLE_KWARGS}
+
+    def run():
+        sample.sample(c, image, "make the sky red", generator=torch.Generator().manual_seed(0), progress=False, **kw)
+
+    return run, attention
 
 
 def stock_denoise_fn(model, inp, compile_: bool):
@@ -402,12 +440,15 @@ def profile_step(fn) -> dict:
 
 def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: str = "bf16", ckpt: bool = False,
             compile_: bool = False, denoise: bool = False, fp8_backward: bool | None = None,
-            offload: int | None = None, cache: str | None = None) -> dict:
+            offload: int | None = None, cache: str | None = None, ip_adapter: bool = False,
+            pipeline: bool = False) -> dict:
     t0 = time.perf_counter()
     row = dict(row=label, res=res)
     try:
-        model = build(cfg, device, "bf16" if who == "stock" else kind)
-        if who == "stock":
+        model = None if pipeline else build(cfg, device, "bf16" if who == "stock" else kind)
+        if pipeline:
+            fn, row["attention"] = ours_pipeline_fn(cfg, res, device, offload)
+        elif who == "stock":
             if kind == "nf4":
                 model = stock_int4(model)
             if torch.cuda.is_available():
@@ -424,14 +465,14 @@ def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: s
             # fp8_backward None: the shipped config's choice (configs/fp8.py: on)
             extra = {} if fp8_backward is None else dict(fp8_backward=fp8_backward)
             tc = ours_config(kind, cfg, gradient_checkpointing=ckpt, **extra)
-            fn, row["attention"] = ours_train_fn(model, tc, cfg, res, device, offload)
+            fn, row["attention"] = ours_train_fn(model, tc, cfg, res, device, offload, ip_adapter)
         row.update(timed(fn, cfg))
-        if offload is not None and who == "ours":  # what crosses the host link per step: divide by your GB/s
+        if offload is not None and who == "ours" and not pipeline:  # what crosses the host link per step
             off = model._block_offload
             row["host_gb_per_step"] = round(off.bytes_per_fetch * (1 if denoise else 2) / 1e9, 1)
         if cache is not None:
             row.update(extra)  # denoise_s of the last timed call
-        elif cfg.profile and who == "ours" and torch.cuda.is_available():
+        elif cfg.profile and who == "ours" and torch.cuda.is_available() and not pipeline:
             prof = profile_step(fn)
             # timed step minus GPU kernel time: launch overhead, host work and syncs while the GPU idles
             row["profile_ms"] = dict(prof, gap_ms=round(row["seconds"] * 1e3 - prof["kernels_ms"], 1))
@@ -479,6 +520,11 @@ def plan(cfg: BenchConfig) -> list[tuple[str, int, dict]]:
         if "stepcache" in cfg.rows:  # not in the default rows: --rows stepcache
             rows += [(f"28-step sample: cache {spec or 'off'}", res, dict(ours, cache=spec))
                      for spec in STEPCACHE_SPECS]
+        if "masked" in cfg.rows:  # not in the default rows: issue #12's conditioning, beside the plain bf16 step
+            rows += [("bf16 train, full ckpt: ours (configs/bf16.py)", res, dict(ours, ckpt=True)),
+                     ("bf16 train, full ckpt: ours + IP-Adapter", res, dict(ours, ckpt=True, ip_adapter=True)),
+                     ("bf16 train, full ckpt: ours + IP-Adapter + region token + dual masked loss "
+                      "(configs/region_depth.py)", res, dict(ours, kind="region_depth", ckpt=True, ip_adapter=True))]
         if "offload" in cfg.rows:  # ModelConfig.offload: the weights stream from host memory (offload.py)
             rows += [("bf16 train, full ckpt, diffusers group offloading (block level, stream): stock", res,
                       dict(stock, ckpt=True, offload=0)),
@@ -490,6 +536,9 @@ def plan(cfg: BenchConfig) -> list[tuple[str, int, dict]]:
                       dict(ours, kind="nf4", ckpt=True, offload=0)),
                      ("denoise step: ours, block offload, all blocks streamed", res,
                       dict(ours, denoise=True, offload=0))]
+        if "pipeline" in cfg.rows:  # not in the default rows: a whole sample.py call, encoders and VAE included
+            rows += [("sample.py whole call (28 steps; CLIP, T5, VAE bf16 on the GPU), transformer streamed: ours",
+                      res, dict(ours, pipeline=True, offload=0))]
     return rows
 
 

@@ -3,13 +3,20 @@
 Layouts (DataConfig.path):
   (a) a folder: images/<stem>.{png,jpg,jpeg,webp} (targets), control/<stem>.* (inputs), captions <stem>.txt
       (beside the image, in captions/, or in the folder itself), optional masks images/<stem>_mask.png (white = edit
-      region). Extensions match in any case (.Png, .JPG); stems match after NFC normalisation (macOS writes NFD).
+      region) and depth images images/<stem>_depth.png (for model.ip_adapter). Extensions match in any case (.Png,
+      .JPG); stems match after NFC normalisation (macOS writes NFD).
       Several references: control/<stem>_1.*, <stem>_2.* ... are the 2nd, 3rd ... after control/<stem>.* (numbered
       without gaps; a control whose stem is a target's own stays that target's control).
-  (b) a metadata.csv or .jsonl with columns image, control (or kontext_images), prompt, optional mask; paths are
+  (b) a metadata.csv or .jsonl with columns image, control (or kontext_images), prompt, optional mask, depth; paths are
       relative to the file and must stay inside its folder unless DataConfig.allow_outside_paths. Text files are
       UTF-8 (a leading BOM, as Excel and Notepad write it, is skipped). Several references: a JSON list in .jsonl
       (["a.png", "b.png"]), ';'-separated paths in a .csv cell (a.png;b.png).
+  (c) pairs for masked editing: target/<stem>.*, context/<stem>.* (the control), optional masks/<stem>.* and
+      depth/<stem>.*, and prompts.txt: line i is the prompt of the i-th target in sorted stem order (text order:
+      "10" sorts before "2", so zero-pad numbers).
+Masks (white = edit region, any bit depth) are thresholded at 0.5: a mask that is not black and white (antialiased
+edges, JPEG noise) is warned about once per file. Depth images (any bit depth; RGB for the image encoder) are
+embedded by the IP-Adapter's image encoder (model.ip_adapter) and cached as ip_image_embeds [1, D].
 Text-to-image (DataConfig.text_to_image) needs no control images. A folder holding both images/ and a metadata file
 is refused (which one is meant is not ours to guess). Errors are collected and raised as one DatasetError; what does
 not stop training (empty caption, unknown column, aspect change) is a DatasetWarning.
@@ -39,6 +46,7 @@ Verifying the cached tensors' sha256 on read costs ~7 ms per 1024^2 entry (5 MB 
 """
 
 import csv
+import dataclasses
 import gc
 import hashlib
 import io
@@ -60,14 +68,15 @@ import safetensors.torch
 from safetensors.torch import save_file
 
 from config import Config, DataConfig, validate
-from encode import encode_image, encode_prompt, preprocess_image
+from encode import encode_image, encode_ip_image, encode_prompt, preprocess_image
 from load import load_components, model_identity
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")  # compared lower-cased
-METADATA_COLUMNS = ("image", "control", "kontext_images", "prompt", "mask")
+METADATA_COLUMNS = ("image", "control", "kontext_images", "prompt", "mask", "depth")
 ASPECT_TOLERANCE = 0.05  # relative aspect-ratio change from flooring to 16 beyond which validate_dataset warns
-CACHE_VERSION = "3"  # bump when the cached tensors' meaning or the file format changes (2: tensor_digest in metadata;
-#                      3: _decode applies EXIF orientation, scales 16-bit, composites transparency)
+CACHE_VERSION = "4"  # bump when the cached tensors' meaning or the file format changes (2: tensor_digest in metadata;
+#                      3: _decode applies EXIF orientation, scales 16-bit, composites transparency; 4: masks are
+#                      thresholded at 0.5 before the area average)
 INDEX_VERSION = 2  # 2: "hw" is the upright (EXIF-transposed) size
 # A file whose mtime/ctime is this recent when it is hashed is not remembered: a rewrite within the same timestamp
 # tick (coarse kernel clocks, 2 s on FAT) would keep its stat, so its hash is only trusted once it is older (git's
@@ -83,6 +92,7 @@ class Sample:
     control: Path | None = None  # the first reference
     mask: Path | None = None
     extra_controls: tuple[Path, ...] = ()  # the 2nd, 3rd ... references, in order
+    depth: Path | None = None  # the IP-Adapter's image (a depth map), embedded by model.ip_adapter's image encoder
 
     @property
     def controls(self) -> tuple[Path, ...]:
@@ -177,7 +187,7 @@ def _scan_folder(root: Path, text_to_image: bool, problems: list[str], empty: li
                         f"<stem>.txt, or a metadata.csv / .jsonl)")
         return []
     found = _by_stem(images_dir, IMAGE_EXTS, problems)
-    images = {s: p for s, p in found.items() if not s.endswith("_mask")}
+    images = {s: p for s, p in found.items() if not s.endswith(("_mask", "_depth"))}
     controls = _by_stem(control_dir, IMAGE_EXTS, problems) if not text_to_image else {}
     caption_dirs = [images_dir, root / "captions", root]
     captions = [_by_stem(d, (".txt",), problems) for d in caption_dirs]
@@ -200,7 +210,7 @@ def _scan_folder(root: Path, text_to_image: bool, problems: list[str], empty: li
             if not prompt.strip():
                 empty.append(str(where[0]))
             samples.append(Sample(stem, image, prompt.strip(), control, found.get(stem + "_mask"),
-                                  extra.get(stem, ())))
+                                  extra.get(stem, ()), found.get(stem + "_depth")))
     for p in orphans:
         base, _, n = _nfc(p.stem).rpartition("_")
         hint = (f" (further references of {images[base].name} are numbered {base}_1, {base}_2, ...)"
@@ -318,7 +328,7 @@ def _scan_metadata(file: Path, cfg: DataConfig, problems: list[str], empty: list
           f"known columns: {', '.join(METADATA_COLUMNS)}", stacklevel=4)
     samples = []
     for where, row in rows:
-        cells = {"image": row.get("image"), "mask": row.get("mask") or None}
+        cells = {"image": row.get("image"), "mask": row.get("mask") or None, "depth": row.get("depth") or None}
         if not cfg.text_to_image:
             cells["control"] = row.get("control", row.get("kontext_images"))
         blank = [k for k in ("image", "control") if k in cells and not cells[k]]
@@ -339,7 +349,51 @@ def _scan_metadata(file: Path, cfg: DataConfig, problems: list[str], empty: list
         if not prompt:
             empty.append(where)
         samples.append(Sample(where.rsplit(":", 1)[1], paths["image"], prompt, controls[0] if controls else None,
-                              paths.get("mask"), tuple(controls[1:])))
+                              paths.get("mask"), tuple(controls[1:]), paths.get("depth")))
+    return samples
+
+
+PAIR_DIRS = ("target", "context", "masks", "depth")  # layout (c)
+
+
+def _scan_pairs(root: Path, text_to_image: bool, problems: list[str], empty: list[str]) -> list[Sample]:
+    """Layout (c): target/, context/, masks/, depth/ matched by stem, prompts.txt one line per target in sorted stem
+    order. A file without its target, a target without its context, and a line count that differs from the number
+    of targets are problems."""
+    found = {d: _by_stem(root / d, IMAGE_EXTS, problems) for d in PAIR_DIRS if d != "context" or not text_to_image}
+    targets = found["target"]
+    for d, files in found.items():
+        problems += [f"{p}: no target/{stem}.* for it (pairs match by file name)" for stem, p in files.items()
+                     if stem not in targets]
+    if not text_to_image:
+        problems += [f"{p}: no context/{stem}.* (the image to edit; text_to_image needs none)"
+                     for stem, p in targets.items() if stem not in found["context"]]
+    stems = sorted(targets)
+    lengths = {len(x) for x in stems if x.isdigit()}
+    if len(lengths) > 1 and all(x.isdigit() for x in stems):
+        _warn("numeric file names of different lengths sort as text, which is the order prompts.txt follows",
+              [f"{stems[0]}, {stems[1]}, ... {stems[-1]}"], "zero-pad them (001.png, 002.png, ...)", stacklevel=5)
+    file = root / "prompts.txt"
+    text = _read_text(file, problems) if file.is_file() else None
+    if not file.is_file():
+        problems.append(f"{file}: missing (one prompt per line, for the targets in sorted order: "
+                        f"{', '.join(stems[:3])}{' ...' if len(stems) > 3 else ''})")
+    if text is None or not stems:
+        return []
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():  # a trailing blank line is an editor's, not an empty prompt
+        lines.pop()
+    if len(lines) != len(stems):
+        problems.append(f"{file}: {len(lines)} line(s) but {len(stems)} target(s) in {root / 'target'} (line i is "
+                        f"the prompt of the i-th target in sorted order: {stems[0]} ... {stems[-1]})")
+        return []
+    samples = []
+    for i, (stem, prompt) in enumerate(zip(stems, lines)):
+        if not prompt.strip():
+            empty.append(f"{file}:{i + 1} ({stem})")
+        if text_to_image or stem in found["context"]:
+            samples.append(Sample(stem, targets[stem], prompt.strip(), found.get("context", {}).get(stem),
+                                  found["masks"].get(stem), (), found["depth"].get(stem)))
     return samples
 
 
@@ -354,6 +408,9 @@ def scan_dataset(cfg: DataConfig, problems: list[str] | None = None) -> list[Sam
     if root.is_dir():
         meta = [root / n for n in ("metadata.csv", "metadata.jsonl") if (root / n).is_file()]
         has_images = (root / "images").is_dir()
+        if has_images and (root / "target").is_dir():
+            raise DatasetError(f"dataset {cfg.path} holds both images/ (targets with control/) and target/ (with "
+                               f"context/, masks/, depth/, prompts.txt): which layout to use is ambiguous; keep one")
         if meta and (has_images or len(meta) > 1):
             held = " and ".join((["images/"] if has_images else []) + [m.name for m in meta])
             raise DatasetError(f"dataset {cfg.path} holds {held}: which one to use is ambiguous; point data.path at "
@@ -361,8 +418,9 @@ def scan_dataset(cfg: DataConfig, problems: list[str] | None = None) -> list[Sam
                                + (", or move the metadata file away to use the images/ folder" if has_images else ""))
         root = meta[0] if meta else root
     empty: list[str] = []
-    samples = (_scan_folder(root, cfg.text_to_image, problems, empty) if root.is_dir()
-               else _scan_metadata(root, cfg, problems, empty))
+    samples = (_scan_metadata(root, cfg, problems, empty) if not root.is_dir()
+               else _scan_pairs(root, cfg.text_to_image, problems, empty) if (root / "target").is_dir()
+               else _scan_folder(root, cfg.text_to_image, problems, empty))
     _warn("sample(s) with an empty caption train with the empty prompt", empty,
           "write a caption; train.caption_dropout is the way to train on the empty prompt on purpose")
     if not samples and not problems:
@@ -528,8 +586,8 @@ def validate_dataset(samples: list[Sample], cfg: DataConfig, cache_dir: Path | N
     append them there). Warns (DatasetWarning) about images whose aspect ratio changes by more than
     ASPECT_TOLERANCE when floored to multiples of 16. cache_dir (train.py: cache_dir_of(cfg)): where the stat index
     lives; files it knows under their current stat are not decoded again. None: decode everything, remember nothing.
-    Returns per sample {"image" / "control" / "control_1" ... / "mask": upright (height, width)} of the files that
-    decoded ("control_1", "control_2" ...: the 2nd, 3rd ... references)."""
+    Returns per sample {"image" / "control" / "control_1" ... / "mask" / "depth": upright (height, width)} of the
+    files that decoded ("control_1", "control_2" ...: the 2nd, 3rd ... references)."""
     idx = read_index(cache_dir, cfg)
     collect, problems = problems is not None, [] if problems is None else problems
     squashed, out = [], []
@@ -537,7 +595,8 @@ def validate_dataset(samples: list[Sample], cfg: DataConfig, cache_dir: Path | N
         sizes = {}
         out.append(sizes)
         files = {"image": s.image, "control": s.control, **{f"control_{i + 1}": p for i, p in
-                                                             enumerate(s.extra_controls)}, "mask": s.mask}
+                                                             enumerate(s.extra_controls)}, "mask": s.mask,
+                 "depth": s.depth}
         for name, path in files.items():
             if path is None:
                 continue
@@ -546,7 +605,7 @@ def validate_dataset(samples: list[Sample], cfg: DataConfig, cache_dir: Path | N
             except DatasetError as e:
                 problems.append(str(e))
         for name in files:
-            if name not in sizes or name == "mask":
+            if name not in sizes or name in ("mask", "depth"):  # a depth image is resized by its encoder
                 continue
             (h, w), (th, tw) = sizes[name], target_size(sizes[name], cfg)
             if min(th, tw) < 16:
@@ -572,13 +631,25 @@ def load_pixels(path: Path, cfg: DataConfig) -> torch.Tensor:
     return preprocess_image(im, *target_size((im.height, im.width), cfg))
 
 
-def load_mask(path: Path, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """[1, h, w] in [0, 1] at latent resolution (area average of the white = edit region). Transparent mask pixels
-    are black (outside the edit region: a stroke painted on a transparent layer marks the region)."""
+def mask_latent(mask, latent_hw: tuple[int, int], where: str = "mask") -> torch.Tensor:
+    """A decoded mask (PIL "L") -> [1, h, w] in [0, 1] at latent resolution: thresholded at 0.5 (white = edit
+    region; a mask that was not black and white is warned about, naming `where`), then area-averaged (a latent cell
+    on the region's edge gets the fraction inside). Training (cache.py) and sample.py --mask both come here."""
     import numpy as np
 
-    m = torch.from_numpy(np.asarray(open_image(path, "L", BLACK), dtype=np.float32) / 255.0)[None, None]
+    a = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    grey = int(((a > 0) & (a < 1)).sum())
+    if grey:
+        warnings.warn(f"{where}: {grey} of {a.size} mask pixels are neither black nor white; thresholded at 0.5",
+                      DatasetWarning, stacklevel=3)
+    m = torch.from_numpy((a >= 0.5).astype(np.float32))[None, None]
     return torch.nn.functional.interpolate(m, size=latent_hw, mode="area")[0]
+
+
+def load_mask(path: Path, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """mask_latent of a mask file. Transparent mask pixels are black (outside the edit region: a stroke painted on a
+    transparent layer marks the region)."""
+    return mask_latent(open_image(path, "L", BLACK), latent_hw, str(path))
 
 
 # ---------------------------------------------------------------- the cache
@@ -588,8 +659,9 @@ def sample_key(s: Sample, cfg: DataConfig, model_ident: str, idx: StatIndex | No
     """Content key: image / control / mask bytes, prompt, model identity and every preprocessing setting. The
     file hashes come from idx where it knows the file under its current stat (else the file is read)."""
     idx = StatIndex() if idx is None else idx
-    # further references only when there are some: a one-reference sample keeps the key it always had
+    # further references and depth only when there are some: other samples keep the key they always had
     digests = [file_digest(p, idx) for p in (s.image, s.control, s.mask, *s.extra_controls)]
+    digests += [f"depth:{file_digest(s.depth, idx)}"] if s.depth is not None else []
     settings = [cfg.max_pixels, cfg.resize, cfg.max_sequence_length, cfg.text_to_image, list(cfg.background)]
     parts = [CACHE_VERSION, *digests, s.prompt, model_ident, json.dumps(settings)]
     return hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest()[:32]
@@ -663,7 +735,8 @@ def control_latents_of(entry: dict) -> list[torch.Tensor]:
 
 def required_keys(s: Sample) -> tuple[str, ...]:
     return ("image_latents", "prompt_embeds", "pooled_prompt_embeds") \
-        + tuple(control_key(i) for i in range(len(s.controls))) + (("mask",) if s.mask else ())
+        + tuple(control_key(i) for i in range(len(s.controls))) + (("mask",) if s.mask else ()) \
+        + (("ip_image_embeds",) if s.depth else ())
 
 
 def encode_sample(s: Sample, cfg: DataConfig, c, device=None) -> dict:
@@ -676,6 +749,11 @@ def encode_sample(s: Sample, cfg: DataConfig, c, device=None) -> dict:
     out["prompt_embeds"], out["pooled_prompt_embeds"] = embeds[0], pooled[0]
     if s.mask is not None:
         out["mask"] = load_mask(s.mask, tuple(out["image_latents"].shape[1:]))
+    if s.depth is not None:
+        if getattr(c, "image_encoder", None) is None:
+            raise ValueError(f"{s.depth}: a depth image needs model.ip_adapter (its image encoder embeds it)")
+        out["ip_image_embeds"] = encode_ip_image(c.image_encoder, c.feature_extractor,
+                                                 open_image(s.depth, "RGB", BLACK))[0].float().cpu()
     return out
 
 
@@ -733,7 +811,11 @@ class TrainingData:
 def training_data(cfg: Config, samples: list[Sample], n_train: int, log=print) -> TrainingData:
     """The first n_train samples for training, the rest held out. Cached mode (cfg.train.cached): every sample's
     tensors from the cache; what is missing is encoded first, with the text encoders and VAE loaded only then and
-    freed after. Uncached: encoders stay loaded on their devices and encode each sample when a batch needs it."""
+    freed after. Uncached: encoders stay loaded on their devices and encode each sample when a batch needs it.
+    Depth images are embedded only for a model with an IP-Adapter (model.ip_adapter; its image encoder loads with
+    the VAE), and ignored otherwise (train.conditioning_check says so)."""
+    if not cfg.model.ip_adapter.path:
+        samples = [dataclasses.replace(s, depth=None) for s in samples]
     if not cfg.train.cached:
         encoders = load_components(cfg.model, which=("clip", "t5", "vae"))
         empty = encode_empty(cfg.data, encoders, device="cpu")

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Union, get_args, get_origin
 
-__all__ = ["Config", "DataConfig", "TrainConfig", "SampleConfig", "ModelConfig", "Part", "load_config", "cli",
-           "validate", "to_json"]
+__all__ = ["Config", "DataConfig", "TrainConfig", "SampleConfig", "ModelConfig", "Part", "IPAdapterConfig",
+           "load_config", "cli", "validate", "to_json"]
 
 # Choice values, mirroring the tables their consumers read (tests/test_config.py checks that they agree).
 Dtype = Literal["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"]  # load.DTYPES
@@ -34,6 +34,23 @@ class Part:
     subfolder: str = ""  # empty: the diffusers default (text_encoder, tokenizer, text_encoder_2, ...)
     dtype: Dtype = "bf16"  # weights' dtype (fp32 / bf16 / fp16; the long names are the same)
     device: str = "cpu"  # a torch device: "cpu", "cuda:0", "cuda:1", ...
+
+
+@dataclass
+class IPAdapterConfig:
+    """An IP-Adapter (diffusers' Flux IP-Adapter: XLabs-AI/flux-ip-adapter's file layout) and the CLIP image encoder
+    that embeds its images. Empty `path`: none. The adapter's weights take the transformer's dtype and device and
+    stay frozen; the image encoder has its own (it runs only while caching and sampling)."""
+
+    path: str = ""  # folder or Hub repo id holding `weight_name` (XLabs-AI/flux-ip-adapter); empty: no IP-Adapter
+    weight_name: str = "ip_adapter.safetensors"  # the adapter's file in `path` (safetensors only)
+    subfolder: str = ""  # of `path`, where weight_name lives
+    # CLIPVisionModelWithProjection folder or repo id (the XLabs adapter was trained with openai/clip-vit-large-patch14)
+    image_encoder: str = "openai/clip-vit-large-patch14"
+    image_encoder_subfolder: str = ""  # of image_encoder
+    dtype: Dtype = "bf16"  # the image encoder's dtype
+    device: str = "cpu"  # the image encoder's device
+    scale: float = 1.0  # the adapter's strength in every double block (diffusers' set_ip_adapter_scale)
 
 
 @dataclass
@@ -56,6 +73,9 @@ class ModelConfig:
     resident_blocks: int = 0  # with offload: this many blocks, first in execution order, stay on the GPU
     t5_quant: Literal["none", "fp8"] = "none"  # fp8: T5's block Linears stored e4m3 per row (weight-only)
     vae_tile: int = 0  # >0: tiled VAE encode/decode in tiles of this many pixels (diffusers' enable_tiling); 0: off
+    # image conditioning (e.g. a depth map) through an IP-Adapter: load.py loads it into the transformer, cache.py
+    # embeds each sample's depth image, sample.py takes --ip-image
+    ip_adapter: IPAdapterConfig = field(default_factory=IPAdapterConfig)
 
 
 @dataclass
@@ -107,6 +127,12 @@ class TrainConfig:
     # mask_weight_fg / mask_weight_bg, plus loss_l2 * sum of squared LoRA parameters (train.py dual_masked_loss)
     loss: Literal["plain", "dual_masked"] = "plain"
     loss_l2: float = 1e-4  # dual_masked: L2 stabiliser on the LoRA parameters
+    # A learnable region token (region.py MaskRegionToken): the mask, at the token grid, pooled to region_grid and
+    # projected to one token appended to the image sequence (id plane 2); trained with the LoRA, saved beside it as
+    # lora.region.safetensors. Needs a mask for every sample.
+    region_token: bool = False
+    region_grid: tuple[int, int] = (16, 16)  # (rows, cols) the mask is adaptively average-pooled to, any resolution
+    region_l2: float = 1e-4  # L2 stabiliser on the region token's parameters
     cached: bool = True  # True: precompute latents and embeddings, train from the cache only
     gradient_checkpointing: bool = False  # recompute block activations in the backward: less memory, more time
     autocast: bool = False  # bf16 autocast around the transformer (for an fp32 master model)
@@ -222,6 +248,8 @@ RULES = {
     "train.mask_weight_fg": _at_least(0),
     "train.mask_weight_bg": _at_least(0),
     "train.loss_l2": _at_least(0),
+    "train.region_grid": ((lambda v: min(v) >= 1), ", each >= 1"),
+    "train.region_l2": _at_least(0),
     "train.save_every": _at_least(0),
     "train.keep_checkpoints": _at_least(0),
     "train.log_every": _at_least(1),
@@ -230,6 +258,7 @@ RULES = {
     "sample.max_sequence_length": _between(1, 512),
     "sample.cache": ((lambda v: _cache_ok(v)), f", '' (off) or METHOD:VALUE ({CACHE_EXAMPLE})"),
     "model.resident_blocks": _between(0, 57),  # FLUX has 19 double + 38 single blocks
+    "model.ip_adapter.scale": _at_least(0),
     "model.vae_tile": ((lambda v: v == 0 or (v >= 64 and v % 64 == 0)), ", 0 (off) or a multiple of 64 >= 64"),
     "out_dir": _NOT_EMPTY,
 }
@@ -303,6 +332,12 @@ def _run_problems(cfg: Config) -> list[str]:
                 torch.device(part.device)
             except RuntimeError:
                 out.append(f"model.{name}.device: expected a torch device ('cpu', 'cuda:0', ...), got {part.device!r}")
+    ipa = getattr(cfg.model, "ip_adapter", None)
+    if isinstance(ipa, IPAdapterConfig) and isinstance(ipa.device, str):
+        try:
+            torch.device(ipa.device)
+        except RuntimeError:
+            out.append(f"model.ip_adapter.device: expected a torch device ('cpu', 'cuda:0', ...), got {ipa.device!r}")
     if (isinstance(cfg.model, ModelConfig) and cfg.model.offload is True and isinstance(cfg.train, TrainConfig)
             and cfg.train.gradient_checkpointing is False):
         out.append("model.offload: training with block offload needs train.gradient_checkpointing True (without "

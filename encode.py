@@ -132,6 +132,19 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(x, return_dict=False)[0]
 
 
+@torch.no_grad()
+def encode_ip_image(image_encoder, feature_extractor, image) -> torch.Tensor:
+    """One IP-Adapter image -> its CLIP image_embeds [1, 1, projection_dim] on the encoder's device, in its dtype
+    (pipeline.encode_image + prepare_ip_adapter_image_embeds for one image, one adapter, one image per prompt).
+    image: a PIL image or an HWC uint8 ndarray (the pipeline's negative image is np.zeros((width, height, 3),
+    np.uint8)), read by the feature extractor; a tensor is taken as its pixel_values already, as the pipeline does.
+    Compared with the pipeline in tests/test_ip_adapter.py."""
+    if not isinstance(image, torch.Tensor):
+        image = feature_extractor(image, return_tensors="pt").pixel_values
+    pixels = image.to(device=_device_of(image_encoder), dtype=next(image_encoder.parameters()).dtype)
+    return image_encoder(pixels).image_embeds[None]
+
+
 # ---------------------------------------------------------------- packing and ids
 
 
@@ -140,6 +153,12 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     b, c, h, w = latents.shape
     x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def token_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A mask at latent resolution [B, 1, h, w] -> the packed token grid [B, 1, h/2, w/2] (nearest: each token's
+    top-left latent cell). The one rule for both uses: the loss's per-token weight and the region token."""
+    return mask[..., ::2, ::2]
 
 
 def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -224,11 +243,14 @@ def prepare_latents(image_latents, batch_size: int, height: int, width: int, dty
 
 
 def predict_velocity(transformer, latents, control_latents, timestep, guidance, prompt_embeds, pooled_prompt_embeds,
-             text_ids, img_ids) -> torch.Tensor:
+             text_ids, img_ids, ip_embeds=None) -> torch.Tensor:
     """Velocity for the noise tokens [B, N, 64]: the transformer sees cat([noise tokens, control tokens]) and the
-    prediction is its first N tokens (pipeline.__call__'s denoising loop; train.py's loss and sample.py's loop both call it)."""
+    prediction is its first N tokens (pipeline.__call__'s denoising loop; train.py's loss and sample.py's loop both call it).
+    ip_embeds: an IP-Adapter's image embeddings [B, n, D] (one adapter), passed as the pipeline passes them
+    (joint_attention_kwargs["ip_adapter_image_embeds"], a list with one tensor per adapter)."""
     hidden = latents if control_latents is None else torch.cat([latents, control_latents], dim=1)
+    kw = None if ip_embeds is None else {"ip_adapter_image_embeds": [ip_embeds]}
     out = transformer(hidden_states=hidden, timestep=timestep, guidance=guidance,
                       pooled_projections=pooled_prompt_embeds, encoder_hidden_states=prompt_embeds, txt_ids=text_ids,
-                      img_ids=img_ids, return_dict=False)[0]
+                      img_ids=img_ids, joint_attention_kwargs=kw, return_dict=False)[0]
     return out[:, :latents.shape[1]]

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from cache import save_atomic
 from config import Config, TrainConfig, to_json
+from region import load_region, save_region
 
 PREFIX = "transformer"  # diffusers' LoRA key prefix for the transformer (FluxKontextPipeline.transformer_name)
 
@@ -91,12 +92,15 @@ def new_run_id() -> str:
     return hashlib.sha256(f"{os.getpid()}-{time.time_ns()}".encode()).hexdigest()[:12]
 
 
-def save_checkpoint(out_dir: Path, transformer, optimizer, step: int, cfg: Config, keep: int, run: str) -> Path:
-    """A folder named by the hash of its LoRA weights (content, not step), written under a temp name and renamed;
-    `latest.json` then points at it (also atomically). Old checkpoints of this run (`run`, kept across resumes) are
-    pruned to `keep`; other runs' are never touched."""
+def save_checkpoint(out_dir: Path, transformer, optimizer, step: int, cfg: Config, keep: int, run: str,
+                    region=None) -> Path:
+    """A folder named by the hash of its trained weights (the LoRA's and the region token's: content, not step),
+    written under a temp name and renamed; `latest.json` then points at it (also atomically). Old checkpoints of
+    this run (`run`, kept across resumes) are pruned to `keep`; other runs' are never touched."""
     lora = lora_state_dict(transformer)
-    digest = hashlib.sha256(b"".join(lora[k].numpy().tobytes() for k in sorted(lora))).hexdigest()[:16]
+    own = {**lora, **({f"region.{k}": v.detach().float().cpu() for k, v in region.state_dict().items()}
+                      if region is not None else {})}
+    digest = hashlib.sha256(b"".join(own[k].numpy().tobytes() for k in sorted(own))).hexdigest()[:16]
     ckpts = out_dir / "checkpoints"
     final = ckpts / f"lora-{digest}"
     if not final.exists():
@@ -104,6 +108,8 @@ def save_checkpoint(out_dir: Path, transformer, optimizer, step: int, cfg: Confi
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_lora(transformer, tmp / "lora.safetensors")
+        if region is not None:
+            save_region(region, tmp / "region.safetensors")
         opt = optimizer.state_dict()
         tensors = {f"state.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()
                    if isinstance(v, torch.Tensor)}
@@ -200,8 +206,9 @@ def config_differences(ckpt: Path, cfg: Config) -> list[str]:
             if a.get(k) != b.get(k) and k not in ("resume", "overwrite")]
 
 
-def load_checkpoint(path: Path, transformer, optimizer) -> tuple[int, str]:
-    """Restore LoRA weights and optimizer state; return (the step to continue from, the run id to keep)."""
+def load_checkpoint(path: Path, transformer, optimizer, region=None) -> tuple[int, str]:
+    """Restore LoRA weights (and the region token's), and the optimizer state; return (the step to continue from, the
+    run id to keep)."""
     lora = load_file(str(path / "lora.safetensors"))
     own = {f"{PREFIX}.{n}": p for n, p in _lora_named_params(transformer)}
     missing = set(own) ^ set(lora)
@@ -213,9 +220,19 @@ def load_checkpoint(path: Path, transformer, optimizer) -> tuple[int, str]:
         k, saved, want = shapes[0]
         raise ValueError(f"{path}: {len(shapes)} LoRA tensors differ in shape from the model's, e.g. {k}: saved "
                          f"{saved}, model {want}: was it trained with another train.rank?")
+    has_region = (path / "region.safetensors").is_file()
+    if (region is not None) != has_region:
+        raise ValueError(f"{path}: the checkpoint {'has' if has_region else 'has no'} region token but the config "
+                         f"{'does not train one' if has_region else 'trains one'} (train.region_token)")
+    saved_region = load_region(path / "region.safetensors") if has_region else None
+    if saved_region is not None and saved_region.grid != region.grid:
+        raise ValueError(f"{path}: region token grid {saved_region.grid}, the config's train.region_grid is "
+                         f"{region.grid}")
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(lora[k])
+        if saved_region is not None:
+            region.load_state_dict(saved_region.state_dict())
     state = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "optimizer.safetensors"))
     opt_state = {}

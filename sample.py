@@ -18,6 +18,7 @@ are moved explicitly between stages, and the denoising loop runs on the transfor
 accelerate hooks. Every result is compared with the pipeline in tests/test_sample.py.
 """
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -31,14 +32,16 @@ import tyro
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cache import open_image
+from cache import mask_latent, open_image
 from config import ModelConfig, SampleConfig, load_config, split_config_flag
-from encode import (MULTIPLE, _device_of, decode_latents, encode_image, encode_prompt, image_size, kontext_size,
-                    output_size, predict_velocity, prepare_latents, preprocess_image, unpack_latents)
+from encode import (MULTIPLE, _device_of, decode_latents, encode_image, encode_ip_image, encode_prompt, image_size,
+                    kontext_size, output_size, predict_velocity, prepare_latents, preprocess_image, token_mask,
+                    unpack_latents)
 from kernels.attention import set_attention
-from load import load_components, parse_device
+from load import ip_processors, load_components, parse_device
 from lora import load_lora, read_lora
 from offload import offload_transformer
+from region import append_region, load_region, region_path
 from stepcache import cache_context, check_cache, step_cache
 
 SIZE_MODES = ("pipeline", "native")
@@ -223,6 +226,39 @@ def _check_inputs(components, image, prompt, prompt_embeds, pooled_prompt_embeds
                              f"ndarray or a tensor (a list of them: several references), got {type(im).__name__}")
 
 
+def _check_conditioning(c, ip_adapter_image, ip_adapter_image_embeds, mask, region) -> None:
+    if ip_adapter_image is not None and ip_adapter_image_embeds is not None:
+        raise ValueError("pass at most one of ip_adapter_image and ip_adapter_image_embeds")
+    given = ip_adapter_image is not None or ip_adapter_image_embeds is not None
+    if given != bool(ip_processors(c.transformer)):  # diffusers' IP attention fails on a call without embeddings
+        raise ValueError("ip_adapter_image needs an IP-Adapter in the transformer (model.ip_adapter.path)" if given
+                         else "the transformer has an IP-Adapter (model.ip_adapter.path): pass ip_adapter_image "
+                              "(sample.py --ip-image) or ip_adapter_image_embeds, or load the model without it")
+    if ip_adapter_image is not None and getattr(c, "image_encoder", None) is None:
+        raise ValueError("ip_adapter_image needs components.image_encoder (load_components with model.ip_adapter), "
+                         "or pass ip_adapter_image_embeds")
+    if (mask is None) != (region is None):
+        raise ValueError("the region token needs both mask and region (the MaskRegionToken trained with the LoRA, "
+                         "region.load_region); got only " + ("mask" if region is None else "region"))
+    if isinstance(mask, torch.Tensor) and mask.dim() != 3:
+        raise ValueError(f"mask as a tensor is [1, h, w] at latent resolution; got shape {tuple(mask.shape)}")
+
+
+@contextlib.contextmanager
+def ip_scale(transformer, scale: float | None):
+    """The IP-Adapter's strength set for one call (diffusers' set_ip_adapter_scale does the same per processor),
+    restored after it, errors too. None: unchanged."""
+    procs = ip_processors(transformer) if scale is not None else []
+    before = [p.scale for p in procs]
+    try:
+        for p in procs:
+            p.scale = [scale] * len(p.scale)
+        yield
+    finally:
+        for p, b in zip(procs, before):
+            p.scale = b
+
+
 def _references(image) -> list:
     """sample()'s `image` as the list of references: None -> [], one image -> [it], a list or tuple -> itself."""
     return list(image) if isinstance(image, (list, tuple)) else [] if image is None else [image]
@@ -237,7 +273,8 @@ def sample(components, image, prompt, *, prompt_2=None, negative_prompt=_DEFAULT
            max_sequence_length: int = _DEFAULTS.max_sequence_length, num_images_per_prompt: int = 1,
            prompt_embeds=None, pooled_prompt_embeds=None, negative_prompt_embeds=None,
            negative_pooled_prompt_embeds=None, latents=None, output_type: str = "pil",
-           cache: str = _DEFAULTS.cache, progress: bool = True) -> SampleOutput:
+           cache: str = _DEFAULTS.cache, ip_adapter_image=None, ip_adapter_image_embeds=None,
+           ip_adapter_scale: float | None = None, mask=None, region=None, progress: bool = True) -> SampleOutput:
     """FluxKontextPipeline.__call__ for image editing, over loaded `Components` (load.py), with per-stage timings.
 
     image: one PIL image / HWC ndarray / CHW tensor (values as the pipeline takes them), a list of them (several
@@ -255,12 +292,21 @@ def sample(components, image, prompt, *, prompt_2=None, negative_prompt=_DEFAULT
 
     Defaults: a keyword named like a SampleConfig field takes its default (config.py). Those are the pipeline's,
     except size_mode: "native" (output = input size); size_mode="pipeline" gives the pipeline's height x width
-    (1024 x 1024) rescaled to max_area. auto_resize is the pipeline's _auto_resize (default True)."""
+    (1024 x 1024) rescaled to max_area. auto_resize is the pipeline's _auto_resize (default True).
+
+    IP-Adapter (load.py loads it with model.ip_adapter): ip_adapter_image (one image, embedded by
+    components.image_encoder) or ip_adapter_image_embeds [1, 1, D], used for every image of the batch as the
+    pipeline does; with true CFG the negative branch gets the pipeline's all-black image. ip_adapter_scale: the
+    adapter's strength for this call (None: as loaded). Region token (region.py): mask, a PIL image (white = edit
+    region; resized to the output's latent grid) or a latent-resolution tensor [1, h, w], and region, the
+    MaskRegionToken trained with the LoRA; the token joins the image sequence in both CFG branches. Without them
+    the call is the pipeline's exactly."""
     c = components
     _check_inputs(c, image, prompt, prompt_embeds, pooled_prompt_embeds, negative_prompt, negative_prompt_embeds,
                   negative_pooled_prompt_embeds, true_cfg_scale, output_type)
     check_cache(cache, true_cfg_scale > 1)
-    devices = _cuda_devices(c.clip, c.t5, c.vae, c.transformer)
+    _check_conditioning(c, ip_adapter_image, ip_adapter_image_embeds, mask, region)
+    devices = _cuda_devices(c.clip, c.t5, c.vae, c.transformer, getattr(c, "image_encoder", None))
     transformer = c.transformer
     device, dtype = _device_of(transformer), transformer.dtype
     start = _clock(devices)
@@ -311,6 +357,21 @@ def sample(components, image, prompt, *, prompt_2=None, negative_prompt=_DEFAULT
         num_channels_latents=transformer.config.in_channels // 4)  # as the pipeline: not a constant 16
     if control_ids is not None:
         img_ids = torch.cat([img_ids, control_ids], dim=0)
+    if region is not None and mask is not None:  # one token from the mask, fixed for every step and both branches
+        m = mask if isinstance(mask, torch.Tensor) else mask_latent(mask, (height // 8, width // 8), "mask")
+        tmask = token_mask(m.float()[None]).expand(n_total, -1, -1, -1)
+        control_latents, img_ids = append_region(region, tmask.to(_device_of(region)), control_latents, img_ids)
+
+    # IP-Adapter embeddings: [B*n, 1, D], the pipeline's; true CFG's negative from its all-black image
+    ip_embeds = neg_ip_embeds = None
+    if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+        one = (ip_adapter_image_embeds if ip_adapter_image_embeds is not None
+               else encode_ip_image(c.image_encoder, c.feature_extractor, ip_adapter_image))
+        ip_embeds = torch.cat([one.reshape(1, 1, -1)] * n_total).to(device)
+        if do_true_cfg:
+            black = np.zeros((width, height, 3), dtype=np.uint8)  # the pipeline's shape; constant, so any size
+            neg_ip_embeds = torch.cat([encode_ip_image(c.image_encoder, c.feature_extractor, black)] * n_total
+                                      ).to(device)
 
     # 4. schedule: sigmas 1 -> 1/N, shifted by mu(token count) inside set_timesteps
     from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift, retrieve_timesteps
@@ -333,19 +394,20 @@ def sample(components, image, prompt, *, prompt_2=None, negative_prompt=_DEFAULT
     steps = []
     current = [None]  # the step's timestep (0-1000), the pipeline's `current_timestep` that FasterCache reads
     t_step = _clock(devices)
-    with step_cache(transformer, cache, len(timesteps), dtype, lambda: current[0], do_true_cfg):
+    with step_cache(transformer, cache, len(timesteps), dtype, lambda: current[0], do_true_cfg), \
+            ip_scale(transformer, ip_adapter_scale):
         for i, t in enumerate(tqdm(timesteps, desc="denoise", unit="step", disable=not progress)):
             current[0] = t
             timestep = t.expand(n_total).to(dtype) / 1000  # the transformer takes t in [0, 1]
             where = dict(step_index=i, num_inference_steps=len(timesteps), timestep=t)
             with cache_context(transformer, "cond", **where):
                 v = predict_velocity(transformer, latents, control_latents, timestep, guidance, prompt_embeds,
-                                     pooled_prompt_embeds, text_ids, img_ids)
+                                     pooled_prompt_embeds, text_ids, img_ids, ip_embeds)
             if do_true_cfg:
                 with cache_context(transformer, "uncond", **where):
                     v_neg = predict_velocity(transformer, latents, control_latents, timestep, guidance,
                                              negative_prompt_embeds, negative_pooled_prompt_embeds,
-                                             negative_text_ids, img_ids)
+                                             negative_text_ids, img_ids, neg_ip_embeds)
                 v = v_neg + true_cfg_scale * (v - v_neg)
             latents = scheduler.step(v, t, latents, return_dict=False)[0]
             now = _clock(devices)
@@ -381,6 +443,9 @@ class Args:
     config: str = ""  # config file (python defining `config = Config(...)`); empty: the Config() defaults
     lora: tuple[str, ...] = ()  # LoRA safetensors files, applied together
     lora_scale: tuple[float, ...] = ()  # one per --lora (default 1.0 each)
+    mask: str = ""  # edit-region mask (white = edit) for a LoRA trained with a region token (lora.region.safetensors)
+    ip_image: str = ""  # the IP-Adapter's image (e.g. a depth map); needs model.ip_adapter in --config
+    ip_adapter_scale: float | None = None  # the IP-Adapter's strength (default: model.ip_adapter.scale)
     height: int | None = None  # pipeline: output height before the max_area rescale (1024); native: text-to-image
     width: int | None = None  # pipeline: output width before the max_area rescale (1024); native: text-to-image
     sample: SampleConfig = field(default_factory=SampleConfig)  # defaults: the --config file's config.sample
@@ -410,8 +475,15 @@ def main(args: Args) -> Path:
         raise ValueError(f"{len(args.lora)} --lora file(s) but {len(args.lora_scale)} --lora-scale value(s)")
     for path in args.lora:
         read_lora(path)  # a missing or unreadable file fails now, not after loading the model
-
     mc = load_config(args.config).model if args.config else ModelConfig()
+    region, mask = _region_inputs(args, images)
+    ip_image = open_image(Path(args.ip_image)) if args.ip_image else None
+    if ip_image is not None and not mc.ip_adapter.path:
+        raise ValueError(f"--ip-image {args.ip_image}: the --config has no model.ip_adapter.path (the IP-Adapter to "
+                         f"condition with)")
+    if ip_image is None and mc.ip_adapter.path:
+        raise ValueError(f"the --config loads an IP-Adapter ({mc.ip_adapter.path}): pass --ip-image (e.g. a depth map)")
+
     components = load_components(mc)
     for i, path in enumerate(args.lora):
         load_lora(components.transformer, path, f"lora{i}", args.lora_scale[i] if args.lora_scale else 1.0)
@@ -420,13 +492,41 @@ def main(args: Args) -> Path:
 
     # the other SampleConfig fields are sample() keywords of the same name (tests/test_sample.py checks it)
     kw = {k: v for k, v in dataclasses.asdict(s).items() if k not in NOT_SAMPLE_KWARGS}
+    if region is not None:
+        if region.proj.out_features != components.transformer.config.in_channels:
+            raise ValueError(f"the region token beside {args.lora} is {region.proj.out_features} wide but the "
+                             f"transformer takes {components.transformer.config.in_channels} input channels")
+        region.to(parse_device(mc.transformer.device, "transformer"))
     result = sample(components, images or None, args.prompt, generator=torch.Generator().manual_seed(s.seed),
-                    height=args.height, width=args.width, **kw)
+                    height=args.height, width=args.width, ip_adapter_image=ip_image,
+                    ip_adapter_scale=args.ip_adapter_scale, mask=mask, region=region, **kw)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.images[0].save(out)
     print(format_timings(result.timings))
     print(f"saved {out} ({result.images[0].width}x{result.images[0].height})")
     return out
+
+
+def _region_inputs(args: Args, images: list):
+    """(region token, mask image) for the CLI: the token is read from beside the --lora that has one
+    (lora.region.safetensors); --mask needs it, and it needs --mask (without one the LoRA runs without its token,
+    said once). Checked before the model loads."""
+    found = [region_path(p) for p in args.lora if region_path(p).is_file()]
+    if len(found) > 1:
+        raise ValueError(f"several --lora files have a region token ({', '.join(map(str, found))}); one call takes one")
+    if args.mask and not found:
+        raise ValueError(f"--mask {args.mask}: no --lora has a region token beside it (train.region_token writes "
+                         f"lora.region.safetensors next to lora.safetensors)")
+    if found and not args.mask:
+        print(f"note: {found[0]} is not used without --mask (the edit region)")
+        return None, None
+    if not found:
+        return None, None
+    mask = open_image(Path(args.mask), "L", (0, 0, 0))  # transparent = outside the region, as in training
+    if images and mask.size != images[0].size:
+        raise ValueError(f"--mask {args.mask} is {mask.width}x{mask.height} but --image {args.image[0]} is "
+                         f"{images[0].width}x{images[0].height}; the mask marks the region of the image to edit")
+    return load_region(found[0]), mask
 
 
 if __name__ == "__main__":

@@ -382,6 +382,7 @@ def ensure_tiny(spec: TinySpec = TinySpec(), root: str | Path | None = None) -> 
 # Bump when write_toy_dataset changes what it writes (the folder name carries it). 2: grey backgrounds, coloured
 # squares on the 8-pixel grid (near_inverse_vae reconstructs them exactly).
 TOY_VERSION = 2
+MASKED_TOY_VERSION = 1  # write_masked_toy_dataset
 
 
 def write_toy_dataset(out: str | Path, n: int = 24, size: int = 64, seed: int = 0) -> Path:
@@ -424,6 +425,55 @@ def ensure_toy_dataset(n: int = 24, size: int = 64, seed: int = 0, root: str | P
     path = Path(root or default_root()) / f"toy-edit-v{TOY_VERSION}-{n}-{size}-{seed}"
     if not (path / "images").is_dir():
         write_toy_dataset(path, n, size, seed)
+    return path
+
+
+def write_masked_toy_dataset(out: str | Path, n: int = 24, size: int = 64, seed: int = 0) -> Path:
+    """A synthetic masked edit in the pairs layout (cache.py (c)): context = a coloured square on a background of
+    random grey cells (8-pixel cells: the tiny VAE's latent is each cell's colour), target = the same with the
+    square painted red, mask = the square (white), depth = a 16-bit grayscale map (the square near, the background
+    far), prompts.txt "make the square red" per pair. Outside the mask target and context are the same pixels, so
+    the dual masked loss's outside term has an exact answer: copy the context."""
+    import numpy as np
+    from PIL import Image
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    red = np.array([230, 20, 20])
+    try:
+        for d in ("target", "context", "masks", "depth"):
+            (tmp / d).mkdir()
+        rng = np.random.default_rng(seed)
+        cells = size // 8
+        for i in range(n):
+            grey = rng.integers(40, 201, (cells, cells))
+            img = np.repeat(np.repeat(grey, 8, 0), 8, 1)[..., None].repeat(3, 2).astype(np.uint8)
+            side = int(rng.integers(max(1, cells // 4), cells // 2 + 1))
+            y, x = 8 * rng.integers(0, cells - side + 1, 2)
+            colour = rng.integers(0, 256, 3)
+            while colour.max() - colour.min() < 100 or np.abs(colour - red).sum() < 250:
+                colour = rng.integers(0, 256, 3)
+            mask = np.zeros((size, size), np.uint8)
+            mask[y:y + 8 * side, x:x + 8 * side] = 255
+            img[mask > 0] = colour
+            Image.fromarray(img).save(tmp / "context" / f"{i:03d}.png")
+            img[mask > 0] = red
+            Image.fromarray(img).save(tmp / "target" / f"{i:03d}.png")
+            Image.fromarray(mask).save(tmp / "masks" / f"{i:03d}.png")
+            depth = np.where(mask > 0, 60000, 12000 + 800 * np.arange(size)[:, None]).astype(np.uint16)
+            Image.fromarray(depth).save(tmp / "depth" / f"{i:03d}.png")  # mode I;16
+        (tmp / "prompts.txt").write_text("make the square red\n" * n)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def ensure_masked_toy_dataset(n: int = 24, size: int = 64, seed: int = 0, root: str | Path | None = None) -> Path:
+    path = Path(root or default_root()) / f"masked-toy-v{MASKED_TOY_VERSION}-{n}-{size}-{seed}"
+    if not (path / "target").is_dir():
+        write_masked_toy_dataset(path, n, size, seed)
     return path
 
 
@@ -482,7 +532,7 @@ def random_empty(text_tokens: int, dims: dict = FLUX_KONTEXT_DIMS) -> dict:
 
 
 
-def full_size_components(device, dtype=None, seed: int = 0) -> dict:
+def full_size_components(device, dtype=None, seed: int = 0, transformer_device=None) -> dict:
     """FLUX.1 Kontext's pipeline components at full size with random weights, built directly on `device` in `dtype`
     (default bf16): CLIP-L (123M), the T5-XXL encoder (4.7B), the FLUX VAE and full_size_transformer() (12B). Keys
     as FluxKontextPipeline's arguments (no scheduler). The tokenizers are the tiny ones (trained here, no download):
@@ -516,7 +566,117 @@ def full_size_components(device, dtype=None, seed: int = 0) -> dict:
         torch.set_default_dtype(prev)
     return dict(text_encoder=clip.eval().requires_grad_(False), tokenizer=tokenizer,
                 text_encoder_2=t5.eval().requires_grad_(False), tokenizer_2=tokenizer_2,
-                vae=vae.eval().requires_grad_(False), transformer=full_size_transformer(device, dtype).eval())
+                vae=vae.eval().requires_grad_(False),
+                transformer=full_size_transformer(transformer_device or device, dtype).eval())
+
+
+# ---------------------------------------------------------------- IP-Adapter: tiny files, random full-size weights
+
+# Bump when a writer below changes what it writes (the folder name is keyed by it, the spec and the library versions).
+IP_ADAPTER_VERSION = 1
+# The image encoder's projection_dim: openai/clip-vit-large-patch14 projects to 768 (XLabs' proj.weight [16384, 768]);
+# the tiny one to 24, a width no other tiny model has, so that a swapped dimension fails loudly.
+TINY_IP_PROJECTION = 24
+
+
+def ip_adapter_state(num_layers: int, inner_dim: int, joint_attention_dim: int, projection_dim: int,
+                     num_tokens: int = 4, seed: int = 0, device="cpu", dtype=None) -> dict:
+    """Random IP-Adapter weights under XLabs-AI/flux-ip-adapter's key names (ip_adapter.safetensors):
+    ip_adapter_proj_model.proj.weight [num_tokens * joint_attention_dim, projection_dim] and .bias, .norm.weight/.bias
+    [joint_attention_dim], double_blocks.{i}.processor.ip_adapter_double_stream_{k,v}_proj.weight
+    [inner_dim, joint_attention_dim] and .bias [inner_dim] for each of the num_layers double blocks. Seeded, drawn on
+    `device` in `dtype` (default fp32). Linear weights have std 1/sqrt(fan_in) and the norm's weight is about 1, so
+    the image tokens and their keys/values have about unit variance and the adapter visibly changes a forward (XLabs
+    initialise k/v to zero: a fresh adapter would change nothing)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape, std):
+        return (torch.randn(*shape, generator=g, device=device, dtype=torch.float32) * std).to(dtype)
+
+    joint = joint_attention_dim
+    out = {"ip_adapter_proj_model.proj.weight": rand(num_tokens * joint, projection_dim, std=projection_dim ** -0.5),
+           "ip_adapter_proj_model.proj.bias": rand(num_tokens * joint, std=0.1),
+           "ip_adapter_proj_model.norm.weight": 1 + rand(joint, std=0.1),
+           "ip_adapter_proj_model.norm.bias": rand(joint, std=0.1)}
+    for i in range(num_layers):
+        for kv in "kv":
+            name = f"double_blocks.{i}.processor.ip_adapter_double_stream_{kv}_proj"
+            out[f"{name}.weight"] = rand(inner_dim, joint, std=joint ** -0.5)
+            out[f"{name}.bias"] = rand(inner_dim, std=0.1)
+    return out
+
+
+def random_ip_adapter_state(transformer, projection_dim: int = 768, num_tokens: int = 4, seed: int = 0) -> dict:
+    """ip_adapter_state sized for `transformer` (a FluxTransformer2DModel: its double blocks, inner_dim and
+    joint_attention_dim; XLabs' sizes for FLUX_KONTEXT_DIMS with the defaults), on its device in its compute dtype
+    (x_embedder's): no file, for bench.py and GPU tests. Load it with load.add_ip_adapter."""
+    w = transformer.x_embedder.weight
+    return ip_adapter_state(transformer.config.num_layers, transformer.inner_dim,
+                            transformer.config.joint_attention_dim, projection_dim, num_tokens, seed, w.device, w.dtype)
+
+
+def write_tiny_image_encoder(out: str | Path, projection_dim: int = TINY_IP_PROJECTION, seed: int = 0) -> Path:
+    """A random CLIP folder in openai/clip-vit-large-patch14's layout: config.json (model_type "clip", a CLIPModel),
+    model.safetensors (text_model.*, vision_model.*, visual_projection.*, text_projection, logit_scale) and
+    preprocessor_config.json; no tokenizer files (only the vision tower is read). 32x32 input, patches of 8.
+    CLIPVisionModelWithProjection.from_pretrained(out) reads its vision tower and projection; it needs
+    projection_dim inside vision_config too (transformers 5 does not copy CLIPConfig.projection_dim into it; the
+    real config.json has it there). Vision weights are drawn wider than CLIP's init (initializer_range 0.2) so that
+    embeddings differ from image to image."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=77, projection_dim=projection_dim, bos_token_id=62, eos_token_id=63,
+                pad_token_id=63)  # the text tower is never run: ids inside its 64-token vocabulary
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8, projection_dim=projection_dim, initializer_range=0.2)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim))
+    # the processor diffusers' load_ip_adapter builds from the encoder's image_size (and openai's file holds)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return _write_captioner(out, model, processor)
+
+
+def _ip_dims(spec: TinySpec) -> tuple[int, int, int]:
+    """(double blocks, inner_dim, joint_attention_dim) of build_components' transformer."""
+    return spec.flux_layers, spec.flux_heads * spec.flux_head_dim, spec.t5_d_model
+
+
+def write_tiny_ip_adapter(out: str | Path, spec: TinySpec = TinySpec(), seed: int = 0) -> Path:
+    """An IP-Adapter for the tiny transformer of `spec`, written atomically (temp dir + rename):
+
+        out/ip_adapter.safetensors     XLabs-AI/flux-ip-adapter's keys (ip_adapter_state), fp32
+        out/image_encoder/             write_tiny_image_encoder (openai/clip-vit-large-patch14's layout)
+
+    Load it with IPAdapterConfig(path=out, image_encoder=out, image_encoder_subfolder="image_encoder") or with
+    FluxKontextPipeline.load_ip_adapter(out, "ip_adapter.safetensors", image_encoder_pretrained_model_name_or_path=out,
+    image_encoder_subfolder="image_encoder")."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    try:
+        write_tiny_image_encoder(tmp / "image_encoder", seed=seed)
+        save_file(ip_adapter_state(*_ip_dims(spec), TINY_IP_PROJECTION, seed=seed), tmp / "ip_adapter.safetensors")
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def ensure_tiny_ip_adapter(spec: TinySpec = TinySpec(), root: str | Path | None = None) -> Path:
+    """Path of write_tiny_ip_adapter's folder for the tiny checkpoint of `spec`, writing it first if absent (keyed
+    by spec.key() and IP_ADAPTER_VERSION; the tiny checkpoint itself is not touched)."""
+    blob = json.dumps([spec.key(), IP_ADAPTER_VERSION])
+    path = Path(root or default_root()) / f"tiny-ip-adapter-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+    if not (path / "ip_adapter.safetensors").exists():
+        write_tiny_ip_adapter(path, spec)
+    return path
 
 
 # ---------------------------------------------------------------- tiny random captioners (caption.py's tests)

@@ -31,7 +31,7 @@ from cache import (cache_dir_of, check_dataset, control_latents_of, open_image, 
                    validate_dataset)
 from config import Config, TrainConfig, cli, to_json, validate
 from convert import save_lora_as
-from encode import latent_ids, pack_controls, pack_latents, predict_velocity
+from encode import latent_ids, pack_controls, pack_latents, predict_velocity, token_mask
 from kernels.attention import set_attention
 from kernels.fp8 import FP8Linear
 from kernels.int4 import Linear4bit
@@ -39,6 +39,7 @@ from load import Components, load_transformer, load_vae, parse_dtype
 from lora import (add_lora, claim_out_dir, config_differences, load_checkpoint, new_run_id, resolve_resume,
                   save_checkpoint)
 from offload import offload_transformer
+from region import MaskRegionToken, append_region, region_path, save_region
 from sample import sample
 
 # ---------------------------------------------------------------- the objective
@@ -63,21 +64,25 @@ def sample_timesteps(n: int, cfg: TrainConfig, n_tokens: int, generator: torch.G
 
 def predicted_velocity(transformer, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                        control: torch.Tensor | None, prompt_embeds, pooled_prompt_embeds, img_ids, text_ids,
-                       guidance: float) -> torch.Tensor:
-    """The transformer's velocity at x_t = (1 - t) x0 + t noise (the one place x_t is formed), [B, N, 64]."""
+                       guidance: float, ip_embeds=None, region=None, tmask=None) -> torch.Tensor:
+    """The transformer's velocity at x_t = (1 - t) x0 + t noise (the one place x_t is formed), [B, N, 64].
+    Conditioning beyond the control tokens: ip_embeds, an IP-Adapter's image embeddings [B, 1, D]; region, the
+    region-token module, appended after the control tokens from the token-grid mask tmask [B, 1, H', W']."""
     t_ = t.view(-1, 1, 1).to(x0.dtype)
     x_t = (1 - t_) * x0 + t_ * noise
     g = torch.full((x0.shape[0],), guidance, device=x0.device, dtype=torch.float32)
+    control, img_ids = append_region(region, tmask, control, img_ids)
     return predict_velocity(transformer, x_t, control, t.to(x0.dtype), g, prompt_embeds, pooled_prompt_embeds,
-                            text_ids, img_ids)
+                            text_ids, img_ids, ip_embeds)
 
 
 def flow_matching_loss(transformer, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
                        control: torch.Tensor | None, prompt_embeds, pooled_prompt_embeds, img_ids, text_ids,
-                       guidance: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Packed x0, noise [B, N, 64]; control [B, M, 64] or None; t [B]; weight [B, N, 1] or None."""
+                       guidance: float, weight: torch.Tensor | None = None, **cond) -> torch.Tensor:
+    """Packed x0, noise [B, N, 64]; control [B, M, 64] or None; t [B]; weight [B, N, 1] or None; cond:
+    predicted_velocity's ip_embeds / region / tmask."""
     pred = predicted_velocity(transformer, x0, noise, t, control, prompt_embeds, pooled_prompt_embeds, img_ids,
-                              text_ids, guidance)
+                              text_ids, guidance, **cond)
     err = (pred.float() - (noise - x0).float()) ** 2
     if weight is None:
         return err.mean()
@@ -99,9 +104,10 @@ def dual_masked_terms(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
 
 
 def dual_masked_loss(transformer, x0, noise, t, control, prompt_embeds, pooled_prompt_embeds, img_ids, text_ids,
-                     guidance: float, weight: torch.Tensor | None, mask: torch.Tensor | None) -> dict:
+                     guidance: float, weight: torch.Tensor | None, mask: torch.Tensor | None, **cond) -> dict:
     """dual_masked_terms on the transformer's prediction. The outside term compares with the control token by token,
-    so the (single) control must have the target's size. No mask: the whole image is editable (the plain loss)."""
+    so the (single) control must have the target's size. No mask: the whole image is editable (the plain loss).
+    cond: predicted_velocity's ip_embeds / region / tmask."""
     if control is None or control.shape != x0.shape:
         raise ValueError(f"train.loss='dual_masked' needs one control image the size of the target (pixel-aligned "
                          f"pairs); got control tokens {None if control is None else tuple(control.shape)} for target "
@@ -109,12 +115,13 @@ def dual_masked_loss(transformer, x0, noise, t, control, prompt_embeds, pooled_p
     if mask is None:
         mask = weight = torch.ones(*x0.shape[:2], 1, device=x0.device)
     pred = predicted_velocity(transformer, x0, noise, t, control, prompt_embeds, pooled_prompt_embeds, img_ids,
-                              text_ids, guidance)
+                              text_ids, guidance, **cond)
     return dual_masked_terms(pred, x0, noise, control, mask, weight)
 
 
 def lora_l2(params) -> torch.Tensor:
-    """The stabiliser's sum of squared LoRA parameters (fp32)."""
+    """The stabilisers' sum of squared parameters (fp32): the LoRA's (train.loss_l2), the region token's
+    (train.region_l2)."""
     return sum(p.float().pow(2).sum() for p in params)
 
 
@@ -167,17 +174,20 @@ def collate(entries: list[dict], empty: dict, cfg: TrainConfig, step_key: tuple,
     if refs[0]:
         control, control_ids = pack_controls([torch.stack(r).float() for r in zip(*refs)])
         ids.append(control_ids)
-    weight = m = None
+    weight = m = tmask = ip = None
     if "mask" in entries[0]:
-        m = pack_latents(torch.stack([e["mask"] for e in entries]).float().repeat(1, 4, 1, 1))[..., :1]
-        weight = cfg.mask_weight_bg + (cfg.mask_weight_fg - cfg.mask_weight_bg) * m  # [B, N, 1]
+        tmask = token_mask(torch.stack([e["mask"] for e in entries]).float())  # [B, 1, h/2, w/2]
+        m = tmask.flatten(2).transpose(1, 2)  # [B, N, 1], in token order
+        weight = cfg.mask_weight_bg + (cfg.mask_weight_fg - cfg.mask_weight_bg) * m
+    if "ip_image_embeds" in entries[0]:
+        ip = torch.stack([e["ip_image_embeds"] for e in entries]).float()  # [B, 1, D]
     to = lambda x: None if x is None else x[rank_slice].to(device=device, dtype=dtype)  # noqa: E731
+    on = lambda x: None if x is None else x[rank_slice].to(device)  # noqa: E731  (fp32: weights, masks)
     return dict(x0=to(x0), noise=to(noise), t=t[rank_slice].to(device), control=to(control),
                 prompt_embeds=to(embeds), pooled_prompt_embeds=to(pooled),
                 img_ids=torch.cat(ids).to(device=device, dtype=dtype),
                 text_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),
-                weight=None if weight is None else weight[rank_slice].to(device),
-                mask=None if m is None else m[rank_slice].to(device))
+                weight=on(weight), mask=on(m), tmask=on(tmask), ip_embeds=to(ip))
 
 
 # ---------------------------------------------------------------- model, step, optimizer, schedule
@@ -206,6 +216,14 @@ def prepare_transformer(transformer, tc: TrainConfig, device: torch.device,
     if compile_choice(transformer, tc, device) == "on":
         transformer.compile_repeated_blocks(fullgraph=False)
     return params, attention
+
+
+def make_region(transformer, tc: TrainConfig, device) -> MaskRegionToken | None:
+    """train.region_token's module, fp32 on `device`, seeded (same seed, same start), or None."""
+    if not tc.region_token:
+        return None
+    torch.manual_seed(tc.seed)
+    return MaskRegionToken(*tc.region_grid, transformer.config.in_channels).to(device)
 
 
 def offload_note(transformer) -> str:
@@ -249,30 +267,42 @@ class NonFiniteLoss(FloatingPointError):
         self.samples = samples  # global indices of the training samples of the bad micro-batch
 
 
+def batch_terms(model, b: dict, tc: TrainConfig, params: list, region=None) -> dict[str, torch.Tensor]:
+    """The loss terms of one collated batch (their sum is the loss): {"loss"} for train.loss="plain"; loss_in,
+    loss_out and loss_l2 for "dual_masked"; plus region_l2 with a region token. The region token and the IP-Adapter
+    embeddings (b["ip_embeds"]) condition the prediction in both."""
+    cond = dict(ip_embeds=b["ip_embeds"], region=region, tmask=b["tmask"])
+    args = (model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"], b["pooled_prompt_embeds"],
+            b["img_ids"], b["text_ids"], tc.guidance, b["weight"])
+    if tc.loss == "dual_masked":
+        part = dual_masked_loss(*args, b["mask"], **cond)
+        own = {id(p) for p in region.parameters()} if region is not None else set()
+        part["loss_l2"] = tc.loss_l2 * lora_l2([p for p in params if id(p) not in own])
+    else:
+        part = {"loss": flow_matching_loss(*args, **cond)}
+    if region is not None:
+        part["region_l2"] = tc.region_l2 * lora_l2(region.parameters())
+    return part
+
+
 def train_step(model, params: list, optimizer, batches, tc: TrainConfig,
-               terms: dict | None = None) -> tuple[float, float, int]:
-    """One optimizer step: flow-matching loss (tc.loss) and backward per micro-batch (under bf16 autocast if
-    tc.autocast), gradient clipping, the optimizer. Returns (mean loss, gradient norm, samples in the global batch: a
-    shape bucket's last batch can be smaller than batch_size); `terms`, if given, receives the dual masked loss's
-    terms averaged over the micro-batches. A non-finite loss raises
-    FloatingPointError naming the samples before the optimizer touches the LoRA."""
+               terms: dict | None = None, region=None) -> tuple[float, float, int]:
+    """One optimizer step: the loss (batch_terms) and backward per micro-batch (under bf16 autocast if tc.autocast),
+    gradient clipping, the optimizer. Returns (mean loss, gradient norm, samples in the global batch: a shape
+    bucket's last batch can be smaller than batch_size); `terms`, if given, receives the loss's terms averaged over
+    the micro-batches when there are several (dual_masked, a region token). `params`: everything the optimizer
+    trains (the LoRA's, then the region token's). A non-finite loss raises FloatingPointError naming the samples
+    before the optimizer touches the LoRA."""
     losses, parts = [], []
     for b, idx, share in batches:
         # activation offload: what the backward needs waits in pinned host memory (torch's own hook)
         with (torch.autograd.graph.save_on_cpu(pin_memory=b["x0"].is_cuda) if tc.activation_offload
               else contextlib.nullcontext()), \
                 torch.autocast(b["x0"].device.type, dtype=torch.bfloat16, enabled=tc.autocast):
-            if tc.loss == "dual_masked":
-                part = dual_masked_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
-                                        b["pooled_prompt_embeds"], b["img_ids"], b["text_ids"], tc.guidance,
-                                        b["weight"], b["mask"])
-                part["loss_l2"] = tc.loss_l2 * lora_l2(params)
-                loss = sum(part.values())
+            part = batch_terms(model, b, tc, params, region)
+            loss = sum(part.values())
+            if len(part) > 1:
                 parts.append({k: v.detach() for k, v in part.items()})
-            else:
-                loss = flow_matching_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
-                                          b["pooled_prompt_embeds"], b["img_ids"], b["text_ids"], tc.guidance,
-                                          b["weight"])
         (loss * share).backward()
         losses.append((loss.detach(), idx))
     if terms is not None and parts:
@@ -351,10 +381,31 @@ def check_run(cfg: Config, rank: int, log) -> tuple[list, int, Path | None]:
     if rank == 0:
         for note in claim_out_dir(Path(cfg.out_dir), cfg.resume, cfg.overwrite):
             log(note)
+    conditioning_check(samples, cfg, log)
     ckpt = resolve_resume(cfg.resume, Path(cfg.out_dir), log)
     if ckpt is not None and (diff := config_differences(ckpt, cfg)):
         log(f"warning: resuming {ckpt} with a config that differs from its config.json: {'; '.join(diff)}")
     return samples, n_train, ckpt
+
+
+def conditioning_check(samples: list, cfg: Config, log) -> None:
+    """What the run's conditioning needs of every sample, checked before any model loads: a mask for the region
+    token, a depth image for the IP-Adapter (each missing one named). Depth images without an IP-Adapter are
+    ignored, said once."""
+    need = []
+    if cfg.train.region_token:
+        need += [f"{s.image}: no mask (train.region_token needs one per sample: masks/<stem>.png, images/<stem>_mask"
+                 f".png or a mask column)" for s in samples if s.mask is None]
+    if cfg.model.ip_adapter.path:
+        need += [f"{s.image}: no depth image (model.ip_adapter needs one per sample: depth/<stem>.png, "
+                 f"images/<stem>_depth.png or a depth column)" for s in samples if s.depth is None]
+    elif any(s.depth is not None for s in samples):
+        log(f"note: {sum(s.depth is not None for s in samples)} depth image(s) ignored: model.ip_adapter.path is "
+            f"not set")
+    if need:
+        shown = need[:20] + ([f"... and {len(need) - 20} more"] if len(need) > 20 else [])
+        raise ValueError(f"{len(need)} sample(s) of {cfg.data.path} lack what the config conditions on:\n  "
+                         + "\n  ".join(shown))
 
 
 def batch_plan(shapes: list[tuple], batch_size: int) -> str:
@@ -393,6 +444,7 @@ def main(cfg: Config) -> dict:
         cfg.model, transformer=dataclasses.replace(cfg.model.transformer, device=str(device))))
     params, attention = prepare_transformer(transformer, tc, device,
                                             cfg.model.resident_blocks if cfg.model.offload else None)
+    region = make_region(transformer, tc, device)
     compiled = compile_choice(transformer, tc, device)
     log(f"attention: {attention}; compile: {compiled}; "
         f"gradient checkpointing: {'on' if tc.gradient_checkpointing else 'off'}"
@@ -406,10 +458,17 @@ def main(cfg: Config) -> dict:
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(transformer, frozen)
         model = torch.nn.parallel.DistributedDataParallel(
             transformer, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = make_optimizer(params, tc)
+    region_model = region
+    if world > 1 and region is not None:  # its own DDP: it runs outside the transformer's forward
+        region_model = torch.nn.parallel.DistributedDataParallel(
+            region, device_ids=[device.index] if device.type == "cuda" else None)
     log(f"LoRA: {sum(p.numel() for p in params) / 1e6:.3f}M parameters on {len(tc.target_modules)} module kinds, "
-        f"rank {tc.rank}")
-    start, run = load_checkpoint(ckpt, transformer, optimizer) if ckpt is not None else (0, new_run_id())
+        f"rank {tc.rank}" + (f"; region token: grid {tc.region_grid[0]}x{tc.region_grid[1]}, "
+                             f"{sum(p.numel() for p in region.parameters())} parameters" if region else ""))
+    params = params + (list(region.parameters()) if region is not None else [])
+    optimizer = make_optimizer(params, tc)
+    start, run = (load_checkpoint(ckpt, transformer, optimizer, region) if ckpt is not None
+                  else (0, new_run_id()))
     if ckpt is not None:
         log(f"resumed from {ckpt} at step {start}" + (f"; train.steps is {tc.steps}: nothing left to train"
                                                         if start >= tc.steps else ""))
@@ -421,13 +480,14 @@ def main(cfg: Config) -> dict:
 
     def validate_at(step: int) -> None:
         nonlocal vae
-        val = held_out_loss(transformer, data.held_out, data.empty, tc, device, dtype)
+        val = held_out_loss(transformer, data.held_out, data.empty, tc, device, dtype, region)
         log(f"step {step}: held-out loss {val:.4f}")
         if rank == 0:
             log_file.write(json.dumps({"step": step, "held_out_loss": val}) + "\n")
             if step > 0:
                 vae = vae or load_vae(cfg.model)  # cached mode: loaded for the grids only when first needed
-                path = validation_grid(transformer, vae, samples[n_train:], data.held_out, cfg, step, out_dir)
+                path = validation_grid(transformer, vae, samples[n_train:], data.held_out, cfg, step, out_dir,
+                                       region)
                 log(f"validation grid: {path}")
 
     if tc.validate_every >= 0 and n_val and start == 0:
@@ -441,7 +501,7 @@ def main(cfg: Config) -> dict:
                                 cfg.data.repeat)
         try:
             terms: dict = {}
-            loss, grad_norm, n = train_step(model, params, optimizer, batches, tc, terms)
+            loss, grad_norm, n = train_step(model, params, optimizer, batches, tc, terms, region_model)
         except NonFiniteLoss as e:
             keys = [samples[i].key for i in e.samples]
             raise FloatingPointError(f"{e} at step {step} on samples {keys}; last good checkpoint: {last_ckpt}. "
@@ -462,20 +522,27 @@ def main(cfg: Config) -> dict:
                                 sps=f"{rec['samples_per_s']:.2f}")
         done = step + 1 == tc.steps
         if rank == 0 and (done or (tc.save_every and (step + 1) % tc.save_every == 0)):
-            last_ckpt = str(save_checkpoint(out_dir, transformer, optimizer, step + 1, cfg, tc.keep_checkpoints, run))
-        if rank == 0 and done:
-            # before the last grid: a crash there loses nothing
-            save_lora_as(transformer, out_dir / "lora.safetensors", tc.lora_format)
+            last_ckpt = str(save_checkpoint(out_dir, transformer, optimizer, step + 1, cfg, tc.keep_checkpoints, run,
+                                            region))
+        if rank == 0 and done:  # before the last grid: a crash there loses nothing
+            save_result(transformer, region, out_dir, tc)
         if tc.validate_every >= 0 and n_val and (done or (tc.validate_every and (step + 1) % tc.validate_every == 0)):
             validate_at(step + 1)
     if rank == 0:
         if start >= tc.steps:  # resumed at or past the end: the checkpoint's LoRA is the result
-            save_lora_as(transformer, out_dir / "lora.safetensors", tc.lora_format)
+            save_result(transformer, region, out_dir, tc)
         log(f"wrote {out_dir / 'lora.safetensors'} and checkpoint {last_ckpt}")
         log_file.close()
     if world > 1:
         torch.distributed.barrier()
     return {"history": history, "transformer": transformer, "lora": out_dir / "lora.safetensors"}
+
+
+def save_result(transformer, region, out_dir: Path, tc: TrainConfig) -> None:
+    """The run's result: lora.safetensors in train.lora_format, and the region token beside it."""
+    save_lora_as(transformer, out_dir / "lora.safetensors", tc.lora_format)
+    if region is not None:
+        save_region(region, region_path(out_dir / "lora.safetensors"))
 
 
 # ---------------------------------------------------------------- validation
@@ -505,9 +572,11 @@ def tile_grid(rows: list[list], gap: int = 0, fill=(255, 255, 255)):
 
 
 @torch.no_grad()
-def validation_grid(transformer, vae, val_samples, val_data, cfg: Config, step: int, out_dir: Path) -> Path:
-    """sample.py on each held-out pair (fixed seeds, cached prompt embeddings), saved as one PNG with a row per
-    sample: control(s) | sample | target."""
+def validation_grid(transformer, vae, val_samples, val_data, cfg: Config, step: int, out_dir: Path,
+                    region=None) -> Path:
+    """sample.py on each held-out pair (fixed seeds, cached prompt embeddings, the cached IP-Adapter embeddings and
+    the mask for the region token when the run uses them), saved as one PNG with a row per sample:
+    control(s) | sample | target."""
     was = transformer.training
     transformer.eval()
     rows = []
@@ -522,7 +591,9 @@ def validation_grid(transformer, vae, val_samples, val_data, cfg: Config, step: 
                      guidance_scale=sc.guidance_scale, num_inference_steps=sc.num_inference_steps,
                      generator=torch.Generator().manual_seed(sc.seed + i), size_mode="native",
                      height=None if control is not None else target.height,
-                     width=None if control is not None else target.width, progress=False).images[0]
+                     width=None if control is not None else target.width, progress=False,
+                     ip_adapter_image_embeds=e.get("ip_image_embeds"),
+                     mask=e.get("mask") if region is not None else None, region=region).images[0]
         rows.append(controls + [out, target])
     grid = tile_grid(rows)
     path = out_dir / "validation" / f"step-{step:06d}.png"  # a log artefact, not a checkpoint
@@ -533,9 +604,9 @@ def validation_grid(transformer, vae, val_samples, val_data, cfg: Config, step: 
 
 
 @torch.no_grad()
-def held_out_loss(transformer, val_data, empty, tc: TrainConfig, device, dtype) -> float:
+def held_out_loss(transformer, val_data, empty, tc: TrainConfig, device, dtype, region=None) -> float:
     """Flow-matching loss on the held-out samples at fixed noise and t in {0.25, 0.5, 0.75} (comparable across
-    steps and runs)."""
+    steps and runs), conditioned as training is (IP-Adapter embeddings, region token)."""
     was = transformer.training
     transformer.eval()
     total, n = 0.0, 0
@@ -546,7 +617,8 @@ def held_out_loss(transformer, val_data, empty, tc: TrainConfig, device, dtype) 
             b["t"] = torch.full_like(b["t"], t)
             total += flow_matching_loss(transformer, b["x0"], b["noise"], b["t"], b["control"],
                                         b["prompt_embeds"], b["pooled_prompt_embeds"], b["img_ids"],
-                                        b["text_ids"], 1.0, b["weight"]).item()
+                                        b["text_ids"], 1.0, b["weight"], ip_embeds=b["ip_embeds"], region=region,
+                                        tmask=b["tmask"]).item()
             n += 1
     transformer.train(was)
     return total / n

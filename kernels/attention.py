@@ -10,8 +10,9 @@ in every configuration on both GPUs.
 
 The choice lives on the model: `set_attention(model, name, device, dtype)` sets the processor of each of *this*
 model's attention modules: our CudnnFluxAttnProcessor for "cudnn", else diffusers' FluxAttnProcessor pinned to one of
-diffusers' own backends. Two models in one process keep their own choices, the choice holds inside compiled blocks
-and checkpoint recomputes, and nothing process-wide (diffusers' backend registry, its active backend) is touched.
+diffusers' own backends; an IP-Adapter's processors (they hold its weights) are kept and pinned too. Two models in
+one process keep their own choices, the choice holds inside compiled blocks and checkpoint recomputes, and nothing
+process-wide (diffusers' backend registry, its active backend) is touched.
 """
 
 import torch
@@ -104,6 +105,11 @@ class CudnnFluxAttnProcessor:
 # our names -> diffusers' backend names; "cudnn" is our processor instead (CudnnFluxAttnProcessor)
 BACKENDS = {"cudnn": CudnnFluxAttnProcessor.name, "cudnn_torch": "_native_cudnn", "flash": "_native_flash",
             "efficient": "_native_efficient", "math": "_native_math", "default": "native"}
+# diffusers' backend for an IP-Adapter processor (FluxIPAdapterAttnProcessor) under our "cudnn": that processor is
+# diffusers' code, which only dispatches to diffusers' backends. PyTorch's flash, not its cuDNN SDPA: flash ran in
+# every configuration on the H200, PyTorch's cuDNN path crashed (the module docstring). "cudnn" is only chosen on
+# CUDA with bf16/fp16 attention, which flash takes.
+IP_CUDNN_BACKEND = "_native_flash"
 
 
 def cudnn_usable(device: torch.device, dtype: torch.dtype) -> bool:
@@ -129,24 +135,30 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> st
 def set_attention(model: torch.nn.Module, name: str, device: torch.device, dtype: torch.dtype) -> str:
     """Set the attention path in every attention module of `model` (and nowhere else); return the name chosen.
     "cudnn": our processor; any other: diffusers' FluxAttnProcessor with that backend written into it (what
-    diffusers' set_attention_backend does per module, minus its process-wide set_active_backend). `dtype` is the
+    diffusers' set_attention_backend does per module, minus its process-wide set_active_backend). An IP-Adapter's
+    FluxIPAdapterAttnProcessor (double blocks, load.add_ip_adapter) is kept, it holds the adapter's to_k_ip / to_v_ip
+    and scale, with the backend written into it (IP_CUDNN_BACKEND for "cudnn"). `dtype` is the
     dtype attention runs in (the hidden states'). Held inside the model, the choice holds in compiled blocks and when
     gradient checkpointing recomputes a block: an outer `sdpa_kernel` context does neither, and a recompute under
     another backend fails torch.utils.checkpoint's metadata check (logsumexp shapes differ)."""
     from diffusers.models.attention_dispatch import AttentionBackendName
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, FluxIPAdapterAttnProcessor
 
     name = resolve_attention(name, device, dtype)
     if name in ("cudnn", "cudnn_torch") and not cudnn_usable(device, dtype):
         raise ValueError(f"attention_backend {name!r} needs a CUDA GPU (sm >= 8.0) and bf16/fp16 attention; got "
                          f"{device} with {dtype}")
     modules = [m for m in model.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
-    other = {type(m.processor).__name__ for m in modules} - {"FluxAttnProcessor", "CudnnFluxAttnProcessor"}
+    other = {type(m.processor).__name__ for m in modules} - {"FluxAttnProcessor", "CudnnFluxAttnProcessor",
+                                                             "FluxIPAdapterAttnProcessor"}
     if not modules or other:
         raise ValueError(f"set_attention: {type(model).__name__} needs Flux attention modules with diffusers' "
-                         f"FluxAttnProcessor; found {sorted(other) or 'none'}")
+                         f"FluxAttnProcessor or FluxIPAdapterAttnProcessor; found {sorted(other) or 'none'}")
     for m in modules:
-        if name == "cudnn":
+        if isinstance(m.processor, FluxIPAdapterAttnProcessor):
+            backend = IP_CUDNN_BACKEND if name == "cudnn" else BACKENDS[name]
+            m.processor._attention_backend = AttentionBackendName(backend)
+        elif name == "cudnn":
             m.set_processor(CudnnFluxAttnProcessor())
         else:
             p = FluxAttnProcessor()
@@ -157,6 +169,6 @@ def set_attention(model: torch.nn.Module, name: str, device: torch.device, dtype
 
 def attention_of(model: torch.nn.Module) -> set[str]:
     """The attention path of each attention module: our processor's name, or the diffusers backend pinned in it
-    (None: diffusers' process-wide default)."""
+    (None: diffusers' process-wide default). An IP-Adapter model under "cudnn": {"kontext_cudnn", IP_CUDNN_BACKEND}."""
     return {getattr(m.processor, "name", None) or getattr(m.processor._attention_backend, "value", None)
             for m in model.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")}

@@ -96,8 +96,9 @@ def test_to_json_round_trips(config_file):
     assert d["train"]["lr"] == 2e-5 and d["train"]["steps"] == 7 and d["out_dir"] == "runs/x"
     assert d["model"]["transformer"] == {"path": "/ckpt/fp8", "subfolder": "", "dtype": "fp32", "device": "cuda:1"}
     assert d["model"]["quant"] == "fp8" and d["train"]["target_modules"] == ["to_q", "to_v"]
-    back = Config(model=ModelConfig(**{k: Part(**v) if isinstance(v, dict) else v for k, v in d["model"].items()}),
-                  out_dir=d["out_dir"])
+    kinds = {f.name: f.default_factory for f in dataclasses.fields(ModelConfig) if callable(f.default_factory)}
+    back = Config(model=ModelConfig(**{k: type(kinds[k]())(**v) if isinstance(v, dict) else v
+                                       for k, v in d["model"].items()}), out_dir=d["out_dir"])
     assert back.model == cfg.model
 
 

