@@ -532,7 +532,7 @@ def random_empty(text_tokens: int, dims: dict = FLUX_KONTEXT_DIMS) -> dict:
 
 
 
-def full_size_components(device, dtype=None, seed: int = 0, transformer_device=None) -> dict:
+def full_size_components(device, dtype=None, seed: int = 0) -> dict:
     """FLUX.1 Kontext's pipeline components at full size with random weights, built directly on `device` in `dtype`
     (default bf16): CLIP-L (123M), the T5-XXL encoder (4.7B), the FLUX VAE and full_size_transformer() (12B). Keys
     as FluxKontextPipeline's arguments (no scheduler). The tokenizers are the tiny ones (trained here, no download):
@@ -566,8 +566,7 @@ def full_size_components(device, dtype=None, seed: int = 0, transformer_device=N
         torch.set_default_dtype(prev)
     return dict(text_encoder=clip.eval().requires_grad_(False), tokenizer=tokenizer,
                 text_encoder_2=t5.eval().requires_grad_(False), tokenizer_2=tokenizer_2,
-                vae=vae.eval().requires_grad_(False),
-                transformer=full_size_transformer(transformer_device or device, dtype).eval())
+                vae=vae.eval().requires_grad_(False), transformer=full_size_transformer(device, dtype).eval())
 
 
 # ---------------------------------------------------------------- IP-Adapter: tiny files, random full-size weights

@@ -165,8 +165,12 @@ def test_resident_vs_offloaded_cpu():
 @pytest.mark.gpu
 def test_offload_train_step_gpu():
     """On CUDA: the offloaded step matches the resident one (bf16, the same kernels on copies of the weights), and
-    the peak memory fell."""
+    the peak memory fell by all the streamed weights but two blocks' (the one running and the one prefetched)."""
     (l0, p0, peak0), (l1, p1, peak1) = resident_vs_offloaded(torch.device("cuda"), 256)
+    dims = dict(DIMS, attention_head_dim=64, num_attention_heads=8, joint_attention_dim=512, axes_dims_rope=(16, 24, 24))
+    model = tiny.full_size_transformer("meta", torch.bfloat16, **dims)
+    blocks = [sum(p.numel() * p.element_size() for p in b.parameters())
+              for b in [*model.transformer_blocks, *model.single_transformer_blocks]]
     assert all(abs(a - b) <= 1e-2 * abs(a) for a, b in zip(l0, l1)), (l0, l1)
     # Whole tensors, not elements: Adam's first steps move each parameter by about lr * sign(gradient), so an
     # element whose gradient is near zero flips by 2 * lr when bf16 attention's backward sums in another order (its
@@ -174,7 +178,9 @@ def test_offload_train_step_gpu():
     # block's weights would move every tensor, and the losses.
     for a, b in zip(p1, p0):
         assert (a - b).norm() <= 5e-2 * b.norm(), ((a - b).norm(), b.norm())
-    assert peak1 < 0.7 * peak0, (peak0, peak1)
+    # this miniature's activations outweigh its weights, so the saving is no fraction of the peak; its second H200
+    # run saved 22.41 MiB of the 58.59 - 2 x 18.0 = 22.59 expected (allocator rounding, the LoRA's own tensors)
+    assert peak0 - peak1 >= sum(blocks) - 2 * max(blocks) - 2 ** 20, (peak0, peak1, blocks)
 
 
 def test_t5_fp8_weight_only(tiny_path):

@@ -214,18 +214,24 @@ def test_bad_dataset_fails_before_loading(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one(tmp_path):
-    """torchrun with 2 gloo processes x batch 2 == one process x batch 4 over the same global batches."""
+@pytest.mark.parametrize("config", ["tiny", "region_tiny"])
+def test_ddp_two_processes_equal_one(tmp_path, config):
+    """torchrun with 2 gloo processes x batch 2 == one process x batch 4 over the same global batches (region_tiny:
+    the region token, in its own DDP, and the IP-Adapter embeddings too)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    common = [str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py"), "--train.steps", "3",
+    common = [str(ROOT / "train.py"), "--config", str(ROOT / "configs" / f"{config}.py"), "--train.steps", "3",
               "--train.validate-every", "-1", "--data.cache-dir", str(tmp_path / "cache")]
     subprocess.run([sys.executable, *common, "--train.batch-size", "4", "--out-dir", str(tmp_path / "one")],
                    check=True, env=env, capture_output=True)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29533", *common, "--train.batch-size", "2",
+                        "--master_port", str(29533 + len(config)), *common, "--train.batch-size", "2",
                         "--out-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = load_file(tmp_path / "one" / "lora.safetensors"), load_file(tmp_path / "two" / "lora.safetensors")
+    if config == "region_tiny":
+        ra, rb = (load_file(tmp_path / d / "lora.region.safetensors") for d in ("one", "two"))
+        for k in ra:
+            torch.testing.assert_close(ra[k], rb[k], rtol=1e-4, atol=5e-5)
     assert a.keys() == b.keys()
     # the two reduction orders differ in the last bits, and Adam's m / sqrt(v) magnifies that on near-zero
     # gradients (one of 1024 values 1.4e-5 apart with the copy-pretrained tiny model): elementwise to 5e-5,
@@ -237,7 +243,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
 
 
-@pytest.mark.parametrize("name", ["tiny", "bf16", "bf16_24gb", "fp8", "fp4", "krea_bf16"])
+@pytest.mark.parametrize("name", ["tiny", "bf16", "bf16_24gb", "fp8", "fp4", "krea_bf16", "region_depth", "region_tiny"])
 def test_every_config_file_loads(name):
     cfg = load_config(ROOT / "configs" / f"{name}.py")
     assert cfg.train.steps > 0 and cfg.model.path
