@@ -385,6 +385,19 @@ TOY_VERSION = 2
 MASKED_TOY_VERSION = 1  # write_masked_toy_dataset
 
 
+def _toy_square(rng, cells: int, red):
+    """The toy edit's square: (top, left) in pixels, side in 8-pixel cells (2-4 of 8), a saturated colour far from
+    red; drawn from `rng` in this order (the toy datasets' contents depend on it)."""
+    import numpy as np
+
+    side = int(rng.integers(max(1, cells // 4), cells // 2 + 1))
+    y, x = 8 * rng.integers(0, cells - side + 1, 2)
+    colour = rng.integers(0, 256, 3)
+    while colour.max() - colour.min() < 100 or np.abs(colour - red).sum() < 250:
+        colour = rng.integers(0, 256, 3)
+    return y, x, side, colour
+
+
 def write_toy_dataset(out: str | Path, n: int = 24, size: int = 64, seed: int = 0) -> Path:
     """A synthetic edit dataset in the folder layout: control = a coloured square (side 2-4 cells of 8 pixels, on the
     8-pixel grid, a saturated colour far from red) on a grey background, target = the same picture with the square
@@ -405,11 +418,7 @@ def write_toy_dataset(out: str | Path, n: int = 24, size: int = 64, seed: int = 
         for i in range(n):
             img = np.empty((size, size, 3), np.uint8)
             img[:] = rng.integers(40, 201)
-            side = int(rng.integers(max(1, cells // 4), cells // 2 + 1))
-            y, x = 8 * rng.integers(0, cells - side + 1, 2)
-            colour = rng.integers(0, 256, 3)
-            while colour.max() - colour.min() < 100 or np.abs(colour - red).sum() < 250:
-                colour = rng.integers(0, 256, 3)
+            y, x, side, colour = _toy_square(rng, cells, red)
             img[y:y + 8 * side, x:x + 8 * side] = colour
             Image.fromarray(img).save(tmp / "control" / f"{i:03d}.png")
             img[y:y + 8 * side, x:x + 8 * side] = red
@@ -449,11 +458,7 @@ def write_masked_toy_dataset(out: str | Path, n: int = 24, size: int = 64, seed:
         for i in range(n):
             grey = rng.integers(40, 201, (cells, cells))
             img = np.repeat(np.repeat(grey, 8, 0), 8, 1)[..., None].repeat(3, 2).astype(np.uint8)
-            side = int(rng.integers(max(1, cells // 4), cells // 2 + 1))
-            y, x = 8 * rng.integers(0, cells - side + 1, 2)
-            colour = rng.integers(0, 256, 3)
-            while colour.max() - colour.min() < 100 or np.abs(colour - red).sum() < 250:
-                colour = rng.integers(0, 256, 3)
+            y, x, side, colour = _toy_square(rng, cells, red)
             mask = np.zeros((size, size), np.uint8)
             mask[y:y + 8 * side, x:x + 8 * side] = 255
             img[mask > 0] = colour

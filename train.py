@@ -531,7 +531,9 @@ def main(cfg: Config) -> dict:
     if rank == 0:
         if start >= tc.steps:  # resumed at or past the end: the checkpoint's LoRA is the result
             save_result(transformer, region, out_dir, tc)
-        log(f"wrote {out_dir / 'lora.safetensors'} and checkpoint {last_ckpt}")
+        log(f"wrote {out_dir / 'lora.safetensors'}"
+            + (f", {region_path(out_dir / 'lora.safetensors').name} beside it" if region is not None else "")
+            + f" and checkpoint {last_ckpt}")
         log_file.close()
     if world > 1:
         torch.distributed.barrier()
