@@ -555,13 +555,24 @@ def open_image(path: Path, mode: str = "RGB", background: tuple[int, int, int] =
 def _checked_size(path: Path, mode: str, idx: StatIndex) -> tuple[int, int]:
     """(height, width), upright, of a file that decodes fully: decoded (and hashed, from the same read) unless the
     index already knows it under its current stat."""
+    return tuple(_checked(path, mode, idx)["hw"])
+
+
+def _checked(path: Path, mode: str, idx: StatIndex) -> dict:
+    """_checked_size's index entry: "hw" and, for a mask (mode "L", on black), "grey": its number of pixels neither
+    black nor white (validate_dataset warns about them)."""
     entry = _entry(idx, path)
-    if "hw" not in entry:
+    if "hw" not in entry or (mode == "L" and "grey" not in entry):
         data = Path(path).read_bytes()
-        im = _decode(data, path, mode)
+        im = _decode(data, path, mode, BLACK if mode == "L" else WHITE)
         entry.update(sha256=hashlib.sha256(data).hexdigest(), hw=[im.height, im.width])
+        if mode == "L":
+            import numpy as np
+
+            a = np.asarray(im)
+            entry["grey"] = int(((a > 0) & (a < 255)).sum())
         idx.changed = True
-    return tuple(entry["hw"])
+    return entry
 
 
 def target_size(size_hw: tuple[int, int], cfg: DataConfig) -> tuple[int, int]:
@@ -590,7 +601,7 @@ def validate_dataset(samples: list[Sample], cfg: DataConfig, cache_dir: Path | N
     files that decoded ("control_1", "control_2" ...: the 2nd, 3rd ... references)."""
     idx = read_index(cache_dir, cfg)
     collect, problems = problems is not None, [] if problems is None else problems
-    squashed, out = [], []
+    squashed, grey, out = [], [], []
     for s in samples:
         sizes = {}
         out.append(sizes)
@@ -601,9 +612,13 @@ def validate_dataset(samples: list[Sample], cfg: DataConfig, cache_dir: Path | N
             if path is None:
                 continue
             try:
-                sizes[name] = _checked_size(path, "L" if name == "mask" else "RGB", idx)
+                entry = _checked(path, "L" if name == "mask" else "RGB", idx)
             except DatasetError as e:
                 problems.append(str(e))
+                continue
+            sizes[name] = tuple(entry["hw"])
+            if entry.get("grey"):
+                grey.append(f"{path}: {entry['grey']} grey pixel(s)")
         for name in files:
             if name not in sizes or name in ("mask", "depth"):  # a depth image is resized by its encoder
                 continue
@@ -620,6 +635,8 @@ def validate_dataset(samples: list[Sample], cfg: DataConfig, cache_dir: Path | N
     write_index(idx)
     _warn(f"image(s) change aspect ratio by more than {ASPECT_TOLERANCE:.0%} when floored to multiples of 16",
           squashed, "crop or pad them to multiples of 16 pixels, or to a less extreme aspect ratio")
+    _warn("mask(s) are not black and white: thresholded at 0.5 (white = edit region)", grey,
+          "save them as pure black and white to mark the region exactly")
     if not collect:
         _raise(problems, cfg)
     return out
@@ -631,15 +648,16 @@ def load_pixels(path: Path, cfg: DataConfig) -> torch.Tensor:
     return preprocess_image(im, *target_size((im.height, im.width), cfg))
 
 
-def mask_latent(mask, latent_hw: tuple[int, int], where: str = "mask") -> torch.Tensor:
+def mask_latent(mask, latent_hw: tuple[int, int], where: str | None = "mask") -> torch.Tensor:
     """A decoded mask (PIL "L") -> [1, h, w] in [0, 1] at latent resolution: thresholded at 0.5 (white = edit
-    region; a mask that was not black and white is warned about, naming `where`), then area-averaged (a latent cell
-    on the region's edge gets the fraction inside). Training (cache.py) and sample.py --mask both come here."""
+    region; a mask that was not black and white is warned about, naming `where`, unless None: training's masks were
+    warned about by validate_dataset), then area-averaged (a latent cell on the region's edge gets the fraction
+    inside). Training (cache.py) and sample.py --mask both come here."""
     import numpy as np
 
     a = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
     grey = int(((a > 0) & (a < 1)).sum())
-    if grey:
+    if grey and where is not None:
         warnings.warn(f"{where}: {grey} of {a.size} mask pixels are neither black nor white; thresholded at 0.5",
                       DatasetWarning, stacklevel=3)
     m = torch.from_numpy((a >= 0.5).astype(np.float32))[None, None]
@@ -647,9 +665,9 @@ def mask_latent(mask, latent_hw: tuple[int, int], where: str = "mask") -> torch.
 
 
 def load_mask(path: Path, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """mask_latent of a mask file. Transparent mask pixels are black (outside the edit region: a stroke painted on a
-    transparent layer marks the region)."""
-    return mask_latent(open_image(path, "L", BLACK), latent_hw, str(path))
+    """mask_latent of a mask file (no warning: validate_dataset gave it). Transparent mask pixels are black (outside
+    the edit region: a stroke painted on a transparent layer marks the region)."""
+    return mask_latent(open_image(path, "L", BLACK), latent_hw, None)
 
 
 # ---------------------------------------------------------------- the cache

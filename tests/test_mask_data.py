@@ -116,6 +116,9 @@ def test_mask_threshold_and_warning(tmp_path):
     with pytest.warns(DatasetWarning, match="neither black nor white; thresholded at 0.5"):
         m = mask_latent(Image.fromarray(a, "L"), (16, 16), "m.png")
     assert torch.equal(m[0, 0], torch.tensor([1.0] * 10 + [0.0] * 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # training's masks: validate_dataset warned already
+        assert torch.equal(mask_latent(Image.fromarray(a, "L"), (16, 16), None), m)
     binary = np.where(a >= 128, 255, 0).astype(np.uint8)
     Image.fromarray(binary, "L").save(tmp_path / "b.png")
     with warnings.catch_warnings():
@@ -141,3 +144,22 @@ def test_conditioning_check(tmp_path):
     with_depth = scan(pairs(tmp_path / "e", masks=False))
     train.conditioning_check(with_depth, cfg_for(tmp_path / "e"), notes.append)
     assert notes == ["note: 3 depth image(s) ignored: model.ip_adapter.path is not set"]
+
+
+def test_grey_masks_warned_up_front(tmp_path, monkeypatch):
+    import cache
+
+    monkeypatch.setattr(cache, "RACY_NS", 0)  # fresh files enter the stat index: the second call is a warm start
+    root = pairs(tmp_path / "d")
+    a = np.zeros((32, 32), np.uint8)
+    a[:, :16], a[0, 20] = 255, 77  # one grey pixel (JPEG noise, an antialiased edge)
+    Image.fromarray(a, "L").save(root / "masks" / "b.png")
+    cfg = DataConfig(path=str(root))
+    with pytest.warns(DatasetWarning, match=r"(?s)1 mask\(s\) are not black and white.*masks/b.png: 1 grey"):
+        validate_dataset(scan(root), cfg, tmp_path / "cache")
+    with pytest.warns(DatasetWarning, match="not black and white"):  # a warm start (stat index) still says it
+        validate_dataset(scan(root), cfg, tmp_path / "cache")
+    Image.fromarray(np.where(a > 127, 255, 0).astype(np.uint8), "L").save(root / "masks" / "b.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_dataset(scan(root), cfg, tmp_path / "cache")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import sample as sample_py
 import train
@@ -86,7 +86,7 @@ def masked_cfg(tmp_path, steps: int, **train_kw):
 
 
 def test_region_trains_saves_and_resumes_exactly(tmp_path):
-    """The region token gets gradients and moves with the LoRA; lora.region.safetensors is written beside the LoRA;
+    """The region token and the LoRA both get gradients and move; lora.region.safetensors is written beside the LoRA;
     2 steps + resume to 4 equal 4 steps straight (the optimizer state of the token included)."""
     with torch.enable_grad():
         full = train.main(masked_cfg(tmp_path / "a", 4, loss="dual_masked"))
@@ -100,6 +100,8 @@ def test_region_trains_saves_and_resumes_exactly(tmp_path):
     for k, v in a.state_dict().items():
         assert torch.equal(b.state_dict()[k], v)
         assert not torch.equal(v, start.state_dict()[k])  # it trained
+    lora = load_file(str(full["lora"]))  # the LoRA trained beside it (its B starts at zero)
+    assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)
     ckpts = sorted((Path(full["lora"]).parent / "checkpoints").glob("lora-*"))
     assert ckpts and all((c / "region.safetensors").is_file() for c in ckpts)
 
