@@ -6,6 +6,8 @@
         --sample.num-inference-steps 28 --sample.seed 1 --sample.size-mode native
     python sample.py --config configs/bf16.py --image in.png --prompt "..." --sample.cache first_block:0.08
     python sample.py --config configs/bf16.py --image person.png --image garment.png --prompt "..."  # 2 references
+    python sample.py --config configs/region_depth.py --image in.png --mask region.png --ip-image depth.png \
+        --prompt "..." --lora runs/region_depth/lora.safetensors   # region token (beside the LoRA) + IP-Adapter
 
     from sample import sample; from lora import load_lora
     out = sample(components, image, "make the sky red", generator=torch.Generator().manual_seed(0))

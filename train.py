@@ -7,6 +7,8 @@ with t in [0, 1] (t = 1 is pure noise; sampling runs t from 1 to 0), passed to t
 ids (0, row, col) and (1, row, col) (several references: side by side on the index-1 plane, encode.control_ids);
 only the first N (target) outputs are scored. train.loss="dual_masked" (dual_masked_terms) keeps this convention
 and scores the same prediction inside the mask against noise - x0, outside it as (noise - v) against the control.
+train.region_token appends one token after the control tokens (region.py, ids (2, 0, 0)); an IP-Adapter
+(model.ip_adapter) gets each sample's cached image embeddings; both condition the same prediction.
 
 Noise, timesteps, caption dropout and the data order are pure functions of (seed, step): a resumed run repeats
 exactly what the uninterrupted one would have done, and DDP ranks slice one global batch. Multi-GPU:
