@@ -567,10 +567,7 @@ def _checked(path: Path, mode: str, idx: StatIndex) -> dict:
         im = _decode(data, path, mode, BLACK if mode == "L" else WHITE)
         entry.update(sha256=hashlib.sha256(data).hexdigest(), hw=[im.height, im.width])
         if mode == "L":
-            import numpy as np
-
-            a = np.asarray(im)
-            entry["grey"] = int(((a > 0) & (a < 255)).sum())
+            entry["grey"] = grey_pixels(im)
         idx.changed = True
     return entry
 
@@ -648,6 +645,14 @@ def load_pixels(path: Path, cfg: DataConfig) -> torch.Tensor:
     return preprocess_image(im, *target_size((im.height, im.width), cfg))
 
 
+def grey_pixels(mask) -> int:
+    """How many pixels of a mask (PIL, any mode) are neither black nor white: the ones thresholding decides."""
+    import numpy as np
+
+    a = np.asarray(mask.convert("L"))
+    return int(((a > 0) & (a < 255)).sum())
+
+
 def mask_latent(mask, latent_hw: tuple[int, int], where: str | None = "mask") -> torch.Tensor:
     """A decoded mask (PIL "L") -> [1, h, w] in [0, 1] at latent resolution: thresholded at 0.5 (white = edit
     region; a mask that was not black and white is warned about, naming `where`, unless None: training's masks were
@@ -656,8 +661,7 @@ def mask_latent(mask, latent_hw: tuple[int, int], where: str | None = "mask") ->
     import numpy as np
 
     a = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
-    grey = int(((a > 0) & (a < 1)).sum())
-    if grey and where is not None:
+    if where is not None and (grey := grey_pixels(mask)):
         warnings.warn(f"{where}: {grey} of {a.size} mask pixels are neither black nor white; thresholded at 0.5",
                       DatasetWarning, stacklevel=3)
     m = torch.from_numpy((a >= 0.5).astype(np.float32))[None, None]

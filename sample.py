@@ -360,7 +360,7 @@ def sample(components, image, prompt, *, prompt_2=None, negative_prompt=_DEFAULT
     if control_ids is not None:
         img_ids = torch.cat([img_ids, control_ids], dim=0)
     if region is not None and mask is not None:  # one token from the mask, fixed for every step and both branches
-        m = mask if isinstance(mask, torch.Tensor) else mask_latent(mask, (height // 8, width // 8), "mask")
+        m = mask if isinstance(mask, torch.Tensor) else mask_latent(mask, (2 * (height // MULTIPLE), 2 * (width // MULTIPLE)), "mask")
         tmask = token_mask(m.float()[None]).expand(n_total, -1, -1, -1)
         control_latents, img_ids = append_region(region, tmask.to(_device_of(region)), control_latents, img_ids)
 

@@ -115,9 +115,8 @@ def test_resume_refuses_a_region_mismatch(tmp_path):
             train.main(cfg)
 
 
-def test_sample_with_and_without_the_token(components):
-    """The token changes the prediction; without a mask the call is exactly today's (whose pipeline parity
-    tests/test_sample.py holds)."""
+def test_sample_with_and_without_the_token(components, pipe):
+    """The token changes the prediction; without a mask the call is exactly the pipeline's."""
     from PIL import Image
 
     image = Image.new("RGB", (32, 32), (90, 120, 200))
@@ -128,8 +127,11 @@ def test_sample_with_and_without_the_token(components):
     kw = dict(num_inference_steps=2, max_sequence_length=16, output_type="latent", progress=False)
     run = lambda **k: sample_py.sample(components, image, "make it red", generator=torch.Generator().manual_seed(0),  # noqa: E731
                                        **kw, **k).latents
-    plain = run()
-    assert torch.equal(run(mask=None, region=None), plain)
+    plain = run(mask=None, region=None)
+    ref = pipe(image=image, prompt="make it red", height=32, width=32, max_area=32 * 32, _auto_resize=False,
+               num_inference_steps=2, max_sequence_length=16, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(plain, ref)
     with_token = run(mask=mask, region=region)
     assert not torch.allclose(with_token, plain)
     flipped = Image.eval(mask, lambda v: 255 - v)
