@@ -23,7 +23,7 @@ __all__ = ["Config", "DataConfig", "TrainConfig", "SampleConfig", "ModelConfig",
 # Choice values, mirroring the tables their consumers read (tests/test_config.py checks that they agree).
 Dtype = Literal["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"]  # load.DTYPES
 Quant = Literal["none", "fp8", "nf4", "fp4"]  # quant.QUANTS
-AttentionBackend = Literal["auto", "cudnn", "cudnn_torch", "flash", "efficient", "math", "default"]  # kernels.attention
+AttentionBackend = Literal["auto", "cudnn", "cudnn_torch", "flash", "efficient", "math", "default"]  # kontext_kernels.attention
 
 
 @dataclass
@@ -142,8 +142,8 @@ class TrainConfig:
     validate_every: int = 0  # held-out loss and sample grid every this many steps (0: only at the end; <0: never)
     log_every: int = 1  # progress-bar update interval in steps (log.jsonl gets every step)
     compile: bool = True  # torch.compile each transformer block (regional; CUDA only, the CPU runs eager)
-    attention_backend: AttentionBackend = "auto"  # kernels/attention.py resolve_attention; saved in config.json
-    fp8_backward: bool = False  # fp8 transformer: input gradient as an e5m2 x e4m3 GEMM (kernels/fp8.py)
+    attention_backend: AttentionBackend = "auto"  # kontext_kernels/attention.py resolve_attention; saved in config.json
+    fp8_backward: bool = False  # fp8 transformer: input gradient as an e5m2 x e4m3 GEMM (kontext_kernels/fp8.py)
     activation_offload: bool = False  # keep the tensors saved for the backward in pinned host memory (with
     #                                   checkpointing: the block inputs; torch.autograd.graph.save_on_cpu)
 

@@ -294,7 +294,7 @@ def add_ip_adapter(transformer, state: dict, scale: float = 1.0, where: str = "t
     diffusers' `_load_ip_adapter_weights`, as FluxKontextPipeline.load_ip_adapter does: FluxIPAdapterAttnProcessor
     (holding to_k_ip / to_v_ip) in every double block, a fresh processor of the same class in every single block,
     encoder_hid_proj = MultiIPAdapterImageProjection. Every processor is replaced, so an attention backend set
-    before is lost: set_attention (kernels/attention.py) comes after. The adapter's weights take the transformer's
+    before is lost: set_attention (kontext_kernels/attention.py) comes after. The adapter's weights take the transformer's
     compute dtype and device (x_embedder's), are frozen, and get `scale` (set_ip_adapter_scale's per-block list)."""
     split = split_ip_adapter(state, where)
     _check_ip_adapter(split, transformer, where)

@@ -18,8 +18,8 @@ or a quantization_config. Everything is read from safetensors (never torch.load)
     <m>.weight.quant_map    fp32 [16]  the nf4 / fp4 code book
     <m>.weight.quant_state.bitsandbytes__nf4|fp4  uint8 JSON: quant_type, blocksize, dtype, shape
                             (+ nested_blocksize, nested_dtype, nested_offset under double quant)
-  These tensors become kernels.int4.Linear4bit's buffers as they are (its docstring gives the dequant math).
-- bf16/fp32 checkpoints: quant="fp8" quantizes per row (kernels.fp8.quantize_fp8) as each tensor is read; "nf4" /
+  These tensors become kontext_kernels.int4.Linear4bit's buffers as they are (its docstring gives the dequant math).
+- bf16/fp32 checkpoints: quant="fp8" quantizes per row (kontext_kernels.fp8.quantize_fp8) as each tensor is read; "nf4" /
   "fp4" hand the dense model to quantize_transformer_4bit. quantize_transformer does either to a model already in
   memory (bench.py).
 
@@ -48,8 +48,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kernels.fp8 import E4M3, FP8Linear, quantize_fp8
-from kernels.int4 import Linear4bit, get_4bit_type
+from kontext_kernels.fp8 import E4M3, FP8Linear, quantize_fp8
+from kontext_kernels.int4 import Linear4bit, get_4bit_type
 
 QUANTS = ("none", "fp8", "nf4", "fp4")
 BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")  # the Linears under these are quantized
@@ -122,7 +122,7 @@ def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Li
 def load_quantized_transformer(folder: Path, quant: str, dtype: torch.dtype, device: torch.device,
                                fp8_scales: str = ""):
     """A FluxTransformer2DModel on `device`, frozen, in eval mode: fp8 (FP8Linear in the blocks, the rest in
-    `dtype`), 4-bit (kernels.int4), or dense `dtype` when quant="none" and nothing in the files is fp8."""
+    `dtype`), 4-bit (kontext_kernels.int4), or dense `dtype` when quant="none" and nothing in the files is fp8."""
     folder = Path(folder)
     if quant not in QUANTS:
         raise ValueError(f"transformer: unknown quant {quant!r}; expected one of {QUANTS}")
@@ -173,7 +173,7 @@ def load_quantized_transformer(folder: Path, quant: str, dtype: torch.dtype, dev
 
 def quantize_transformer(model: nn.Module, quant: str) -> nn.Module:
     """Quantize a dense FluxTransformer2DModel already in memory, in place, one Linear at a time on its device:
-    "fp8" swaps the block Linears for FP8Linear (per row), "nf4" / "fp4" for kernels.int4's 4-bit Linear."""
+    "fp8" swaps the block Linears for FP8Linear (per row), "nf4" / "fp4" for kontext_kernels.int4's 4-bit Linear."""
     if quant == "fp8":
         for _, parent, attr, linear in quantized_linears(model):
             setattr(parent, attr, FP8Linear.from_linear(linear))

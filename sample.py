@@ -39,7 +39,7 @@ from config import ModelConfig, SampleConfig, load_config, split_config_flag
 from encode import (MULTIPLE, _device_of, decode_latents, encode_image, encode_ip_image, encode_prompt, image_size,
                     kontext_size, output_size, predict_velocity, prepare_latents, preprocess_image, token_mask,
                     unpack_latents)
-from kernels.attention import set_attention
+from kontext_kernels.attention import set_attention
 from load import ip_processors, load_components, parse_device
 from lora import load_lora, read_lora
 from offload import offload_transformer
@@ -97,7 +97,7 @@ def sample_sizes(image_hw: tuple[int, int] | None, height: int | None, width: in
 
 def prepare_transformer(transformer, sc: SampleConfig, device: torch.device, offload: int | None = None) -> str:
     """What sampling does to a loaded transformer (LoRAs loaded first: compiled blocks would recompile for them, and
-    offload moves the weights it finds): the attention backend pinned in this model (kernels/attention.py, attention
+    offload moves the weights it finds): the attention backend pinned in this model (kontext_kernels/attention.py, attention
     in the input embedder's dtype, as train.prepare_transformer), eval mode, block offload (`offload` = blocks kept
     resident, None: off; ModelConfig.offload), regional compile (CUDA only, not with offload). Returns the attention
     backend chosen. bench.py calls it too, so its denoise rows time what `python sample.py` runs."""

@@ -34,9 +34,9 @@ from cache import (cache_dir_of, check_dataset, control_latents_of, open_image, 
 from config import Config, TrainConfig, cli, to_json, validate
 from convert import save_lora_as
 from encode import latent_ids, pack_controls, pack_latents, predict_velocity, token_mask
-from kernels.attention import set_attention
-from kernels.fp8 import FP8Linear
-from kernels.int4 import Linear4bit
+from kontext_kernels.attention import set_attention
+from kontext_kernels.fp8 import FP8Linear
+from kontext_kernels.int4 import Linear4bit
 from load import Components, load_transformer, load_vae, parse_dtype
 from lora import (add_lora, claim_out_dir, config_differences, load_checkpoint, new_run_id, resolve_resume,
                   save_checkpoint)

@@ -1,4 +1,4 @@
-"""kernels/attention.py: cuDNN attention through explicit aten calls, and the per-model attention choice.
+"""kontext_kernels/attention.py: cuDNN attention through explicit aten calls, and the per-model attention choice.
 
 - CPU: the diffusers backend wrapper refuses what it does not implement, by name; resolve_attention's "auto" choice;
   set_attention pins the backend in one model's processors only (two models keep their own choices, diffusers'
@@ -13,7 +13,7 @@ import torch
 
 import tiny
 from config import TrainConfig
-from kernels.attention import (CudnnFluxAttnProcessor, attention_of, attention_ref, cudnn_attention,
+from kontext_kernels.attention import (CudnnFluxAttnProcessor, attention_of, attention_ref, cudnn_attention,
                                resolve_attention, set_attention)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -62,7 +62,7 @@ def test_choice_lives_on_the_model(monkeypatch):
     assert dict(_AttentionBackendRegistry._backends) == entries
 
     calls = []
-    monkeypatch.setattr("kernels.attention.cudnn_attention", lambda q, k, v, scale=None: calls.append(q.shape) or q)
+    monkeypatch.setattr("kontext_kernels.attention.cudnn_attention", lambda q, k, v, scale=None: calls.append(q.shape) or q)
     ours(**inputs())
     n_attn = len(ours.transformer_blocks) + len(ours.single_transformer_blocks)
     assert len(calls) == n_attn and calls[0] == (1, 24, 2, 16)  # [B, S_text + S_img, H, D]
@@ -76,7 +76,7 @@ def test_our_processor_equals_diffusers_processor(monkeypatch):
     math reference, the whole transformer (double and single blocks, RoPE, text concat) equals diffusers' processor
     on the math backend, exactly."""
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
-    monkeypatch.setattr("kernels.attention.cudnn_attention", attention_ref)
+    monkeypatch.setattr("kontext_kernels.attention.cudnn_attention", attention_ref)
     torch.manual_seed(0)
     ours = tiny.full_size_transformer("cpu", torch.float32, **dict(tiny.MINI_DIMS, num_layers=2, num_single_layers=2))
     want = (set_attention(ours, "math", CPU, torch.float32), ours(**inputs(1))[0])[1]

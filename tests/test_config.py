@@ -104,7 +104,7 @@ def test_to_json_round_trips(config_file):
 
 def project_modules() -> set[str]:
     return {p.stem for p in ROOT.glob("*.py")} | {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()} \
-        | {"configs", "tests", "kernels"}
+        | {"configs", "tests", "kontext_kernels"}
 
 
 def imported_modules(source: str) -> set[str]:
@@ -119,8 +119,8 @@ def imported_modules(source: str) -> set[str]:
 
 
 def test_config_imports_no_project_module():
-    assert {"load", "kernels", "tiny"} <= project_modules()
-    assert imported_modules("import kernels.fp8\ndef f():\n    from load import Part\n") == {"kernels", "load"}
+    assert {"load", "kontext_kernels", "tiny"} <= project_modules()
+    assert imported_modules("import kontext_kernels.fp8\ndef f():\n    from load import Part\n") == {"kontext_kernels", "load"}
     found = imported_modules((ROOT / "config.py").read_text())
     assert found and not found & (project_modules() | {"."}), sorted(found & project_modules())
 
@@ -136,7 +136,7 @@ def test_choice_literals_match_their_consumers():
     import load
     import quant
     import train
-    from kernels.attention import BACKENDS
+    from kontext_kernels.attention import BACKENDS
 
     assert choices(Part, "dtype") == set(load.DTYPES)
     assert choices(ModelConfig, "quant") == set(quant.QUANTS)

@@ -1,4 +1,4 @@
-"""kernels/fp8.py: each fast path against its pure-torch reference.
+"""kontext_kernels/fp8.py: each fast path against its pure-torch reference.
 
 What runs where:
 - CPU: quantize_fp8's rounding bound; fp8_linear == fp8_linear_ref (CPU dispatch); the Triton kernels' fp32
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels.fp8 as fp8
-from kernels.fp8 import E4M3, E5M2, FP8Linear, fp8_linear, fp8_linear_ref, quantize_fp8
+import kontext_kernels.fp8 as fp8
+from kontext_kernels.fp8 import E4M3, E5M2, FP8Linear, fp8_linear, fp8_linear_ref, quantize_fp8
 
 ROOT = Path(__file__).resolve().parents[1]
 FP8_FWD, FP8_BWD, BF16 = 4e-2, 8e-2, 1e-2
@@ -83,7 +83,7 @@ def test_cpu_dispatch_is_the_reference(per_tensor):
 
 INTERPRETED = """
 import torch
-import kernels.fp8 as fp8
+import kontext_kernels.fp8 as fp8
 
 nan = float("nan")
 for (m, k) in [(5, 100), (7, 64), (3, 20000), (1, 16384), (2, 16385)]:  # odd, small, looped, one tile, just over

@@ -1,4 +1,4 @@
-"""kernels/int4.py against bitsandbytes (quantize_4bit / dequantize_4bit on the CPU, bit for bit), a real diffusers
+"""kontext_kernels/int4.py against bitsandbytes (quantize_4bit / dequantize_4bit on the CPU, bit for bit), a real diffusers
 bitsandbytes export of the tiny transformer, and peft LoRA on top. quant.py's 4-bit paths (load_bnb_transformer,
 quantize_transformer_4bit) are tested here too: they share this file's bitsandbytes fixtures and Linear4bit checks.
 
@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import INTERPRET, triton
-from kernels.attention import set_attention
-from kernels.int4 import Linear4bit, dequant_4bit, dequant_4bit_ref, get_4bit_type, quantize_4bit_ref
+from kontext_kernels import INTERPRET, triton
+from kontext_kernels.attention import set_attention
+from kontext_kernels.int4 import Linear4bit, dequant_4bit, dequant_4bit_ref, get_4bit_type, quantize_4bit_ref
 from quant import load_bnb_transformer, quantize_transformer_4bit
 
 ROOT = Path(__file__).resolve().parents[1]

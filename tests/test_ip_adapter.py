@@ -1,4 +1,4 @@
-"""IP-Adapter (load.py load_ip_adapter / load_image_encoder, encode.py encode_ip_image, kernels/attention.py) against
+"""IP-Adapter (load.py load_ip_adapter / load_image_encoder, encode.py encode_ip_image, kontext_kernels/attention.py) against
 diffusers' FluxKontextPipeline.load_ip_adapter, set_ip_adapter_scale and prepare_ip_adapter_image_embeds, on the tiny
 checkpoint with tiny.ensure_tiny_ip_adapter's XLabs-layout adapter and CLIPModel-layout image encoder."""
 
@@ -15,7 +15,7 @@ import tiny
 from config import IPAdapterConfig
 from conftest import tiny_config
 from encode import encode_ip_image
-from kernels.attention import attention_of, set_attention
+from kontext_kernels.attention import attention_of, set_attention
 from load import (add_ip_adapter, ip_processors, load_components, load_image_encoder, load_ip_adapter,
                   load_transformer, model_identity)
 
@@ -116,7 +116,7 @@ def test_encode_ip_image_equals_pipeline(tiny_path, ipa_path, ip_pipe):
 def test_set_attention_keeps_ip_processors(tiny_path, ipa_path, monkeypatch):
     from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 
-    from kernels.attention import CudnnFluxAttnProcessor
+    from kontext_kernels.attention import CudnnFluxAttnProcessor
 
     model = load_transformer(ip_config(tiny_path, ipa_path))
     embeds = torch.randn(1, 1, tiny.TINY_IP_PROJECTION, generator=torch.Generator().manual_seed(0))
@@ -149,7 +149,7 @@ def test_scale_applied(tiny_path, ipa_path, pipe):
 
 
 def test_adapter_takes_the_compute_dtype(tiny_path, ipa_path):
-    from kernels.fp8 import FP8Linear
+    from kontext_kernels.fp8 import FP8Linear
 
     file = load_file(ipa_path / "ip_adapter.safetensors")
     bf16 = load_transformer(dataclasses.replace(ip_config(tiny_path, ipa_path),

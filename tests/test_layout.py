@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["bench", "train", "convert", "caption", "sample", "stepcache", "lora", "region", "offload", "cache", "load", "quant", "encode", "kernels",
+LAYERS = ["bench", "train", "convert", "caption", "sample", "stepcache", "lora", "region", "offload", "cache", "load", "quant", "encode", "kontext_kernels",
           "config", "tiny"]
 
 
@@ -23,8 +23,8 @@ def violations(path: Path, me: str) -> list[str]:
     out = []
     for line, name, top in project_imports(path):
         other = name.split(".")[0]
-        if other == me == "kernels":
-            continue  # kernels/*.py share the package's guard (kernels/__init__.py)
+        if other == me == "kontext_kernels":
+            continue  # kontext_kernels/*.py share the package's guard (kontext_kernels/__init__.py)
         if LAYERS.index(other) <= LAYERS.index(me):
             out.append(f"{path.name}:{line} imports {name} (not below {me})")
         elif not top:
@@ -35,17 +35,42 @@ def violations(path: Path, me: str) -> list[str]:
 def test_every_file_has_a_layer():
     files = {p.stem for p in ROOT.glob("*.py")}
     assert files <= set(LAYERS), files - set(LAYERS)
-    assert (ROOT / "kernels" / "__init__.py").is_file()
+    assert (ROOT / "kontext_kernels" / "__init__.py").is_file()
 
 
 def test_imports_point_down():
     bad = [v for p in ROOT.glob("*.py") for v in violations(p, p.stem)]
-    bad += [v for p in (ROOT / "kernels").glob("*.py") for v in violations(p, "kernels")]
+    bad += [v for p in (ROOT / "kontext_kernels").glob("*.py") for v in violations(p, "kontext_kernels")]
     assert not bad, "\n".join(bad)
 
 
 def test_the_checker_catches_an_upward_and_a_lazy_import(tmp_path):
     f = tmp_path / "encode.py"
-    f.write_text("import config\nfrom train import main\n\ndef f():\n    import kernels.fp8\n")
+    f.write_text("import config\nfrom train import main\n\ndef f():\n    import kontext_kernels.fp8\n")
     assert violations(f, "encode") == ["encode.py:2 imports train (not below encode)",
-                                       "encode.py:5 imports kernels.fp8 inside a function"]
+                                       "encode.py:5 imports kontext_kernels.fp8 inside a function"]
+
+
+
+def shadowed(root: Path) -> dict[str, list[str]]:
+    """Names `import X` finds in `root` (sys.path[0] when a script runs there: modules and folders of .py) that are
+    also an installed distribution's top-level module, with those distributions."""
+    import importlib.metadata as md
+    dists = md.packages_distributions()
+    mine = {p.stem for p in root.glob("*.py")} | {p.name for p in root.iterdir() if p.is_dir() and any(p.glob("*.py"))}
+    return {m: dists[m] for m in sorted(mine) if m in dists}
+
+
+def test_no_top_level_name_shadows_an_installed_package():
+    """A module or folder of ours named like an installed distribution's top-level module hides that module from every
+    library that imports it: our old `kernels/` folder hid the PyPI `kernels`, which transformers 5.25 imports in every
+    from_pretrained (issue 20)."""
+    assert not shadowed(ROOT), f"rename these (they shadow installed packages): {shadowed(ROOT)}"
+
+
+def test_the_shadow_check_sees_a_clash(tmp_path):
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("")
+    (tmp_path / "safetensors.py").write_text("")
+    (tmp_path / "train.py").write_text("")
+    assert shadowed(tmp_path) == {"safetensors": ["safetensors"], "torch": ["torch"]}

@@ -117,7 +117,7 @@ def test_transformer_repo_id_from_cache(tiny_path, tmp_path, offline_hub):
     # a pre-quantized fp8 repo named by id (configs/fp8.py's kind of source), and a bf16 repo quantized at load
     from safetensors.torch import load_file, save_file
 
-    from kernels.fp8 import FP8Linear
+    from kontext_kernels.fp8 import FP8Linear
     from test_quant import comfy_scaled
 
     state = load_file(tiny_path / "transformer" / "diffusion_pytorch_model.safetensors")

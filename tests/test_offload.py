@@ -186,7 +186,7 @@ def test_offload_train_step_gpu():
 def test_t5_fp8_weight_only(tiny_path):
     """model.t5_quant="fp8": the encoder blocks' Linears become weight-only FP8Linear (wo kept, as transformers keeps
     it in fp32), the prompt embeddings stay close to the dense T5's, and the cache key changes with the option."""
-    from kernels.fp8 import FP8Linear
+    from kontext_kernels.fp8 import FP8Linear
     from encode import get_t5_prompt_embeds
     from load import load_t5, load_t5_tokenizer, model_identity
     from torch import nn

@@ -1,4 +1,4 @@
-"""kernels/pack.py: the fused (x - shift) * scale + pack and its inverse, against encode.pack_latents / unpack_latents.
+"""kontext_kernels/pack.py: the fused (x - shift) * scale + pack and its inverse, against encode.pack_latents / unpack_latents.
 
 The Triton kernel's fp32 instantiation runs under TRITON_INTERPRET=1 in a subprocess (test_pack_kernel_under_
 interpreter); bf16 numerics need the GPU (marker `gpu`).
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from encode import encode_image, pack_latents, unpack_latents
-from kernels import INTERPRET, triton
-from kernels.pack import pack_latents_fused, pack_latents_fused_ref, unpack_latents_fused, unpack_latents_fused_ref
+from kontext_kernels import INTERPRET, triton
+from kontext_kernels.pack import pack_latents_fused, pack_latents_fused_ref, unpack_latents_fused, unpack_latents_fused_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIFT, SCALE = 0.1159, 0.3611  # FLUX's VAE shift_factor / scaling_factor
@@ -47,7 +47,7 @@ def test_refs_are_the_pipeline_math(tiny_cfg):
 
 @pytest.mark.parametrize("bhw", SIZES, ids=str)
 def test_refs_equal_encode_pack_unpack(bhw):
-    """kernels/pack.py writes the permutation out itself (kernels/ may not import encode.py): the same bits as
+    """kontext_kernels/pack.py writes the permutation out itself (kernels/ may not import encode.py): the same bits as
     encode.pack_latents / unpack_latents, for strided inputs and a channel count other than 16 too."""
     b, h, w = bhw
     for x in (vae_mode(*bhw), vae_mode(*bhw).transpose(2, 3).contiguous().transpose(2, 3),

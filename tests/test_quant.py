@@ -19,7 +19,7 @@ from torch import nn
 
 import quant
 from conftest import tiny_config
-from kernels.fp8 import E4M3, FP8Linear
+from kontext_kernels.fp8 import E4M3, FP8Linear
 from load import load_transformer
 
 E4M3_MAX = 448.0

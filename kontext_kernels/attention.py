@@ -81,7 +81,7 @@ class CudnnFluxAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None:
-            raise NotImplementedError("kernels.attention: the cuDNN path takes no attention mask (Flux uses none)")
+            raise NotImplementedError("kontext_kernels.attention: the cuDNN path takes no attention mask (Flux uses none)")
         q, k, v, eq, ek, ev = self._qkv(attn, hidden_states, encoder_hidden_states)
         q, k, v = (x.unflatten(-1, (-1, attn.head_dim)) for x in (q, k, v))
         q, k = attn.norm_q(q), attn.norm_k(k)

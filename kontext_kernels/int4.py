@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import tl, triton, use_triton
+from kontext_kernels import tl, triton, use_triton
 
 # bitsandbytes.functional.get_4bit_type, computed the same way (fp32 division by the largest magnitude).
 NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

@@ -15,7 +15,7 @@ CPU divides, which can differ in the last bit).
 import numpy as np
 import torch
 
-from kernels import tl, triton, use_triton
+from kontext_kernels import tl, triton, use_triton
 
 
 def pack_latents_fused_ref(latents: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
