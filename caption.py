@@ -28,7 +28,7 @@ import tyro
 
 from cache import IMAGE_EXTS, DatasetError, _by_stem, _dataset_path, _read_text, _rows, open_image
 from config import DataConfig, Dtype
-from load import parse_device, parse_dtype
+from load import NO_HUB_KERNELS, parse_device, parse_dtype
 
 # config.json model_type -> (the transformers class that captions, its processor class, the default task)
 CAPTIONERS = {
@@ -157,7 +157,7 @@ def load_captioner(path: str, device: str = "cpu", dtype: str = "fp32", task: st
     if kind == "blip" and task.startswith("<") and task.endswith(">"):
         raise ValueError(f"task {task!r} is a Florence-2 task token; BLIP takes the text its caption starts with "
                          f"(e.g. 'a photography of') or none")
-    model = getattr(transformers, cls).from_pretrained(path, dtype=torch_dtype).to(dev).eval()
+    model = getattr(transformers, cls).from_pretrained(path, dtype=torch_dtype, **NO_HUB_KERNELS).to(dev).eval()
     return Captioner(kind, model, processor, task)
 
 

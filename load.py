@@ -92,6 +92,14 @@ def _resolve(cfg: ModelConfig, part: Part | None, name: str) -> tuple[str, str]:
     return str(root), sub
 
 
+# transformers >= 5.25 "kernelizes" every model it loads (use_kernels defaults to on): layers it maps (CLIP's QuickGELU,
+# T5's NewGELU) get forwards downloaded from the Hub's kernels-community repos when the model is on CUDA, and the load
+# fails outright when the PyPI `kernels` package is missing. Our loaders read on the CPU and then move (_place), so it
+# would find no CPU kernel and fall back anyway; we turn it off by name so that no load ever reaches the network, none
+# depends on that package, and the text encoders run the same torch code on every device (README: Hub kernels).
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
 def _from_pretrained(cls, name: str, path: str, sub: str, **kw):
     # no subfolder: each library's own default (transformers 5.24 fails on subfolder=None: os.path.join(None, ...))
     try:
@@ -111,7 +119,8 @@ def load_clip(cfg: ModelConfig):
 
     parse_dtype(cfg.clip.dtype, "clip")
     path, sub = _resolve(cfg, cfg.clip, "clip")
-    return _place(_from_pretrained(CLIPTextModel, "clip", path, sub, dtype=DTYPES[cfg.clip.dtype]), cfg.clip, "clip")
+    return _place(_from_pretrained(CLIPTextModel, "clip", path, sub, dtype=DTYPES[cfg.clip.dtype],
+                                   **NO_HUB_KERNELS), cfg.clip, "clip")
 
 
 def load_clip_tokenizer(cfg: ModelConfig):
@@ -126,7 +135,7 @@ def load_t5(cfg: ModelConfig):
 
     parse_dtype(cfg.t5.dtype, "t5")
     path, sub = _resolve(cfg, cfg.t5, "t5")
-    t5 = _from_pretrained(T5EncoderModel, "t5", path, sub, dtype=DTYPES[cfg.t5.dtype])
+    t5 = _from_pretrained(T5EncoderModel, "t5", path, sub, dtype=DTYPES[cfg.t5.dtype], **NO_HUB_KERNELS)
     if cfg.t5_quant == "fp8":
         t5 = quant.quantize_t5_fp8(t5)  # on the host, before placing: the GPU never holds the bf16 copy
     return _place(t5, cfg.t5, "t5")
@@ -387,7 +396,7 @@ def load_image_encoder(cfg: ModelConfig):
     try:
         with _quiet_load_report():
             enc, info = _from_pretrained(CLIPVisionModelWithProjection, "image_encoder", path, sub, dtype=dtype,
-                                         output_loading_info=True)
+                                         output_loading_info=True, **NO_HUB_KERNELS)
     except RuntimeError as e:  # transformers raises size mismatches as RuntimeError
         raise ValueError(f"image_encoder: could not load CLIPVisionModelWithProjection from {path!r} subfolder "
                          f"{sub!r} (a CLIPModel config.json needs projection_dim inside vision_config): {e}") from e

@@ -171,3 +171,47 @@ def test_scaleless_fp8_repo_id_refused(tiny_path, tmp_path, offline_hub):
     fake_hub_cache(offline_hub, "AlekseyCalvin/Flux_Kontext_Dev_fp8_scaled_diffusers", export)
     with pytest.raises(ValueError, match=r"no scale.*fp8_scales"):
         load_transformer(tiny_config("AlekseyCalvin/Flux_Kontext_Dev_fp8_scaled_diffusers"))
+
+
+def test_hub_kernels_off_in_our_loaders_and_a_fallback_in_the_pipeline(tiny_cfg, pipe):
+    """transformers >= 5.25 kernelizes what it loads unless told not to (README: Hub kernels). Ours are told not to;
+    the pipeline's are kernelized for the device they were read on (the CPU), where no Hub kernel is mapped, so every
+    activation keeps its class's own torch forward (no instance `forward`) and the two run the same code."""
+    ours = [load_clip(tiny_cfg), load_t5(tiny_cfg)]
+    assert not any(m.use_kernels for m in ours)
+    for model in ours + [pipe.text_encoder, pipe.text_encoder_2]:
+        assert not [n for n, m in model.named_modules() if "forward" in m.__dict__], type(model).__name__
+
+
+NO_NETWORK_LOAD = r"""
+import socket, sys
+sys.modules["kernels"] = None  # the PyPI `kernels` missing: transformers 5.25 refuses to load with use_kernels on
+attempts = []
+def refuse(self, address, *a, **k):
+    attempts.append(address)
+    raise OSError("network refused by the test")
+socket.socket.connect = refuse
+sys.path.insert(0, sys.argv[1])
+from conftest import tiny_config
+from load import load_components
+from pathlib import Path
+c = load_components(tiny_config(Path(sys.argv[2])))
+assert c.clip is not None and c.t5 is not None and c.vae is not None and c.transformer is not None
+print("connects", len(attempts), attempts[:3])
+"""
+
+
+def test_loading_reaches_no_network_and_needs_no_kernels_package(tiny_path, tmp_path):
+    """Without the PyPI `kernels` package and with every socket connect refused (HF_HUB_OFFLINE unset, as a user
+    who never set it has), load_components reads the whole tiny checkpoint and never tries to connect."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    tests = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tests.parent), str(tests)])
+    out = subprocess.run([sys.executable, "-c", NO_NETWORK_LOAD, str(tests), str(tiny_path)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "connects 0 []" in out.stdout, out.stdout
