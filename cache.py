@@ -800,7 +800,7 @@ def build_cache(samples: list[Sample], cfg: DataConfig, encoders, cache_dir: Pat
     """Every sample's cached tensors and the empty prompt's, each file read once; what is missing or corrupt is
     encoded and written. `encoders`: the loaded Components, or a function returning them, called only when
     something must be encoded (a fully cached run never loads the text encoders or the VAE)."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     files, empty_file = cache_paths(samples, cfg, cache_dir, model_ident)
     entries = [read_entry(f, f.stem, required_keys(s)) for s, f in zip(samples, files)]

@@ -323,7 +323,7 @@ def caption_dataset(cfg: CaptionConfig, captioner: Captioner | None = None, prog
     after each batch. `captioner`: already loaded (else cfg.model is loaded, only when something needs a caption).
     An image that does not decode, or a batch whose generate call raises, is counted as failed and the run goes on;
     an empty caption from the model counts as failed too (nothing is written for it)."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     check_config(cfg)
     roles = template_fields(cfg.template) or ("target",)

@@ -395,7 +395,10 @@ def load_lora(transformer, path, adapter_name: str = "default", scale: float = 1
         raise ValueError(f"LoRA file {str(path)!r}: adapter name {adapter_name!r} is already loaded ({loaded}); "
                          f"pick another name or unload_lora it first")
     active = _active_adapters(transformer)
-    transformer.load_lora_adapter(state_dict, prefix=PREFIX, adapter_name=adapter_name, metadata=metadata)
+    # low_cpu_mem_usage: the pipeline's default (diffusers' _LOW_CPU_MEM_USAGE_DEFAULT_LORA); the layers are made on
+    # the meta device and filled from the file, so no random init runs and the caller's generators stay untouched
+    transformer.load_lora_adapter(state_dict, prefix=PREFIX, adapter_name=adapter_name, metadata=metadata,
+                                  low_cpu_mem_usage=True)
     transformer.set_adapter(active + [adapter_name])  # diffusers: activation only, scales untouched
     for layer in _lora_layers(transformer):
         layer.set_scale(adapter_name, scale)  # what diffusers' set_adapters does per layer, for this adapter alone

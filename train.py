@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from cache import (cache_dir_of, check_dataset, control_latents_of, open_image, scan_dataset, training_data,
                    validate_dataset)
@@ -210,8 +210,8 @@ def prepare_transformer(transformer, tc: TrainConfig, device: torch.device,
             m.set_backward_fp8(tc.fp8_backward)
     if tc.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    torch.manual_seed(tc.seed)  # LoRA A init draws from the global generator: same seed, same start
-    params = add_lora(transformer, tc)
+    with seeded(tc.seed, device):  # LoRA A init draws from the global generator: same seed, same start
+        params = add_lora(transformer, tc)
     transformer.train()
     if offload is not None:
         transformer._block_offload = offload_transformer(transformer, device, offload)
@@ -224,8 +224,17 @@ def make_region(transformer, tc: TrainConfig, device) -> MaskRegionToken | None:
     """train.region_token's module, fp32 on `device`, seeded (same seed, same start), or None."""
     if not tc.region_token:
         return None
-    torch.manual_seed(tc.seed)
-    return MaskRegionToken(*tc.region_grid, transformer.config.in_channels).to(device)
+    with seeded(tc.seed, device):
+        return MaskRegionToken(*tc.region_grid, transformer.config.in_channels).to(device)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device):
+    """torch.manual_seed(seed) inside the block only: the caller's global generators (a notebook's) come back as they
+    were, so training leaves no process-wide trace."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def offload_note(transformer) -> str:
