@@ -94,6 +94,11 @@ class DataConfig:
     background: tuple[int, int, int] = (255, 255, 255)
 
 
+# torch.compile's portable cache artifacts, one file per compiled setting (compile_cache.py); "" turns saving and
+# loading off. Per machine, like the Hugging Face cache, not per run.
+COMPILE_CACHE = "~/.cache/kontext-lora/compile"
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000  # optimizer steps in all (a resumed run continues up to this count)
@@ -142,6 +147,7 @@ class TrainConfig:
     validate_every: int = 0  # held-out loss and sample grid every this many steps (0: only at the end; <0: never)
     log_every: int = 1  # progress-bar update interval in steps (log.jsonl gets every step)
     compile: bool = True  # torch.compile each transformer block (regional; CUDA only, the CPU runs eager)
+    compile_cache: str = COMPILE_CACHE  # with compile: the folder of torch.compile's saved work (compile_cache.py)
     attention_backend: AttentionBackend = "auto"  # kontext_kernels/attention.py resolve_attention; saved in config.json
     fp8_backward: bool = False  # fp8 transformer: input gradient as an e5m2 x e4m3 GEMM (kontext_kernels/fp8.py)
     activation_offload: bool = False  # keep the tensors saved for the backward in pinned host memory (with
@@ -161,6 +167,7 @@ class SampleConfig:
     compile: bool = False  # torch.compile each block (CUDA only): ~15-35 s to compile buys ~0.1 s/step, so it pays
     #                        from about 5 images per process (batch jobs), not for one CLI edit
     attention_backend: AttentionBackend = "auto"  # as TrainConfig.attention_backend
+    compile_cache: str = COMPILE_CACHE  # with compile: the folder of torch.compile's saved work (compile_cache.py)
     cache: str = ""  # reuse work across steps (stepcache.py): "" off | first_block:0.08 | mag:0.06 | taylorseer:5 |
     #                  faster:2 | tea:0.25 (METHOD:VALUE, see parse_cache)
 

@@ -34,6 +34,7 @@ import tyro
 from PIL import Image
 from tqdm.auto import tqdm
 
+import compile_cache
 from cache import mask_latent, open_image
 from config import ModelConfig, SampleConfig, load_config, split_config_flag
 from encode import (MULTIPLE, _device_of, decode_latents, encode_image, encode_ip_image, encode_prompt, image_size,
@@ -51,7 +52,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DEFAULT_SIZE = 1024  # the pipeline's default height and width (default_sample_size 128 * vae_scale_factor 8)
 _DEFAULTS = SampleConfig()  # sample()'s keyword defaults and the CLI's --sample.* flags both come from here
 # SampleConfig fields that are not sample() keywords: seed makes the generator, the others go to prepare_transformer
-NOT_SAMPLE_KWARGS = ("seed", "compile", "attention_backend")
+NOT_SAMPLE_KWARGS = ("seed", "compile", "compile_cache", "attention_backend")
 
 
 # ---------------------------------------------------------------- schedule and sizes
@@ -499,9 +500,17 @@ def main(args: Args) -> Path:
             raise ValueError(f"the region token beside {args.lora} is {region.proj.out_features} wide but the "
                              f"transformer takes {components.transformer.config.in_channels} input channels")
         region.to(parse_device(mc.transformer.device, "transformer"))
+    saved = compile_cache.cache_file(s.compile_cache, compile_cache.describe(
+        components.transformer, job="sample", images=[image_size(im) for im in images], prompt=args.prompt,
+        size=[args.height, args.width, s.max_area, s.size_mode], cfg=s.true_cfg_scale > 1, cache=s.cache)) \
+        if compile_cache.is_compiled(components.transformer) else None
+    if compile_cache.load(saved):
+        print(f"compile cache: loaded {saved}")
     result = sample(components, images or None, args.prompt, generator=torch.Generator().manual_seed(s.seed),
                     height=args.height, width=args.width, ip_adapter_image=ip_image,
                     ip_adapter_scale=args.ip_adapter_scale, mask=mask, region=region, **kw)
+    if compile_cache.save(saved):
+        print(f"compile cache: saved {saved} (a later process with this setting skips code generation)")
     out.parent.mkdir(parents=True, exist_ok=True)
     result.images[0].save(out)
     print(format_timings(result.timings))

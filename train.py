@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+import compile_cache
 from cache import (cache_dir_of, check_dataset, control_latents_of, open_image, scan_dataset, training_data,
                    validate_dataset)
 from config import Config, TrainConfig, cli, to_json, validate
@@ -503,6 +504,11 @@ def main(cfg: Config) -> dict:
 
     if tc.validate_every >= 0 and n_val and start == 0:
         validate_at(0)
+    saved = compile_cache.cache_file(tc.compile_cache, compile_cache.describe(
+        transformer, job="train", shapes=sorted(set(map(str, data.shapes))), batch=tc.batch_size, world=world,
+        autocast=tc.autocast, fp8_backward=tc.fp8_backward)) if compile_cache.is_compiled(transformer) else None
+    if compile_cache.load(saved):
+        log(f"compile cache: loaded {saved}")
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=rank != 0, desc="train")
     for step in bar:
         t0 = time.perf_counter()
@@ -520,6 +526,8 @@ def main(cfg: Config) -> dict:
         loss, dt = _mean_over_ranks(loss, world), time.perf_counter() - t0
         if step == start:
             log(f"first step: {dt:.1f} s (warm-up{' and compilation' if compiled == 'on' else ''}; later steps are faster)")
+            if rank == 0 and compile_cache.save(saved):
+                log(f"compile cache: saved {saved}")
         rec = {"step": step + 1, "loss": loss, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                "s_per_step": dt, "samples_per_s": n / dt, **terms}
         history.append(rec)
