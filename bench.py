@@ -25,11 +25,14 @@ events) and the peak allocated memory.
 
 import dataclasses
 import gc
+import hashlib
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import compile_cache as compile_cache_
 import quant
 import sample
 import tiny
@@ -444,9 +448,15 @@ def profile_step(fn) -> dict:
 def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: str = "bf16", ckpt: bool = False,
             compile_: bool = False, denoise: bool = False, fp8_backward: bool | None = None,
             offload: int | None = None, cache: str | None = None, ip_adapter: bool = False,
-            pipeline: bool = False) -> dict:
+            pipeline: bool = False, compile_cache: str | None = None) -> dict:
     t0 = time.perf_counter()
     row = dict(row=label, res=res)
+    if compile_cache is not None:  # "cold": inductor's and triton's own caches empty, then our file; "warm": our file
+        saved = cache_rows_file(cfg, label)
+        for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # this child process only
+            os.environ[var] = tempfile.mkdtemp(prefix=f"bench-{var.lower()}-")
+        if compile_cache == "cold" and saved.exists():
+            saved.unlink()
     try:
         model = None if pipeline else build(cfg, device, "bf16" if who == "stock" else kind)
         if pipeline:
@@ -469,6 +479,9 @@ def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: s
             extra = {} if fp8_backward is None else dict(fp8_backward=fp8_backward)
             tc = ours_config(kind, cfg, gradient_checkpointing=ckpt, **extra)
             fn, row["attention"] = ours_train_fn(model, tc, cfg, res, device, offload, ip_adapter)
+        if compile_cache is not None:  # as sample.py / train.py do around their first compiled call
+            row["cache_loaded"] = compile_cache_.load(saved)
+            fn = first_then_save(fn, saved)
         row.update(timed(fn, cfg))
         if offload is not None and who == "ours" and not pipeline:  # what crosses the host link per step
             off = model._block_offload
@@ -485,6 +498,24 @@ def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: s
     print(json.dumps(row), flush=True)
     gc.collect()
     return row
+
+
+def cache_rows_file(cfg: BenchConfig, label: str) -> Path:
+    """The compile-cache file a cold row writes and its warm row reads (one per row pair, in the system temp folder)."""
+    name = hashlib.sha256(label.rsplit(", ", 1)[0].encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "bench-compile-cache" / f"{name}.bin"
+
+
+def first_then_save(fn, saved: Path):
+    """fn, saving the compile cache once after its first call (as train.py after its first step)."""
+    calls = []
+
+    def run():
+        fn()
+        if not calls:
+            sync()
+            calls.append(compile_cache_.save(saved))
+    return run
 
 
 def plan(cfg: BenchConfig) -> list[tuple[str, int, dict]]:
@@ -539,6 +570,12 @@ def plan(cfg: BenchConfig) -> list[tuple[str, int, dict]]:
                       dict(ours, kind="nf4", ckpt=True, offload=0)),
                      ("denoise step: ours, block offload, all blocks streamed", res,
                       dict(ours, denoise=True, offload=0))]
+        if "compile_cache" in cfg.rows:  # not in the default rows: compile_cache.py, a cold process then a warm one
+            for what, kw in (("denoise step: ours compiled", dict(denoise=True, compile_=True)),
+                             ("denoise step: ours fp8 compiled", dict(kind="fp8", denoise=True, compile_=True)),
+                             ("bf16 train, full ckpt: ours (configs/bf16.py)", dict(ckpt=True))):
+                rows += [(f"{what}, {state} compile", res, dict(ours, **kw, compile_cache=state))
+                         for state in ("cold", "warm")]
         if "pipeline" in cfg.rows:  # not in the default rows: a whole sample.py call, encoders and VAE included
             rows += [("sample.py whole call (28 steps; CLIP, T5, VAE bf16 on the GPU), transformer streamed: ours",
                       res, dict(ours, pipeline=True, offload=0))]
