@@ -63,3 +63,17 @@ def test_accuracy_mode_on_tiny():
     for r in rows.values():
         assert r["finite"] and 0 < r["pred_rel_err"] < 0.05 and 0.95 < r["grad_cosine"] <= 1.0, r
     assert rows["fp8"]["pred_rel_err"] < rows["nf4"]["pred_rel_err"]  # 8 bits per weight vs 4
+
+
+def test_compile_cache_rows_pair_up(monkeypatch, tmp_path):
+    """--rows compile_cache: each cold row and its warm row share one file; the row runs (on the CPU nothing
+    compiles, so nothing is saved or loaded)."""
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # run_row points them at fresh folders
+        monkeypatch.setenv(var, str(tmp_path))
+    rows = bench.plan(bench.BenchConfig(rows=("compile_cache",)))
+    assert [kw["compile_cache"] for _, _, kw in rows] == ["cold", "warm"] * 3
+    files = [bench.cache_rows_file(None, label) for label, _, _ in rows]
+    assert files[0::2] == files[1::2] and len(set(files)) == 3
+    cfg = bench.BenchConfig(tiny=True, text_tokens=16, iters=1, warmup=0)
+    row = bench.run_row(rows[0][0], cfg, torch.device("cpu"), 32, **rows[0][2])
+    assert row["seconds"] > 0 and row["cache_loaded"] is False, row
