@@ -8,6 +8,10 @@ transformer (speed does not depend on the weights' values). Prints a markdown ta
     python bench.py --accuracy [--tiny]      # fp8 / nf4 / fp4 vs bf16: prediction, loss, LoRA-gradient error
     python bench.py --rows stepcache --iters 2 --warmup 0   # a 28-step sample() per SampleConfig.cache option
     python bench.py --rows masked            # the IP-Adapter and region-token recipe beside the plain bf16 step
+    python bench.py --rows compile_cache     # first-step time in a cold process, then a warm one (compile_cache.py)
+
+Each timed row also gives its TFLOP per step (step_tflop: the Linears and attention counted from the dims), TFLOP/s
+and the % of the dense peak of its GEMMs' precision (bf16 989, fp8 1979 TFLOP/s).
 
 "ours" rows run train.py's own step: the TrainConfig of the shipped config file (configs/bf16.py, configs/fp8.py,
 configs/fp4.py; a row may change gradient_checkpointing), then train.prepare_transformer (attention, fp8 backward,
@@ -80,6 +84,30 @@ class BenchConfig:
 
 def dims(cfg: BenchConfig) -> dict:
     return tiny.MINI_DIMS if cfg.tiny else tiny.FLUX_KONTEXT_DIMS
+
+
+# dense tensor-core peaks (H100/H200 SXM datasheet, TFLOP/s): a row's % of peak uses its GEMMs' precision
+PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}
+
+
+def step_tflop(d: dict, res: int, text_tokens: int, *, denoise: bool = False, ckpt: bool = False,
+               controls: int = 1) -> float:
+    """TFLOP of one transformer call (denoise) or one LoRA training step at res^2 with `controls` reference images:
+    the block Linears (2 x params x tokens; every double-block stream and single block holds 4 + 2 x 4 = 12 inner^2
+    weights... counted below from the dims) and attention (4 x S^2 x inner per block forward; its backward is 2.5x the
+    forward: dQ, dK, dV and the recomputed scores). A LoRA step's backward is input gradients only (the base is
+    frozen): one more pass of the Linears. Full checkpointing re-runs the forward. The LoRA's own FLOPs (r=16) and
+    the embedders are < 1% and left out. 1024^2, one control, 512 text tokens: 165 forward, 410 train, 575 ckpt."""
+    inner = d["num_attention_heads"] * d["attention_head_dim"]
+    img = (res // 16) ** 2 * (1 + controls)  # target + controls, 2x2-packed latent tokens
+    tokens = img + text_tokens
+    per_block = 12 * inner ** 2
+    blocks = d["num_layers"] + d["num_single_layers"]
+    linear = 2 * per_block * tokens * blocks  # double blocks: img stream on img tokens + txt stream on text tokens
+    attention = 4 * tokens ** 2 * inner * blocks
+    forward = linear + attention
+    total = forward if denoise else forward + linear + 2.5 * attention + (forward if ckpt else 0)
+    return total / 1e12
 
 
 def build(cfg: BenchConfig, device, kind: str = "bf16"):
@@ -483,6 +511,10 @@ def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: s
             row["cache_loaded"] = compile_cache_.load(saved)
             fn = first_then_save(fn, saved)
         row.update(timed(fn, cfg))
+        if not pipeline and cache is None:  # the distance to the chip: work per step over time, against the peak
+            row["tflop"] = round(step_tflop(dims(cfg), res, cfg.text_tokens, denoise=denoise, ckpt=ckpt), 1)
+            row["tflops"] = round(row["tflop"] / row["seconds"], 1)
+            row["pct_peak"] = round(100 * row["tflops"] / PEAK_TFLOPS["fp8" if kind == "fp8" else "bf16"], 1)
         if offload is not None and who == "ours" and not pipeline:  # what crosses the host link per step
             off = model._block_offload
             row["host_gb_per_step"] = round(off.bytes_per_fetch * (1 if denoise else 2) / 1e9, 1)
@@ -631,13 +663,14 @@ def main(cfg: BenchConfig) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| work | res | s/step | peak GiB | first step s | attention | GPU ms by kernel kind (one profiled step) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| work | res | s/step | TFLOP/step | TFLOP/s | % of dense peak | peak GiB | first step s | attention "
+             "| GPU ms by kernel kind (one profiled step) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = f"{r['seconds']:.3f}" if r.get("seconds") is not None else f"failed: {r.get('error', '')[:80]}"
         p = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
         prof = " · ".join(f"{k} {v:g}" for k, v in r.get("profile_ms", {}).items())
-        lines.append(f"| {r['row']} | {r['res']} | {s} | {p} | {r.get('first_s', '-')} | {r.get('attention', 'flash')}"
+        lines.append(f"| {r['row']} | {r['res']} | {s} | {r.get('tflop', '-')} | {r.get('tflops', '-')} | "
+                     f"{r.get('pct_peak', '-')} | {p} | {r.get('first_s', '-')} | {r.get('attention', 'flash')}"
                      f" | {prof} |")
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import bench
+import tiny
 
 
 @pytest.mark.parametrize("kw", [dict(who="stock"), dict(who="stock", ckpt=True), dict(who="stock", denoise=True),
@@ -77,3 +78,12 @@ def test_compile_cache_rows_pair_up(monkeypatch, tmp_path):
     cfg = bench.BenchConfig(tiny=True, text_tokens=16, iters=1, warmup=0)
     row = bench.run_row(rows[0][0], cfg, torch.device("cpu"), 32, **rows[0][2])
     assert row["seconds"] > 0 and row["cache_loaded"] is False, row
+
+
+def test_step_tflop_matches_the_hand_count():
+    """DESIGN.md §4's count at 1024^2 (8704 tokens): Linears 112 forward + 112 input-gradient, attention 53 + 133;
+    410 a LoRA step, 575 with full recompute, 165 a denoising call."""
+    d = tiny.FLUX_KONTEXT_DIMS
+    assert round(bench.step_tflop(d, 1024, 512, denoise=True)) == 165
+    assert round(bench.step_tflop(d, 1024, 512)) == 410 and round(bench.step_tflop(d, 1024, 512, ckpt=True)) == 576
+    assert bench.step_tflop(d, 1024, 512, controls=2) > 1.5 * bench.step_tflop(d, 1024, 512)  # attention grows as S^2
