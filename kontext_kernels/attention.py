@@ -25,7 +25,8 @@ def _forward(q, k, v, scale):
 
 
 class CudnnAttention(torch.autograd.Function):
-    """Attention over [B, H, S, D] tensors (no mask, no dropout) on cuDNN, forward and backward."""
+    """Attention over [B, H, S, D] tensors (no mask, no dropout) on cuDNN, forward and backward. Forward returns the
+    op's own output, no view or no-op `.to` of it (torch 2.11's dynamo mis-wires those: kontext_kernels/int4.py)."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale):

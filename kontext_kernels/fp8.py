@@ -159,7 +159,7 @@ def fp8_linear(x: torch.Tensor, w_codes: torch.Tensor, w_scale: torch.Tensor, bi
     # row-wise + bias case for M = 5 (CUBLAS_STATUS_NOT_SUPPORTED), so token counts off 16 take the weight-only path.
     use_fp8 = (not weight_only and x.dtype == torch.bfloat16 and w_codes.dtype == E4M3 and N % 16 == 0
                and K % 16 == 0 and M % 16 == 0 and fp8_supported(x.device))
-    return _FP8LinearFn.apply(x, w_codes, w_scale, bias, use_fp8, w_codes_t)
+    return _FP8LinearFn.apply(x.reshape(M, K), w_codes, w_scale, bias, use_fp8, w_codes_t).reshape(*x.shape[:-1], N)
 
 
 def _per_row(w_scale: torch.Tensor, n: int) -> torch.Tensor:
@@ -175,26 +175,24 @@ def _fp8_mm(a_q, a_scale, b_codes, b_scale, bias, use_fast_accum):
 
 
 class _FP8LinearFn(torch.autograd.Function):
-    """Forward on fp8 tensor cores (use_fp8) or weight-only; backward: input gradient only.
+    """x [M, K] -> [M, N]: forward on fp8 tensor cores (use_fp8) or weight-only; backward: input gradient only.
 
     The Triton launchers run on CUDA; on CPU the same function runs with their torch twins, which lets the CPU
-    tests check the _scaled_mm layouts and the autograd wiring (torch._scaled_mm runs on CPU, DESIGN §4)."""
+    tests check the _scaled_mm layouts and the autograd wiring (torch._scaled_mm runs on CPU, DESIGN §4).
+    Rows in, rows out, the caller reshapes: forward returns the GEMM's own output, never a view or no-op of an
+    intermediate, which torch 2.11's dynamo mis-wires (pytorch#180642; kontext_kernels/int4.py says how)."""
 
     @staticmethod
     def forward(ctx, x, w_codes, w_scale, bias, use_fp8, w_codes_t):
-        N, K = w_codes.shape
-        x2 = x.reshape(-1, K)
+        N = w_codes.shape[0]
         scale = _per_row(w_scale, N)
         ctx.backward_fp8 = use_fp8 and w_codes_t is not None
         ctx.save_for_backward(w_codes_t if ctx.backward_fp8 else w_codes, scale)
-        ctx.x_shape, ctx.use_fp8 = x.shape, use_fp8
         if use_fp8:
-            x_q, x_scale = (quantize_rows if x.is_cuda else quantize_rows_ref)(x2)
-            y = _fp8_mm(x_q, x_scale, w_codes, scale, None if bias is None else bias.to(torch.bfloat16), True)
-        else:
-            w = (dequantize if x.is_cuda else dequantize_ref)(w_codes, scale, x.dtype)
-            y = F.linear(x2, w, None if bias is None else bias.to(x.dtype))
-        return y.reshape(*x.shape[:-1], N)
+            x_q, x_scale = (quantize_rows if x.is_cuda else quantize_rows_ref)(x)
+            return _fp8_mm(x_q, x_scale, w_codes, scale, None if bias is None else bias.to(torch.bfloat16), True)
+        w = (dequantize if x.is_cuda else dequantize_ref)(w_codes, scale, x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, dy):
@@ -202,18 +200,16 @@ class _FP8LinearFn(torch.autograd.Function):
             raise RuntimeError("fp8_linear: the fp8 weight, its scale and the bias are frozen (no gradient); "
                                "train a LoRA on top instead")
         codes, scale = ctx.saved_tensors  # codes: w_codes [N, K], or its transpose [K, N] for the fp8 GEMM
-        N = scale.numel()
-        dy2 = dy.reshape(-1, N)
         if ctx.backward_fp8 and dy.dtype == torch.bfloat16:
             # dX = dY @ (codes * scale[:, None]): the weight's row scale runs along the reduction (N), so it is
             # folded into dY's columns before dY is quantized per row to e5m2 (range over precision for grads).
-            dy_q, dy_scale = (quantize_rows if dy.is_cuda else quantize_rows_ref)(dy2, E5M2, scale)
+            dy_q, dy_scale = (quantize_rows if dy.is_cuda else quantize_rows_ref)(dy, E5M2, scale)
             ones = torch.ones(codes.shape[0], dtype=torch.float32, device=dy.device)
             dx = _fp8_mm(dy_q, dy_scale, codes, ones, None, False)
         else:
             w = (dequantize if dy.is_cuda else dequantize_ref)(codes, scale, dy.dtype)
-            dx = dy2 @ w
-        return dx.reshape(ctx.x_shape), None, None, None, None, None
+            dx = dy @ w
+        return dx, None, None, None, None, None
 
 
 class FP8Linear(nn.Linear):

@@ -166,7 +166,12 @@ class _Linear4bitFunction(torch.autograd.Function):
         w = _dequant_op(codes, absmax, qmap, shape, blocksize, dtype, nested_absmax, nested_qmap, offset,
                         nested_blocksize)
         b = bias.to(dtype) if bias is not None else None
-        return F.linear(x.to(dtype), w, b).to(x.dtype)
+        y = F.linear(x.to(dtype), w, b)
+        # The GEMM's own output, not a no-op `.to` of it (the same TensorImpl as that intermediate): torch 2.11's
+        # dynamo also returns a traced forward's intermediates, the shared TensorImpl took the intermediate's
+        # gradient slot, and x got no gradient under torch.compile (pytorch#180642, fixed by PR 180921). That left
+        # the single blocks' q/k/v LoRA, upstream of a 4-bit proj_out only, untrained (tests/test_int4.py).
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):

@@ -115,6 +115,18 @@ def test_cudnn_attention_matches_math_gpu(shape):
 
 
 @pytest.mark.gpu
+def test_cudnn_attention_returns_its_op_output_gpu():
+    """CudnnAttention's forward returns the aten op's own output, no view or no-op of it: the aliasing that torch
+    2.11's dynamo mis-wires in a compiled autograd.Function (pytorch#180642; tests_util.forward_aliases)."""
+    from kontext_kernels.attention import CudnnAttention
+    from tests_util import forward_aliases
+
+    q, k, v = (torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out, calls = forward_aliases(CudnnAttention, q, k, v, None)
+    assert calls == 1 and out.shape == q.shape and not any(out is t for t in (q, k, v))
+
+
+@pytest.mark.gpu
 @torch.enable_grad()
 def test_flux_train_step_cudnn_equals_flash_gpu():
     """Narrow Flux (full depth is not needed for the numerics) with LoRA, through train.py's step: loss and LoRA

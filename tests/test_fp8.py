@@ -119,8 +119,11 @@ def test_triton_kernels_interpreted():
 
 
 def fn_cpu(x, codes, scale, bias, use_fp8=True, backward_fp8=False):
-    """The autograd function on CPU: torch twins for the Triton launchers, CPU torch._scaled_mm for the GEMMs."""
-    return fp8._FP8LinearFn.apply(x, codes, scale, bias, use_fp8, codes.t().contiguous() if backward_fp8 else None)
+    """The autograd function on CPU: torch twins for the Triton launchers, CPU torch._scaled_mm for the GEMMs; x's
+    rows in and out, reshaped as fp8_linear does."""
+    rows = x.reshape(-1, x.shape[-1])
+    y = fp8._FP8LinearFn.apply(rows, codes, scale, bias, use_fp8, codes.t().contiguous() if backward_fp8 else None)
+    return y.reshape(*x.shape[:-1], codes.shape[0])
 
 
 def quantized_activation_ref(x, codes, scale, bias):
@@ -153,6 +156,20 @@ def test_fp8_function_on_cpu(shape, bias, monkeypatch):
             fn_cpu(xg, codes, scale, bias, backward_fp8=backward_fp8).backward(g)
         assert xg.grad.dtype == torch.bfloat16 and rel(xg.grad, x32.grad) < bound, (backward_fp8,
                                                                                     rel(xg.grad, x32.grad))
+
+
+@pytest.mark.parametrize("use_fp8", [True, False], ids=["fp8", "weight-only"])
+def test_fp8_function_returns_its_gemm_output(use_fp8):
+    """Rows in, rows out: the forward returns the GEMM's own output, not a view (the old [..., N] reshape) or a
+    second call's result of it, the family of aliasing that torch 2.11's dynamo mis-wires (pytorch#180642;
+    the compiled gradients: tests/test_quant.py's test_compiled_lora_gradients_equal_eager)."""
+    from tests_util import forward_aliases
+
+    x, (codes, scale) = activations(32, 64), quantize_fp8(weights(48, 64))
+    args = (x, codes, scale, torch.randn(48).bfloat16(), use_fp8, None)
+    y, calls = forward_aliases(fp8._FP8LinearFn, *args)
+    assert calls == 1 and not any(y is a for a in args)
+    assert y.shape == (32, 48) and torch.equal(y, fn_cpu(x, *args[1:4], use_fp8=use_fp8))
 
 
 def test_fp8_function_weight_only_and_frozen_bias():

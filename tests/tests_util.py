@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 
 
 def edit_with_pipe(pipe, seed=0):
@@ -25,3 +27,31 @@ def run_interpret_tests(test_file: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k",
                            "interpret"], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
                           text=True, timeout=600)
+
+
+class _Ctx:
+    """What our autograd.Function forwards use of autograd's ctx."""
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def forward_aliases(function, *args) -> tuple[torch.Tensor, int]:
+    """`function.forward` run as a plain call (a stand-in ctx, no autograd) under a TorchFunctionMode: (its output,
+    how many of the tensors that torch calls inside it returned share the output's storage). 1 is the GEMM's own
+    output alone; more is the pattern by which torch 2.11's dynamo mis-wires a compiled autograd.Function
+    (pytorch#180642): the output is also another call's result (a no-op `.to` or `.contiguous()` hands back its
+    input, the same TensorImpl) or a view of an intermediate (dynamo's calls, not ATen's internals: a 3-D F.linear
+    is one call)."""
+    seen = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen.extend(t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+            return out
+
+    with torch.no_grad(), Record():
+        y = function.forward(_Ctx(), *args)
+    ptr = y.untyped_storage().data_ptr()
+    return y, sum(t.untyped_storage().data_ptr() == ptr for t in seen)
