@@ -395,10 +395,11 @@ def load_lora(transformer, path, adapter_name: str = "default", scale: float = 1
         raise ValueError(f"LoRA file {str(path)!r}: adapter name {adapter_name!r} is already loaded ({loaded}); "
                          f"pick another name or unload_lora it first")
     active = _active_adapters(transformer)
-    # low_cpu_mem_usage: the pipeline's default (diffusers' _LOW_CPU_MEM_USAGE_DEFAULT_LORA); the layers are made on
-    # the meta device and filled from the file, so no random init runs and the caller's generators stay untouched
-    transformer.load_lora_adapter(state_dict, prefix=PREFIX, adapter_name=adapter_name, metadata=metadata,
-                                  low_cpu_mem_usage=True)
+    # peft draws a random init for the new layers before the file's weights replace it: inside fork_rng, so the
+    # caller's generators (a notebook's) come back as they were
+    cuda = sorted({p.device.index or 0 for p in transformer.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=cuda):
+        transformer.load_lora_adapter(state_dict, prefix=PREFIX, adapter_name=adapter_name, metadata=metadata)
     transformer.set_adapter(active + [adapter_name])  # diffusers: activation only, scales untouched
     for layer in _lora_layers(transformer):
         layer.set_scale(adapter_name, scale)  # what diffusers' set_adapters does per layer, for this adapter alone
