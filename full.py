@@ -326,9 +326,11 @@ def save_checkpoint(out_dir: Path, transformer, optimizer: InBackwardOptimizer, 
         t, meta = _flat_state(stepper.state, names[id(p)])
         opt.update(t)
         scalars[names[id(p)]] = meta
-    digests = [tensor_digest(weights)]
+    mine, digests = tensor_digest(weights), [None] * world
     if world > 1:
-        torch.distributed.all_gather_object(digests := [None] * world, digests[0])
+        torch.distributed.all_gather_object(digests, mine)
+    else:
+        digests = [mine]
     digest = hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
     ckpts = Path(out_dir) / "checkpoints"
     final, tmp = ckpts / f"full-{digest}", ckpts / f".tmp-full-{digest}"

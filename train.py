@@ -34,7 +34,6 @@ from cache import (cache_dir_of, check_dataset, control_latents_of, open_image, 
 from config import Config, TrainConfig, cli, to_json, validate
 from convert import save_lora_as
 from encode import latent_ids, pack_controls, pack_latents, predict_velocity, token_mask
-import full
 from kontext_kernels.attention import set_attention
 from kontext_kernels.fp8 import FP8Linear
 from kontext_kernels.int4 import Linear4bit
@@ -44,6 +43,8 @@ from lora import (add_lora, claim_out_dir, config_differences, load_checkpoint, 
 from offload import offload_transformer
 from region import MaskRegionToken, append_region, region_path, save_region
 from sample import sample
+
+import full  # train.mode='full' (full.py)
 
 # ---------------------------------------------------------------- the objective
 
