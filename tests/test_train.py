@@ -250,7 +250,8 @@ def test_ddp_two_processes_equal_one(tmp_path, config):
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
 
 
-@pytest.mark.parametrize("name", ["tiny", "bf16", "bf16_24gb", "fp8", "fp4", "krea_bf16", "region_depth", "region_tiny"])
+@pytest.mark.parametrize("name", ["tiny", "bf16", "bf16_24gb", "fp8", "fp4", "krea_bf16", "region_depth", "region_tiny",
+                                  "full_bf16"])
 def test_every_config_file_loads(name):
     cfg = load_config(ROOT / "configs" / f"{name}.py")
     assert cfg.train.steps > 0 and cfg.model.path
