@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import full  # train.mode='full': the full fine-tune's pieces
 from cache import (cache_dir_of, check_dataset, control_latents_of, open_image, scan_dataset, training_data,
                    validate_dataset)
 from config import Config, TrainConfig, cli, to_json, validate
@@ -43,8 +44,6 @@ from lora import (add_lora, claim_out_dir, config_differences, load_checkpoint, 
 from offload import offload_transformer
 from region import MaskRegionToken, append_region, region_path, save_region
 from sample import sample
-
-import full  # train.mode='full' (full.py)
 
 # ---------------------------------------------------------------- the objective
 
@@ -297,7 +296,8 @@ def train_step(model, params: list, optimizer, batches, tc: TrainConfig,
     bucket's last batch can be smaller than batch_size); `terms`, if given, receives the loss's terms averaged over
     the micro-batches when there are several (dual_masked, a region token). `params`: everything the optimizer
     trains (the LoRA's, then the region token's). A non-finite loss raises FloatingPointError naming the samples
-    before the optimizer touches the LoRA."""
+    before the optimizer touches the LoRA. Full mode (full.py): each parameter steps inside the backward of the last
+    micro-batch, so the loss is checked before each backward, and the gradient norm is the one the hooks saw."""
     losses, parts = [], []
     in_backward = tc.mode == "full"  # full.py: each parameter steps inside the backward, by its gradient hook
     for micro, (b, idx, share) in enumerate(batches):

@@ -191,6 +191,19 @@ def test_torchao_adamw8bit_stochastic_rounding_and_resume():
     assert torch.equal(again.weight, m.weight) and torch.equal(again.bias, m.bias)
 
 
+def test_nan_loss_stops_before_the_update(tmp_path):
+    """The update happens inside the backward, so a non-finite loss is caught before it: the run stops naming the
+    step, the samples and the last good checkpoint (whose weights are finite)."""
+    from safetensors.torch import load_file as read
+
+    cfg = full_cfg(tmp_path, steps=4, lr=1e38, save_every=1)
+    with pytest.raises(FloatingPointError, match=r"at step \d+ .*on samples \[.*\]; last good checkpoint: .*full-"):
+        run(cfg)
+    latest = json.loads((Path(cfg.out_dir) / "checkpoints" / "latest.json").read_text())
+    w = read(Path(cfg.out_dir) / "checkpoints" / latest["path"] / "weights-0-of-1.safetensors")
+    assert latest["step"] >= 1 and w and all(torch.isfinite(t).all() for t in w.values())
+
+
 @pytest.mark.parametrize("flags, field", [
     (["--model.quant", "fp8"], "model.quant"),
     (["--model.offload", "--train.gradient-checkpointing"], "model.offload"),
@@ -240,3 +253,50 @@ def test_fsdp_two_processes_equal_one(tmp_path):
     assert num <= 1e-6 * sum(float(a[k].double().norm() ** 2) for k in a) ** 0.5, num
     base = load_file(next((Path(tiny_cfg(tmp_path).model.path) / "transformer").glob("*.safetensors")))
     assert sum(not torch.equal(a[k], base[k]) for k in a) > 10  # it trained
+
+
+# ---------------------------------------------------------------- GPU: the shipped full-mode step
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_", [True, False], ids=["compile", "eager"])
+def test_full_step_gpu(compile_):
+    """3 steps of train.py's full-mode step with configs/full_bf16.py's TrainConfig (torchao 8-bit AdamW compiled
+    inside the backward, bf16 stochastic rounding, checkpointing, attention "auto") on a reduced-depth, full-width FLUX
+    transformer (2 double + 4 single blocks) at the 1024^2 Kontext token count: finite losses, every trained tensor
+    moved, 8-bit moments for the large ones, and the peak memory within the README's per-parameter model (weights 2
+    + moments ~2.03 bytes per parameter, plus activations and one block's transients)."""
+    import tiny
+    from config import load_config
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    device = torch.device("cuda")
+    model = tiny.full_size_transformer(device, num_layers=2, num_single_layers=4)
+    tc = dataclasses.replace(load_config(ROOT / "configs" / "full_bf16.py").train, compile=compile_, lr=1e-4)
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        params, attention = train.prepare_transformer(model, tc, device)
+        opt = train.make_optimizer(params, tc)
+        entries, empty = tiny.random_entries(1, 1024, 512), tiny.random_empty(512)
+        shapes = [tuple(entries[0]["image_latents"].shape) * 2]
+        before = [p.detach().clone() for p in params]
+        with torch.enable_grad():
+            for step in range(3):
+                batches = train.micro_batches(entries, shapes, empty, tc, step, 0, 1, device, torch.bfloat16)
+                loss, grad_norm, n = train.train_step(model, params, opt, batches, tc)
+                assert n == 1 and loss == loss and grad_norm > 0, (step, loss, grad_norm)
+        torch.cuda.synchronize()
+        moved = [not torch.equal(a, p) for a, p in zip(before, params)]
+        assert all(moved), f"{moved.count(False)} of {len(moved)} trained tensors never changed"
+        big = max(params, key=lambda p: p.numel())
+        assert isinstance(opt.steppers[big].state["exp_avg"], OptimState8bit)
+        del before
+        n_all = sum(p.numel() for p in model.parameters())
+        model_gib = (2 * n_all + 2.04 * sum(p.numel() for p in params)) / 2 ** 30
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        print(f"peak {peak:.1f} GiB, weights + optimizer {model_gib:.1f} GiB")
+        assert peak < model_gib + 2 * 2.5 + 8, (peak, model_gib)  # + the clone of `before` + activations
+    finally:
+        del model
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
