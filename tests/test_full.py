@@ -95,18 +95,22 @@ def test_saved_folder_samples_equal_to_the_trained_model(trained, components, tm
     assert list(Image.open(png).getdata()) == list(ref.getdata())
 
 
-def test_checkpoints_resume_exactly(tmp_path):
-    """2 steps, then resume to 4 == 4 straight (weights bit-equal); checkpoints are full-<content hash> folders holding
-    the trained tensors and the optimizer state, latest.json names the newest, and a LoRA run refuses them."""
-    straight = run(full_cfg(tmp_path / "s", steps=4, caption_dropout=0.3))
-    run(full_cfg(tmp_path / "r", steps=2, caption_dropout=0.3))
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit", "torchao_adamw8bit"])
+def test_checkpoints_resume_exactly(tmp_path, optimizer):
+    """2 steps, then resume to 4 == 4 straight (weights bit-equal), with each optimizer's state (torch's, bitsandbytes'
+    8-bit codes, torchao's OptimState8bit); checkpoints are full-<content hash> folders holding the trained tensors
+    and the optimizer state, latest.json names the newest, and a LoRA run refuses them."""
+    straight = run(full_cfg(tmp_path / "s", steps=4, caption_dropout=0.3, optimizer=optimizer))
+    run(full_cfg(tmp_path / "r", steps=2, caption_dropout=0.3, optimizer=optimizer))
     ckpts = tmp_path / "r" / "run" / "checkpoints"
     (c,) = ckpts.glob("full-*")
     st = json.loads((c / "state.json").read_text())
     assert st["step"] == 2 and st["files"] == ["weights-0-of-1.safetensors", "optimizer-0-of-1.safetensors"]
     opt = load_file(c / "optimizer-0-of-1.safetensors")
-    assert any(k.endswith(".exp_avg_sq") for k in opt) and len(load_file(c / "weights-0-of-1.safetensors")) > 10
-    resumed = run(dataclasses.replace(full_cfg(tmp_path / "r", steps=4, caption_dropout=0.3), resume="latest"))
+    assert any(k.endswith((".exp_avg_sq", ".state2", ".exp_avg_sq.codes")) for k in opt), sorted(opt)[:8]
+    assert len(load_file(c / "weights-0-of-1.safetensors")) > 10
+    resumed = run(dataclasses.replace(full_cfg(tmp_path / "r", steps=4, caption_dropout=0.3, optimizer=optimizer),
+                                      resume="latest"))
     a, b = straight["transformer"].state_dict(), resumed["transformer"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in straight["history"][2:]]
