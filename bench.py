@@ -8,6 +8,7 @@ transformer (speed does not depend on the weights' values). Prints a markdown ta
     python bench.py --accuracy [--tiny]      # fp8 / nf4 / fp4 vs bf16: prediction, loss, LoRA-gradient error
     python bench.py --rows stepcache --iters 2 --warmup 0   # a 28-step sample() per SampleConfig.cache option
     python bench.py --rows masked            # the IP-Adapter and region-token recipe beside the plain bf16 step
+    python bench.py --rows full              # full fine-tune (configs/full_bf16.py) beside the LoRA step
     python bench.py --rows compile_cache     # first-step time in a cold process, then a warm one (compile_cache.py)
 
 Each timed row also gives its TFLOP per step (step_tflop: the Linears and attention counted from the dims), TFLOP/s
@@ -57,7 +58,8 @@ from load import Components, add_ip_adapter, load_components, load_vae
 
 STOCK_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CONFIGS = {"bf16": "configs/bf16.py", "fp8": "configs/fp8.py", "nf4": "configs/fp4.py",  # kind -> shipped config
-           "region_depth": "configs/region_depth.py"}  # bf16 + IP-Adapter + region token + dual masked loss
+           "region_depth": "configs/region_depth.py",  # bf16 + IP-Adapter + region token + dual masked loss
+           "full": "configs/full_bf16.py"}  # train.mode full: every block Linear, torchao 8-bit AdamW in the backward
 # --rows stepcache: SampleConfig.cache values timed ("" = uncached, the speed-up's reference); values from the
 # methods' papers / defaults for FLUX.1-dev (stepcache.py)
 STEPCACHE_SPECS = ("", "first_block:0.08", "mag:0.06", "taylorseer:5", "faster:2", "tea:0.25", "tea:0.6")
@@ -113,7 +115,7 @@ def step_tflop(d: dict, res: int, text_tokens: int, *, denoise: bool = False, ck
 def build(cfg: BenchConfig, device, kind: str = "bf16"):
     """The random transformer, quantized as load.py does at load (quant.quantize_transformer)."""
     model = tiny.full_size_transformer(device, **dims(cfg))
-    return model if kind in ("bf16", "region_depth") else quant.quantize_transformer(model, kind)
+    return model if kind in ("bf16", "region_depth", "full") else quant.quantize_transformer(model, kind)
 
 
 def ours_config(kind: str, cfg: BenchConfig, **overrides) -> TrainConfig:
@@ -591,6 +593,11 @@ def plan(cfg: BenchConfig) -> list[tuple[str, int, dict]]:
                      ("bf16 train, full ckpt: ours + IP-Adapter", res, dict(ours, ckpt=True, ip_adapter=True)),
                      ("bf16 train, full ckpt: ours + IP-Adapter + region token + dual masked loss "
                       "(configs/region_depth.py)", res, dict(ours, kind="region_depth", ckpt=True, ip_adapter=True))]
+        if "full" in cfg.rows:  # not in the default rows: train.mode full (full.py) beside the LoRA step
+            rows += [*([("bf16 train, full ckpt: ours (configs/bf16.py)", res, dict(ours, ckpt=True))]
+                       if "ckpt" not in cfg.rows else []),
+                     ("bf16 full fine-tune, full ckpt: ours (configs/full_bf16.py)", res,
+                      dict(ours, kind="full", ckpt=True))]
         if "offload" in cfg.rows:  # ModelConfig.offload: the weights stream from host memory (offload.py)
             rows += [("bf16 train, full ckpt, diffusers group offloading (block level, stream): stock", res,
                       dict(stock, ckpt=True, offload=0)),

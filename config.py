@@ -101,13 +101,23 @@ COMPILE_CACHE = "~/.cache/kontext-lora/compile"
 
 @dataclass
 class TrainConfig:
+    # lora: a LoRA on the frozen base (lora.safetensors) | full: the transformer's block Linears themselves train in
+    # their loaded dtype (full.py: optimizer inside the backward, FSDP2 under torchrun; writes a diffusers
+    # transformer/ folder). Full mode needs a bf16/fp32 base (model.quant none), no offload, train.grad_clip 0.
+    mode: Literal["lora", "full"] = "lora"
+    # full mode: which block Linears train: all (attention, MLP, AdaLN modulation of the 57 blocks) | attention (each
+    # block's Attention projections: to_q/k/v, to_out.0, add_q/k/v_proj, to_add_out). Always frozen: the embedders
+    # (x, context, time/guidance/pooled text), the RMS norms, the final layer (norm_out, proj_out), an IP-Adapter.
+    full_modules: Literal["all", "attention"] = "all"
     steps: int = 1000  # optimizer steps in all (a resumed run continues up to this count)
     batch_size: int = 1  # samples per micro-batch and process (torchrun: times the number of processes)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-4  # peak learning rate, reached after warmup_steps
     weight_decay: float = 1e-4  # AdamW weight decay
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW
+    # adamw8bit: bitsandbytes' 8-bit AdamW | torchao_adamw8bit (full mode): torchao's 8-bit AdamW, bf16 weights
+    # updated with stochastic rounding (configs/full_bf16.py; README "Full fine-tune" has the comparison)
+    optimizer: Literal["adamw", "adamw8bit", "torchao_adamw8bit"] = "adamw"
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"  # lr decay to 0 after warmup (constant: none)
     warmup_steps: int = 0  # lr ramps linearly from lr / warmup_steps to lr over this many steps
     grad_clip: float = 1.0  # clip the gradient norm to this (0: no clipping)
@@ -349,6 +359,40 @@ def _run_problems(cfg: Config) -> list[str]:
             and cfg.train.gradient_checkpointing is False):
         out.append("model.offload: training with block offload needs train.gradient_checkpointing True (without "
                    "the recompute, every block's weights stay on the GPU for the backward: no saving)")
+    if isinstance(cfg.train, TrainConfig) and isinstance(cfg.model, ModelConfig):
+        out += _full_mode_problems(cfg)
+    return out
+
+
+def _full_mode_problems(cfg: Config) -> list[str]:
+    """train.mode's combinations that cannot work, named by field, before any model loads (full.py's docstring says
+    why each one)."""
+    tc, mc, out = cfg.train, cfg.model, []
+    if tc.mode != "full":
+        if tc.optimizer == "torchao_adamw8bit":
+            out.append("train.optimizer: 'torchao_adamw8bit' is for train.mode='full' (bf16 weights, stochastic "
+                       "rounding); a LoRA trains fp32 weights: use adamw or adamw8bit")
+        return out
+    full = "train.mode='full' trains the transformer's weights themselves"
+    if mc.quant != "none":
+        out.append(f"model.quant: {full}: expected 'none' (a bf16 or fp32 base), got {mc.quant!r}; a quantized base "
+                   f"trains only a LoRA (train.mode='lora')")
+    if mc.offload is True:
+        out.append(f"model.offload: {full}: its block weights and their optimizer state cannot stream from host "
+                   f"memory (offload.py streams frozen weights); set it False, or shard over GPUs with torchrun")
+    if tc.lora_format != "comfyui":
+        out.append(f"train.lora_format: {tc.lora_format!r} is a LoRA file format; {full} and writes a diffusers "
+                   f"transformer/ folder (convert.py --format comfyui-model makes one BFL-named file): leave it unset")
+    if tc.grad_clip != 0:
+        out.append(f"train.grad_clip: {full} with the optimizer stepping each parameter inside the backward, so the "
+                   f"global gradient norm is known only after the updates: expected 0, got {tc.grad_clip!r}")
+    if mc.transformer.dtype in ("fp16", "float16"):
+        out.append(f"model.transformer.dtype: {full}: expected bf16 (or fp32 master weights), got "
+                   f"{mc.transformer.dtype!r} (fp16 weights need loss scaling)")
+    for bad, what in ((tc.region_token is True, "train.region_token"), (tc.loss == "dual_masked", "train.loss"),
+                      (bool(mc.ip_adapter.path), "model.ip_adapter.path")):
+        if bad:
+            out.append(f"{what}: not with train.mode='full' (yet): it trains or conditions beside the LoRA path only")
     return out
 
 

@@ -1,4 +1,6 @@
-"""LoRA files for other tools: `python convert.py IN.safetensors OUT.safetensors --format comfyui|kohya|diffusers`.
+"""LoRA files for other tools: `python convert.py IN.safetensors OUT.safetensors --format comfyui|kohya|diffusers`;
+a fully fine-tuned transformer as one ComfyUI / BFL checkpoint: `python convert.py runs/x/transformer OUT.safetensors
+--format comfyui-model`.
 
 The formats (safetensors, the tensors' dtype kept):
 - diffusers: `transformer.<module>.lora_A.weight` / `lora_B.weight`, the LoraConfig (r, lora_alpha, patterns) as JSON
@@ -12,7 +14,13 @@ The formats (safetensors, the tensors' dtype kept):
   .weight` / `lora_up.weight` / `.alpha`; q/k/v are fused as in BFL's qkv and a single block's q/k/v/proj_mlp as in
   its linear1 (see _fuse). Read by ComfyUI, kohya's tools and diffusers' _convert_kohya_flux_lora_to_diffusers.
 
-Every layout lora.read_lora reads is an input (these three and those diffusers converts). Internally a LoRA is
+- comfyui-model (train.mode full's result): the whole transformer in one safetensors file with BFL's names, as
+  black-forest-labs ships flux1-kontext-dev.safetensors and ComfyUI's diffusion_models/ loader reads it
+  (`double_blocks.0.img_attn.qkv.weight` = cat(to_q, to_k, to_v), `single_blocks.0.linear1` = cat(q, k, v, proj_mlp),
+  `final_layer.adaLN_modulation.1` with (shift, scale) halves): the inverse of diffusers'
+  convert_flux_transformer_checkpoint_to_diffusers (tests/test_convert.py round-trips it through that function).
+
+Every LoRA layout lora.read_lora reads is an input (these three and those diffusers converts). Internally a LoRA is
 {diffusers module name: (lora_A [r, in], lora_B [out, r], alpha)}, its delta alpha / r * lora_B @ lora_A.
 """
 
@@ -25,7 +33,7 @@ from pathlib import Path
 import torch
 
 from cache import save_atomic
-from lora import _LORA_KEY, PREFIX, lora_state_dict, read_lora, save_lora
+from lora import _LORA_KEY, PREFIX, _few, lora_state_dict, read_lora, save_lora
 
 Modules = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
@@ -200,6 +208,88 @@ def _fuse(name: str, members: dict[int, tuple]) -> tuple[torch.Tensor, torch.Ten
 WRITERS = {"comfyui": to_comfyui, "kohya": to_kohya, "diffusers": to_diffusers}  # = TrainConfig.lora_format
 
 
+# ---------------------------------------------------------------- a whole transformer: diffusers -> BFL names
+
+# diffusers module -> BFL module, as diffusers' convert_flux_transformer_checkpoint_to_diffusers maps them back
+# (loaders/single_file_utils.py, 0.42); RMS norms: diffusers `.weight` <-> BFL `.scale`
+MODEL_OUTSIDE = {"x_embedder": "img_in", "context_embedder": "txt_in",
+                 "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+                 "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+                 "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+                 "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+                 "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+                 "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+                 "proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1"}
+MODEL_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+                "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+                "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+                "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+                "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
+MODEL_SINGLE = {"norm.linear": "modulation.lin", "proj_out": "linear2", "attn.norm_q": "norm.query_norm",
+                "attn.norm_k": "norm.key_norm"}
+MODEL_FUSED = {False: {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),  # double blocks: rows q, k, v
+                       "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")},
+               True: {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}}  # single blocks
+
+
+def to_bfl_model(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A FluxTransformer2DModel state dict under BFL's names (fused qkv / linear1 concatenated along the rows, the
+    final modulation's halves swapped back to (shift, scale)). Every key must map: an IP-Adapter's or a LoRA's
+    tensors are refused, naming them."""
+    out, used = {}, set()
+
+    def put(bfl: str, dif: str, fuse: tuple[str, ...] = ()) -> None:
+        for suffix in ("weight", "bias"):
+            keys = [f"{dif}{m}.{suffix}" for m in fuse] if fuse else [f"{dif}.{suffix}"]
+            if not all(k in sd for k in keys):
+                continue
+            t = torch.cat([sd[k] for k in keys]) if fuse else sd[keys[0]]
+            if dif == "norm_out.linear":  # diffusers' AdaLayerNormContinuous emits (scale, shift), BFL's (shift, scale)
+                t = torch.cat(t.chunk(2)[::-1])
+            out[f"{bfl}.{'scale' if bfl.endswith('_norm') else suffix}"] = t
+            used.update(keys)
+
+    for dif, bfl in MODEL_OUTSIDE.items():
+        put(bfl, dif)
+    blocks = sorted({(m["single"] is not None, int(m["i"])) for k in sd if (m := _BLOCK.fullmatch(k))})
+    for single, i in blocks:
+        dif, bfl = f"{'single_' if single else ''}transformer_blocks.{i}.", f"{'single' if single else 'double'}_blocks.{i}."
+        for d, b in (MODEL_SINGLE if single else MODEL_DOUBLE).items():
+            put(bfl + b, dif + d)
+        for b, members in MODEL_FUSED[single].items():
+            put(bfl + b, dif, members)
+    left = sorted(set(sd) - used)
+    if left:
+        raise ValueError(f"{len(left)} of {len(sd)} tensors have no BFL name (a plain FluxTransformer2DModel is "
+                         f"expected; an IP-Adapter or LoRA inside it is not part of the model file): {_few(left)}")
+    return out
+
+
+def read_transformer(src) -> dict[str, torch.Tensor]:
+    """Every tensor of a diffusers transformer folder (config.json + one or several *.safetensors), or of the
+    transformer/ inside a train.mode='full' run folder."""
+    from safetensors.torch import load_file
+
+    src = Path(src)
+    folder = src / "transformer" if (src / "transformer" / "config.json").is_file() else src
+    files = sorted(folder.glob("*.safetensors"))
+    if not (folder / "config.json").is_file() or not files:
+        raise ValueError(f"--format comfyui-model: {str(src)!r} is not a diffusers transformer folder (config.json and "
+                         f"*.safetensors; train.mode='full' writes <out_dir>/transformer)")
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    return sd
+
+
+def convert_model(src, dst) -> int:
+    """A transformer folder -> one BFL-named safetensors file (atomically); returns the number of tensors."""
+    sd = to_bfl_model(read_transformer(src))
+    save_atomic(sd, Path(dst), {"format": "pt"})
+    return len(sd)
+
+
 # ---------------------------------------------------------------- files
 
 
@@ -226,12 +316,16 @@ def convert_file(src, dst, fmt: str) -> Modules:
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(prog="convert.py", description=__doc__.splitlines()[0])
     ap.add_argument("src", metavar="IN", help="a LoRA .safetensors (diffusers, comfyui, kohya, or a layout "
-                                              "diffusers converts)")
+                                              "diffusers converts); --format comfyui-model: a transformer folder")
     ap.add_argument("dst", metavar="OUT", help="the .safetensors to write")
-    ap.add_argument("--format", required=True, choices=list(WRITERS),
+    ap.add_argument("--format", required=True, choices=[*WRITERS, "comfyui-model"],
                     help="comfyui: diffusers keys + .alpha tensors (ComfyUI and diffusers); kohya: lora_unet_* on "
-                         "BFL names (kohya, musubi, ComfyUI, diffusers); diffusers: keys + LoraConfig metadata")
+                         "BFL names (kohya, musubi, ComfyUI, diffusers); diffusers: keys + LoraConfig metadata; "
+                         "comfyui-model: IN is a transformer folder (train.mode full), OUT one BFL-named model file")
     args = ap.parse_args(argv)
+    if args.format == "comfyui-model":
+        print(f"wrote {args.dst}: {convert_model(args.src, args.dst)} tensors under BFL names")
+        return Path(args.dst)
     mods = convert_file(args.src, args.dst, args.format)
     print(f"wrote {args.dst}: {len(mods)} modules in the {args.format} format")
     outside = sorted(m for m in mods if m in OUTSIDE_BLOCKS)

@@ -80,6 +80,8 @@ def _resolve(cfg: ModelConfig, part: Part | None, name: str) -> tuple[str, str]:
         raise ValueError(f"{name}: path {str(root)!r} does not exist (expected a diffusers FLUX.1 Kontext folder "
                          f"or a Hub repo id like 'black-forest-labs/FLUX.1-Kontext-dev')")
     folder = root / sub if sub else root
+    if not folder.is_dir() and not (part and part.subfolder) and classes and (root / "config.json").is_file():
+        folder, sub = root, ""  # the component's own folder (train.mode full's <out_dir>/transformer)
     if not folder.is_dir():
         raise ValueError(f"{name}: {str(root)!r} has no subfolder {sub!r} (expected the diffusers layout with "
                          f"{sub}/ inside; set model.{name.split('_')[0]}.subfolder if it lives elsewhere)")

@@ -62,8 +62,8 @@ def save_lora(transformer, path: Path) -> None:
                 {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True, default=str)})
 
 
-RUN_FILES = ("lora.safetensors", "log.jsonl", "checkpoints", "validation", "tb")  # what a run writes (cache/ is
-# content-keyed and shared, so it is kept)
+RUN_FILES = ("lora.safetensors", "transformer", "log.jsonl", "checkpoints", "validation", "tb")  # what a run
+# writes (transformer/: train.mode full's result; cache/ is content-keyed and shared, so it is kept)
 
 
 def claim_out_dir(out_dir: Path, resume: str, overwrite: bool) -> list[str]:
@@ -138,8 +138,13 @@ def _state(d: Path) -> dict | None:
         return None
 
 
+def _checkpoint_dirs(ckpts: Path) -> list[Path]:
+    """Checkpoint folders: lora-<hash> (LoRA mode) and full-<hash> (full.py)."""
+    return sorted([*ckpts.glob("lora-*"), *ckpts.glob("full-*")])
+
+
 def _prune(ckpts: Path, keep: int, run: str) -> None:
-    found = [(st["step"], d) for d in ckpts.glob("lora-*") if (st := _state(d)) and st.get("run") == run]
+    found = [(st["step"], d) for d in _checkpoint_dirs(ckpts) if (st := _state(d)) and st.get("run") == run]
     for _, d in sorted(found)[:-keep] if keep > 0 else []:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -149,7 +154,7 @@ def _unreadable(d: Path) -> str | None:
     st = _state(d)
     if st is None or "step" not in st:
         return "state.json missing or unreadable"
-    for f in ("lora.safetensors", "optimizer.safetensors"):
+    for f in st.get("files", ("lora.safetensors", "optimizer.safetensors")):  # full.py lists its shard files
         try:
             load_file(str(d / f))
         except (OSError, SafetensorError) as e:
@@ -174,7 +179,7 @@ def resolve_resume(resume: str, out_dir: Path, log=print) -> Path | None:
             named = [ckpts / json.loads((ckpts / "latest.json").read_text())["path"]]
         except (ValueError, KeyError):
             pass
-    others = sorted((d for d in ckpts.glob("lora-*") if d not in named and _state(d)),
+    others = sorted((d for d in _checkpoint_dirs(ckpts) if d not in named and _state(d)),
                     key=lambda d: -_state(d).get("step", 0))
     skipped = []
     for d in named + others:
@@ -209,6 +214,8 @@ def config_differences(ckpt: Path, cfg: Config) -> list[str]:
 def load_checkpoint(path: Path, transformer, optimizer, region=None) -> tuple[int, str]:
     """Restore LoRA weights (and the region token's), and the optimizer state; return (the step to continue from, the
     run id to keep)."""
+    if (_state(Path(path)) or {}).get("mode") == "full":
+        raise ValueError(f"{path}: a full fine-tune checkpoint (train.mode='full'); a LoRA run resumes only lora-*")
     lora = load_file(str(path / "lora.safetensors"))
     own = {f"{PREFIX}.{n}": p for n, p in _lora_named_params(transformer)}
     missing = set(own) ^ set(lora)

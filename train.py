@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 import compile_cache
+import full  # train.mode='full': the full fine-tune's pieces
 from cache import (cache_dir_of, check_dataset, control_latents_of, open_image, scan_dataset, training_data,
                    validate_dataset)
 from config import Config, TrainConfig, cli, to_json, validate
@@ -210,8 +211,9 @@ def prepare_transformer(transformer, tc: TrainConfig, device: torch.device,
             m.set_backward_fp8(tc.fp8_backward)
     if tc.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    # full mode: the block Linears themselves train (and FSDP2 shards the model under torchrun), full.py
     with seeded(tc.seed, device):  # LoRA A init draws from the global generator: same seed, same start
-        params = add_lora(transformer, tc)
+        params = add_lora(transformer, tc) if tc.mode == "lora" else full.prepare_full(transformer, tc, device)
     transformer.train()
     if offload is not None:
         transformer._block_offload = offload_transformer(transformer, device, offload)
@@ -301,9 +303,11 @@ def train_step(model, params: list, optimizer, batches, tc: TrainConfig,
     bucket's last batch can be smaller than batch_size); `terms`, if given, receives the loss's terms averaged over
     the micro-batches when there are several (dual_masked, a region token). `params`: everything the optimizer
     trains (the LoRA's, then the region token's). A non-finite loss raises FloatingPointError naming the samples
-    before the optimizer touches the LoRA."""
+    before the optimizer touches the LoRA. Full mode (full.py): each parameter steps inside the backward of the last
+    micro-batch, so the loss is checked before each backward, and the gradient norm is the one the hooks saw."""
     losses, parts = [], []
-    for b, idx, share in batches:
+    in_backward = tc.mode == "full"  # full.py: each parameter steps inside the backward, by its gradient hook
+    for micro, (b, idx, share) in enumerate(batches):
         # activation offload: what the backward needs waits in pinned host memory (torch's own hook)
         with (torch.autograd.graph.save_on_cpu(pin_memory=b["x0"].is_cuda) if tc.activation_offload
               else contextlib.nullcontext()), \
@@ -312,6 +316,11 @@ def train_step(model, params: list, optimizer, batches, tc: TrainConfig,
             loss = sum(part.values())
             if len(part) > 1:
                 parts.append({k: v.detach() for k, v in part.items()})
+        if in_backward:  # the update happens in this backward: a non-finite loss must stop before it (a host sync)
+            if not math.isfinite(value := loss.item()):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(value, idx)
+            optimizer.stepping = micro == tc.grad_accum - 1  # grad_accum: the earlier backwards only accumulate
         (loss * share).backward()
         losses.append((loss.detach(), idx))
     if terms is not None and parts:
@@ -321,6 +330,8 @@ def train_step(model, params: list, optimizer, batches, tc: TrainConfig,
     if bad:
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss(*bad[0])
+    if in_backward:  # already stepped; no clipping (config.py refuses train.grad_clip > 0 in full mode)
+        return sum(v / tc.grad_accum for v in values), optimizer.grad_norm(), sum(len(idx) for _, idx in losses)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -328,6 +339,8 @@ def train_step(model, params: list, optimizer, batches, tc: TrainConfig,
 
 
 def make_optimizer(params, cfg: TrainConfig):
+    if cfg.mode == "full":  # one optimizer per parameter, stepped by its gradient hook
+        return full.make_optimizer(params, cfg)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw8bit":
@@ -391,6 +404,8 @@ def check_run(cfg: Config, rank: int, log) -> tuple[list, int, Path | None]:
         for note in claim_out_dir(Path(cfg.out_dir), cfg.resume, cfg.overwrite):
             log(note)
     conditioning_check(samples, cfg, log)
+    if cfg.train.mode == "full":
+        full.check_config(cfg)  # a quantized checkpoint on disk
     ckpt = resolve_resume(cfg.resume, Path(cfg.out_dir), log)
     if ckpt is not None and (diff := config_differences(ckpt, cfg)):
         log(f"warning: resuming {ckpt} with a config that differs from its config.json: {'; '.join(diff)}")
@@ -459,7 +474,7 @@ def main(cfg: Config) -> dict:
         f"gradient checkpointing: {'on' if tc.gradient_checkpointing else 'off'}"
         + ("; activation offload: on" if tc.activation_offload else "") + offload_note(transformer))
     model = transformer
-    if world > 1:
+    if world > 1 and tc.mode == "lora":  # full mode: sharded by FSDP2 in prepare_transformer
         # Only the LoRA is trained: DDP must neither broadcast the frozen base (gloo cannot send float8, and a 12B
         # broadcast at start is pure waste) nor re-send quantized buffers every forward.
         frozen = [n for n, p in transformer.named_parameters() if not p.requires_grad]
@@ -471,12 +486,19 @@ def main(cfg: Config) -> dict:
     if world > 1 and region is not None:  # its own DDP: it runs outside the transformer's forward
         region_model = torch.nn.parallel.DistributedDataParallel(
             region, device_ids=[device.index] if device.type == "cuda" else None)
-    log(f"LoRA: {sum(p.numel() for p in params) / 1e6:.3f}M parameters on {len(tc.target_modules)} module kinds, "
+    log(full.summary(transformer, params, tc) if tc.mode == "full" else
+        f"LoRA: {sum(p.numel() for p in params) / 1e6:.3f}M parameters on {len(tc.target_modules)} module kinds, "
         f"rank {tc.rank}" + (f"; region token: grid {tc.region_grid[0]}x{tc.region_grid[1]}, "
                              f"{sum(p.numel() for p in region.parameters())} parameters" if region else ""))
+    # full mode's checkpoints and result (full.py): every rank takes part (FSDP shards), rank 0 renames and logs
+    ckpt_save, ckpt_load, result_save, result = ((save_checkpoint, load_checkpoint, save_result, "lora.safetensors")
+                                                 if tc.mode == "lora" else
+                                                 (full.save_checkpoint, full.load_checkpoint, full.save_result,
+                                                  full.RESULT))
+    saver = rank == 0 or tc.mode == "full"
     params = params + (list(region.parameters()) if region is not None else [])
     optimizer = make_optimizer(params, tc)
-    start, run = (load_checkpoint(ckpt, transformer, optimizer, region) if ckpt is not None
+    start, run = (ckpt_load(ckpt, transformer, optimizer, region) if ckpt is not None
                   else (0, new_run_id()))
     if ckpt is not None:
         log(f"resumed from {ckpt} at step {start}" + (f"; train.steps is {tc.steps}: nothing left to train"
@@ -493,7 +515,9 @@ def main(cfg: Config) -> dict:
         log(f"step {step}: held-out loss {val:.4f}")
         if rank == 0:
             log_file.write(json.dumps({"step": step, "held_out_loss": val}) + "\n")
-            if step > 0:
+            if step > 0 and full.is_sharded(transformer):  # sampling a sharded model needs every rank
+                log("validation grid: skipped (FSDP: the transformer is sharded)")
+            elif step > 0:
                 vae = vae or load_vae(cfg.model)  # cached mode: loaded for the grids only when first needed
                 path = validation_grid(transformer, vae, samples[n_train:], data.held_out, cfg, step, out_dir,
                                        region)
@@ -503,7 +527,7 @@ def main(cfg: Config) -> dict:
         validate_at(0)
     saved = compile_cache.cache_file(tc.compile_cache, compile_cache.describe(
         transformer, job="train", shapes=sorted(set(map(str, data.shapes))), batch=tc.batch_size, world=world,
-        autocast=tc.autocast, fp8_backward=tc.fp8_backward)) if compile_cache.is_compiled(transformer) else None
+        autocast=tc.autocast, fp8_backward=tc.fp8_backward, mode=tc.mode)) if compile_cache.is_compiled(transformer) else None
     if compile_cache.load(saved):
         log(f"compile cache: loaded {saved}")
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=rank != 0, desc="train")
@@ -537,23 +561,23 @@ def main(cfg: Config) -> dict:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", gn=f"{grad_norm:.3f}",
                                 sps=f"{rec['samples_per_s']:.2f}")
         done = step + 1 == tc.steps
-        if rank == 0 and (done or (tc.save_every and (step + 1) % tc.save_every == 0)):
-            last_ckpt = str(save_checkpoint(out_dir, transformer, optimizer, step + 1, cfg, tc.keep_checkpoints, run,
-                                            region))
-        if rank == 0 and done:  # before the last grid: a crash there loses nothing
-            save_result(transformer, region, out_dir, tc)
+        if saver and (done or (tc.save_every and (step + 1) % tc.save_every == 0)):
+            last_ckpt = str(ckpt_save(out_dir, transformer, optimizer, step + 1, cfg, tc.keep_checkpoints, run, region))
+        if saver and done:  # before the last grid: a crash there loses nothing
+            result_save(transformer, region, out_dir, tc)
         if tc.validate_every >= 0 and n_val and (done or (tc.validate_every and (step + 1) % tc.validate_every == 0)):
             validate_at(step + 1)
+    if saver and start >= tc.steps:  # resumed at or past the end: the checkpoint's weights are the result
+        result_save(transformer, region, out_dir, tc)
     if rank == 0:
-        if start >= tc.steps:  # resumed at or past the end: the checkpoint's LoRA is the result
-            save_result(transformer, region, out_dir, tc)
-        log(f"wrote {out_dir / 'lora.safetensors'}"
+        log(f"wrote {out_dir / result}"
             + (f", {region_path(out_dir / 'lora.safetensors').name} beside it" if region is not None else "")
             + f" and checkpoint {last_ckpt}")
         log_file.close()
     if world > 1:
         torch.distributed.barrier()
-    return {"history": history, "transformer": transformer, "lora": out_dir / "lora.safetensors"}
+    return {"history": history, "transformer": transformer, "lora": out_dir / "lora.safetensors",
+            "output": out_dir / result}
 
 
 def save_result(transformer, region, out_dir: Path, tc: TrainConfig) -> None:

@@ -11,9 +11,10 @@ import tiny
 @pytest.mark.parametrize("kw", [dict(who="stock"), dict(who="stock", ckpt=True), dict(who="stock", denoise=True),
                                 dict(who="ours"), dict(who="ours", kind="fp8", ckpt=True),
                                 dict(who="ours", kind="fp8", fp8_backward=True), dict(who="ours", kind="nf4", ckpt=True),
-                                dict(who="ours", kind="fp8", denoise=True), dict(who="ours", denoise=True, compile_=True)],
+                                dict(who="ours", kind="fp8", denoise=True), dict(who="ours", denoise=True, compile_=True),
+                                dict(who="ours", kind="full", ckpt=True)],
                          ids=["stock", "stock-ckpt", "stock-denoise", "bf16", "fp8-ckpt", "fp8-backward", "nf4-ckpt",
-                              "fp8-denoise", "bf16-denoise-compile-flag"])
+                              "fp8-denoise", "bf16-denoise-compile-flag", "full-ckpt"])
 def test_rows_run_on_tiny(kw):
     cfg = bench.BenchConfig(tiny=True, text_tokens=16, iters=1, warmup=1)
     with torch.enable_grad():
@@ -38,6 +39,9 @@ def test_plan_labels_the_shipped_configs():
     assert "bf16 train, full ckpt: ours (configs/bf16.py)" in labels
     assert "fp8 train, no recompute: ours (configs/fp8.py)" in labels
     assert bench.ours_config("fp8", bench.BenchConfig()).fp8_backward  # the row runs configs/fp8.py's choice
+    full = [label for label, _, kw in bench.plan(bench.BenchConfig(rows=("full",))) if kw.get("kind") == "full"]
+    assert full == ["bf16 full fine-tune, full ckpt: ours (configs/full_bf16.py)"]
+    assert bench.ours_config("full", bench.BenchConfig()).mode == "full"
 
 
 def test_kernel_kinds():

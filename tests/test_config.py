@@ -150,7 +150,12 @@ def test_choice_literals_match_their_consumers():
 
         t = train.sample_timesteps(4, TrainConfig(timestep_sampling=s), 16, torch.Generator().manual_seed(0))
         assert ((t > 0) & (t < 1)).all()
-    assert choices(TrainConfig, "optimizer") == {"adamw", "adamw8bit"}
+    assert choices(TrainConfig, "optimizer") == {"adamw", "adamw8bit", "torchao_adamw8bit"}
+    import full
+
+    assert choices(TrainConfig, "optimizer") == set(full.STEPPERS)  # full mode's per-parameter steppers
+    assert choices(TrainConfig, "mode") == {"lora", "full"} and choices(TrainConfig, "full_modules") == {"all",
+                                                                                                         "attention"}
     assert choices(TrainConfig, "lora_init") == {"default", "gaussian"}
 
 
@@ -242,7 +247,7 @@ def test_validate_types_follow_the_annotations():
         "train.betas: expected a tuple of 2 numbers, each in [0, 1), got [0.9, 0.99]": TrainConfig(betas=[0.9, 0.99]),
         "train.target_modules: expected a tuple of strings, not empty, got ('to_q', 3)":
             TrainConfig(target_modules=("to_q", 3)),
-        "train.optimizer: expected one of adamw | adamw8bit, got 'sgd'": TrainConfig(optimizer="sgd"),
+        "train.optimizer: expected one of adamw | adamw8bit | torchao_adamw8bit, got 'sgd'": TrainConfig(optimizer="sgd"),
     }
     for line, tc in bad.items():
         assert problem_lines(dataclasses.replace(ok, train=tc)) == [line]

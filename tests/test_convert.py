@@ -249,3 +249,41 @@ def test_train_writes_lora_format(tmp_path, pipe, fmt):
     for name, members in fused.items():
         got = comfy_delta(sd, f"lora_unet_{name}", "lora_down.weight", "lora_up.weight")
         assert close(got, torch.cat([deltas[m] for m in members])), name
+
+
+# ---------------------------------------------------------------- --format comfyui-model (train.mode full's result)
+
+
+def test_comfyui_model_round_trips_through_diffusers_key_map(tiny_path):
+    """convert.to_bfl_model, then diffusers' own single-file converter (convert_flux_transformer_checkpoint_to_
+    diffusers, what from_single_file runs on a BFL checkpoint) gives back every tensor exactly. That converter splits
+    linear1 at FLUX.1's width (3072, hard-coded), so the tiny model's keys carry full-width rows here: each Linear's
+    out_features x 24 (128 -> 3072, 512 -> 12288), 2 input columns; the RMS norms' scales as they are."""
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    tiny = load_file(next((tiny_path / "transformer").glob("*.safetensors")))
+    g = torch.Generator().manual_seed(0)
+    sd = {k: (v.clone() if ".norm_" in k else torch.randn(v.shape[0] * 24, *([2] if v.ndim == 2 else []), generator=g))
+          for k, v in tiny.items()}
+    bfl = convert.to_bfl_model(sd)
+    assert "double_blocks.0.img_attn.qkv.weight" in bfl and "single_blocks.0.linear1.bias" in bfl
+    assert "final_layer.adaLN_modulation.1.weight" in bfl and "double_blocks.0.img_attn.norm.key_norm.scale" in bfl
+    back = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_comfyui_model_cli_writes_one_bfl_file(tiny_path, tmp_path, capsys):
+    """`convert.py <transformer folder> OUT --format comfyui-model`: one safetensors, BFL names only, the tensors
+    to_bfl_model gives; a folder without config.json and a LoRA inside the model are refused."""
+    folder = tiny_path / "transformer"
+    out = convert.main([str(folder), str(tmp_path / "m.safetensors"), "--format", "comfyui-model"])
+    got = load_file(out)
+    want = convert.to_bfl_model(load_file(next(folder.glob("*.safetensors"))))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not any(k.startswith(("transformer_blocks", "single_transformer_blocks", "x_embedder")) for k in got)
+    assert got["double_blocks.0.img_attn.qkv.weight"].shape == (3 * 128, 128)
+    with pytest.raises(ValueError, match="not a diffusers transformer folder"):
+        convert.main([str(tmp_path), str(tmp_path / "x.safetensors"), "--format", "comfyui-model"])
+    with pytest.raises(ValueError, match="have no BFL name"):
+        convert.to_bfl_model({**want, "transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(1)})

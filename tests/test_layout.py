@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["bench", "train", "convert", "caption", "sample", "stepcache", "lora", "region", "offload", "cache", "load", "quant", "encode", "kontext_kernels", "compile_cache",
+LAYERS = ["bench", "train", "full", "convert", "caption", "sample", "stepcache", "lora", "region", "offload", "cache", "load", "quant", "encode", "kontext_kernels", "compile_cache",
           "config", "tiny"]
 
 

@@ -107,11 +107,12 @@ def test_lora_loads_in_pipeline_and_changes_output(tmp_path, pipe):
     assert torch.equal(edit_with_pipe(pipe), base)
 
 
-def edit_errors(pipe, pairs, lora=None, steps: int = 8) -> dict:
+def edit_errors(pipe, pairs, lora=None, steps: int = 8, transformer=None) -> dict:
     """Latent mean squared errors to the targets over fresh toy pairs (never trained on): the sampled edit with each
     pair's own control, the same with the controls rolled by one (another pair's control, own target and prompt),
     copying the control, and the sampled edit without the LoRA; plus train.py's flow-matching loss at t in {0.25,
-    0.5, 0.75} with own vs rolled controls."""
+    0.5, 0.75} with own vs rolled controls. `transformer` (train.mode full): the trained model in place of the
+    pipeline's for those measurements, instead of the LoRA file."""
     from PIL import Image
 
     from encode import encode_image, latent_ids, pack_latents, preprocess_image
@@ -132,7 +133,11 @@ def edit_errors(pipe, pairs, lora=None, steps: int = 8) -> dict:
     rolled = controls[1:] + controls[:1]
     out = {"copy_control": mse([pack_latents(encode_image(pipe.vae, preprocess_image(c))) for c in controls])}
     out["no_lora"] = mse(sampled(controls))
-    pipe.load_lora_weights(str(lora))
+    base = pipe.transformer
+    if transformer is not None:
+        pipe.transformer = transformer
+    else:
+        pipe.load_lora_weights(str(lora))
     try:
         out["own_control"], out["rolled_controls"] = mse(sampled(controls)), mse(sampled(rolled))
         x0 = torch.cat(targets)
@@ -145,7 +150,9 @@ def edit_errors(pipe, pairs, lora=None, steps: int = 8) -> dict:
                 pipe.transformer, x0, torch.randn(x0.shape, generator=g), torch.full((n,), t), ctrl,
                 embeds.expand(n, -1, -1), pooled.expand(n, -1), ids, text_ids, 1.0)) for t in (0.25, 0.5, 0.75)) / 3
     finally:
-        pipe.unload_lora_weights()
+        if transformer is None:
+            pipe.unload_lora_weights()
+        pipe.transformer = base
     return out
 
 
@@ -243,7 +250,8 @@ def test_ddp_two_processes_equal_one(tmp_path, config):
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
 
 
-@pytest.mark.parametrize("name", ["tiny", "bf16", "bf16_24gb", "fp8", "fp4", "krea_bf16", "region_depth", "region_tiny"])
+@pytest.mark.parametrize("name", ["tiny", "bf16", "bf16_24gb", "fp8", "fp4", "krea_bf16", "region_depth", "region_tiny",
+                                  "full_bf16"])
 def test_every_config_file_loads(name):
     cfg = load_config(ROOT / "configs" / f"{name}.py")
     assert cfg.train.steps > 0 and cfg.model.path
