@@ -389,10 +389,11 @@ def test_one_set_of_defaults():
     with pytest.raises(SystemExit):  # the old flag name is gone: num_inference_steps everywhere
         parse_args(["--config", TINY_CONFIG, "--steps", "3"])
     # ... and sample() takes every other SampleConfig field as a keyword of the same name and default, which is how
-    # main() passes them on (seed makes the generator; compile and attention_backend go to prepare_transformer)
+    # main() passes them on (seed makes the generator; compile and attention_backend go to prepare_transformer,
+    # compile_cache to compile_cache.py)
     params = inspect.signature(sample).parameters
     fields = {f.name for f in dataclasses.fields(SampleConfig)}
-    assert fields - set(params) == set(NOT_SAMPLE_KWARGS) == {"seed", "compile", "attention_backend"}
+    assert fields - set(params) == set(NOT_SAMPLE_KWARGS) == {"seed", "compile", "compile_cache", "attention_backend"}
     for name in fields - set(NOT_SAMPLE_KWARGS):
         assert params[name].default == getattr(SampleConfig(), name), name
     # Args holds only what SampleConfig does not
