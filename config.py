@@ -23,7 +23,8 @@ __all__ = ["Config", "DataConfig", "TrainConfig", "SampleConfig", "ModelConfig",
 # Choice values, mirroring the tables their consumers read (tests/test_config.py checks that they agree).
 Dtype = Literal["fp32", "bf16", "fp16", "float32", "bfloat16", "float16"]  # load.DTYPES
 Quant = Literal["none", "fp8", "nf4", "fp4"]  # quant.QUANTS
-AttentionBackend = Literal["auto", "cudnn", "cudnn_torch", "flash", "efficient", "math", "default"]  # kontext_kernels.attention
+# kontext_kernels.attention.BACKENDS; cudnn_fp8: fp8 attention on Hopper (pip install nvidia-cudnn-frontend)
+AttentionBackend = Literal["auto", "cudnn", "cudnn_fp8", "cudnn_torch", "flash", "efficient", "math", "default"]
 
 
 @dataclass
@@ -158,7 +159,9 @@ class TrainConfig:
     log_every: int = 1  # progress-bar update interval in steps (log.jsonl gets every step)
     compile: bool = True  # torch.compile each transformer block (regional; CUDA only, the CPU runs eager)
     compile_cache: str = COMPILE_CACHE  # with compile: the folder of torch.compile's saved work (compile_cache.py)
-    attention_backend: AttentionBackend = "auto"  # kontext_kernels/attention.py resolve_attention; saved in config.json
+    # kontext_kernels/attention.py resolve_attention ("auto": bf16 cuDNN on a GPU; "cudnn_fp8": fp8 attention, Hopper
+    # and nvidia-cudnn-frontend, never chosen by "auto"); saved in config.json
+    attention_backend: AttentionBackend = "auto"
     fp8_backward: bool = False  # fp8 transformer: input gradient as an e5m2 x e4m3 GEMM (kontext_kernels/fp8.py)
     activation_offload: bool = False  # keep the tensors saved for the backward in pinned host memory (with
     #                                   checkpointing: the block inputs; torch.autograd.graph.save_on_cpu)

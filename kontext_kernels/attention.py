@@ -8,14 +8,20 @@ cuDNN path notes that the aten ops give wrong results unless every operand is co
 reaches the kernels is contiguous [B, H, S, D] (lse [B, H, S, 1]) and the backward is one explicit aten call; it ran
 in every configuration on both GPUs.
 
+"cudnn_fp8" is the same processor with the attention call in fp8 on cuDNN's graph API (kontext_kernels/attention_fp8.py,
+Hopper, `pip install nvidia-cudnn-frontend`): e4m3 q/k/v/P/O/dO/dS, gradients and output back in bf16.
+
 The choice lives on the model: `set_attention(model, name, device, dtype)` sets the processor of each of *this*
-model's attention modules: our CudnnFluxAttnProcessor for "cudnn", else diffusers' FluxAttnProcessor pinned to one of
+model's attention modules: our CudnnFluxAttnProcessor for "cudnn" (CudnnFp8FluxAttnProcessor for "cudnn_fp8", one per
+module: it holds that module's delayed gradient scales), else diffusers' FluxAttnProcessor pinned to one of
 diffusers' own backends; an IP-Adapter's processors (they hold its weights) are kept and pinned too. Two models in
 one process keep their own choices, the choice holds inside compiled blocks and checkpoint recomputes, and nothing
 process-wide (diffusers' backend registry, its active backend) is touched.
 """
 
 import torch
+
+from kontext_kernels.attention_fp8 import Fp8Scales, check_fp8_attention, cudnn_fp8_attention
 
 
 def _forward(q, k, v, scale):
@@ -93,23 +99,43 @@ class CudnnFluxAttnProcessor:
             v = torch.cat([ev, v], dim=1)
         if image_rotary_emb is not None:
             q, k = self._rope(q, image_rotary_emb, sequence_dim=1), self._rope(k, image_rotary_emb, sequence_dim=1)
-        out = cudnn_attention(q, k, v).flatten(2, 3).to(q.dtype)
+        out = self._attend(q, k, v).flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is None:
             return out
         text, out = out.split_with_sizes([encoder_hidden_states.shape[1], out.shape[1] - encoder_hidden_states.shape[1]],
                                          dim=1)
         return attn.to_out[1](attn.to_out[0](out.contiguous())), attn.to_add_out(text.contiguous())
 
+    def _attend(self, q, k, v):
+        return cudnn_attention(q, k, v)
+
+
+class CudnnFp8FluxAttnProcessor(CudnnFluxAttnProcessor):
+    """CudnnFluxAttnProcessor with its attention in fp8: cudnn_fp8_attention (kontext_kernels/attention_fp8.py,
+    cuDNN's fp8 graphs, Hopper). Each instance, one per attention module, holds that module's delayed gradient
+    scales."""
+
+    name = "kontext_cudnn_fp8"
+
+    def __init__(self):
+        super().__init__()
+        self.scales = Fp8Scales()
+
+    def _attend(self, q, k, v):
+        return cudnn_fp8_attention(q, k, v, self.scales)
+
 
 # ---------------------------------------------------------------- the choice, per model
 
-# our names -> diffusers' backend names; "cudnn" is our processor instead (CudnnFluxAttnProcessor)
-BACKENDS = {"cudnn": CudnnFluxAttnProcessor.name, "cudnn_torch": "_native_cudnn", "flash": "_native_flash",
+# our names -> diffusers' backend names; "cudnn" and "cudnn_fp8" are our processors instead (CudnnFluxAttnProcessor,
+# CudnnFp8FluxAttnProcessor)
+BACKENDS = {"cudnn": CudnnFluxAttnProcessor.name, "cudnn_fp8": CudnnFp8FluxAttnProcessor.name,
+            "cudnn_torch": "_native_cudnn", "flash": "_native_flash",
             "efficient": "_native_efficient", "math": "_native_math", "default": "native"}
 # diffusers' backend for an IP-Adapter processor (FluxIPAdapterAttnProcessor) under our "cudnn": that processor is
 # diffusers' code, which only dispatches to diffusers' backends. PyTorch's flash, not its cuDNN SDPA: flash ran in
-# every configuration on the H200, PyTorch's cuDNN path crashed (the module docstring). "cudnn" is only chosen on
-# CUDA with bf16/fp16 attention, which flash takes.
+# every configuration on the H200, PyTorch's cuDNN path crashed (the module docstring). "cudnn" and "cudnn_fp8" are
+# only chosen on CUDA with bf16/fp16 attention, which flash takes.
 IP_CUDNN_BACKEND = "_native_flash"
 
 
@@ -120,7 +146,7 @@ def cudnn_usable(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """"auto" -> our cuDNN path on a GPU that can run it ("cudnn": it ran on the H100 and the H200 with and without
+    """"auto" -> our cuDNN path (bf16; never the fp8 one, whose accuracy is a choice to make) on a GPU that can run it ("cudnn": it ran on the H100 and the H200 with and without
     checkpointing and compile, in bf16, fp8 and 4-bit models; PyTorch's own cuDNN path crashed on each in one of those
     configurations, so "auto" never picks it); on CUDA otherwise (fp32 attention, pre-Ampere) the memory-efficient
     kernel, which takes fp32; on the CPU PyTorch's default SDPA."""
@@ -135,10 +161,10 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> st
 
 def set_attention(model: torch.nn.Module, name: str, device: torch.device, dtype: torch.dtype) -> str:
     """Set the attention path in every attention module of `model` (and nowhere else); return the name chosen.
-    "cudnn": our processor; any other: diffusers' FluxAttnProcessor with that backend written into it (what
-    diffusers' set_attention_backend does per module, minus its process-wide set_active_backend). An IP-Adapter's
+    "cudnn" / "cudnn_fp8": our processors; any other: diffusers' FluxAttnProcessor with that backend written into it
+    (what diffusers' set_attention_backend does per module, minus its process-wide set_active_backend). An IP-Adapter's
     FluxIPAdapterAttnProcessor (double blocks, load.add_ip_adapter) is kept, it holds the adapter's to_k_ip / to_v_ip
-    and scale, with the backend written into it (IP_CUDNN_BACKEND for "cudnn"). `dtype` is the
+    and scale, with the backend written into it (IP_CUDNN_BACKEND for "cudnn" / "cudnn_fp8"). `dtype` is the
     dtype attention runs in (the hidden states'). Held inside the model, the choice holds in compiled blocks and when
     gradient checkpointing recomputes a block: an outer `sdpa_kernel` context does neither, and a recompute under
     another backend fails torch.utils.checkpoint's metadata check (logsumexp shapes differ)."""
@@ -149,18 +175,22 @@ def set_attention(model: torch.nn.Module, name: str, device: torch.device, dtype
     if name in ("cudnn", "cudnn_torch") and not cudnn_usable(device, dtype):
         raise ValueError(f"attention_backend {name!r} needs a CUDA GPU (sm >= 8.0) and bf16/fp16 attention; got "
                          f"{device} with {dtype}")
+    if name == "cudnn_fp8":
+        check_fp8_attention(device, dtype)  # Hopper, the cudnn module, cuDNN >= 9.14: fail here, not in the first step
     modules = [m for m in model.modules() if hasattr(m, "set_processor") and hasattr(m, "processor")]
     other = {type(m.processor).__name__ for m in modules} - {"FluxAttnProcessor", "CudnnFluxAttnProcessor",
-                                                             "FluxIPAdapterAttnProcessor"}
+                                                             "CudnnFp8FluxAttnProcessor", "FluxIPAdapterAttnProcessor"}
     if not modules or other:
         raise ValueError(f"set_attention: {type(model).__name__} needs Flux attention modules with diffusers' "
                          f"FluxAttnProcessor or FluxIPAdapterAttnProcessor; found {sorted(other) or 'none'}")
     for m in modules:
         if isinstance(m.processor, FluxIPAdapterAttnProcessor):
-            backend = IP_CUDNN_BACKEND if name == "cudnn" else BACKENDS[name]
+            backend = IP_CUDNN_BACKEND if name in ("cudnn", "cudnn_fp8") else BACKENDS[name]
             m.processor._attention_backend = AttentionBackendName(backend)
         elif name == "cudnn":
             m.set_processor(CudnnFluxAttnProcessor())
+        elif name == "cudnn_fp8":
+            m.set_processor(CudnnFp8FluxAttnProcessor())
         else:
             p = FluxAttnProcessor()
             p._attention_backend = AttentionBackendName(BACKENDS[name])

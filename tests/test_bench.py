@@ -91,3 +91,21 @@ def test_step_tflop_matches_the_hand_count():
     assert round(bench.step_tflop(d, 1024, 512, denoise=True)) == 165
     assert round(bench.step_tflop(d, 1024, 512)) == 410 and round(bench.step_tflop(d, 1024, 512, ckpt=True)) == 576
     assert bench.step_tflop(d, 1024, 512, controls=2) > 1.5 * bench.step_tflop(d, 1024, 512)  # attention grows as S^2
+
+
+def test_attention_fp8_accuracy_on_tiny(monkeypatch):
+    """bench.py --accuracy --rows attn_fp8's comparison, on the CPU: both cuDNN kernels replaced by torch (the bf16
+    one by the math reference, the fp8 graphs by their twins), so the code path runs end to end."""
+    import kontext_kernels.attention_fp8 as fp8
+    from kontext_kernels.attention import attention_ref
+
+    monkeypatch.setattr("kontext_kernels.attention.cudnn_usable", lambda device, dtype: True)
+    monkeypatch.setattr("kontext_kernels.attention.check_fp8_attention", lambda device, dtype: None)
+    monkeypatch.setattr("kontext_kernels.attention.cudnn_attention", attention_ref)
+    monkeypatch.setattr(fp8, "fp8_forward", fp8.fp8_forward_emulated)
+    monkeypatch.setattr(fp8, "fp8_backward", fp8.fp8_backward_emulated)
+    cfg = bench.BenchConfig(tiny=True, res=(64,), text_tokens=16)
+    row = bench.attention_fp8_accuracy(cfg, torch.device("cpu"))
+    assert row["finite"] and 0 < row["pred_rel_err"] < 0.2 and row["grad_cosine_min"] <= row["grad_cosine"], row
+    assert row["fp8_backward_calls"] == 4 and row["grad_cosine_min_at"].endswith(("lora_A.default.weight",
+                                                                                  "lora_B.default.weight")), row
