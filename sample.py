@@ -34,11 +34,11 @@ import tyro
 from PIL import Image
 from tqdm.auto import tqdm
 
-from cache import mask_latent, open_image
 from config import ModelConfig, SampleConfig, load_config, split_config_flag
 from encode import (MULTIPLE, _device_of, decode_latents, encode_image, encode_ip_image, encode_prompt, image_size,
                     kontext_size, output_size, predict_velocity, prepare_latents, preprocess_image, token_mask,
                     unpack_latents)
+from images import mask_latent, open_image
 from kontext_kernels.attention import set_attention
 from load import ip_processors, load_components, parse_device
 from lora import load_lora, read_lora

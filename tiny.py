@@ -438,7 +438,7 @@ def ensure_toy_dataset(n: int = 24, size: int = 64, seed: int = 0, root: str | P
 
 
 def write_masked_toy_dataset(out: str | Path, n: int = 24, size: int = 64, seed: int = 0) -> Path:
-    """A synthetic masked edit in the pairs layout (cache.py (c)): context = a coloured square on a background of
+    """A synthetic masked edit in the pairs layout (data.py (c)): context = a coloured square on a background of
     random grey cells (8-pixel cells: the tiny VAE's latent is each cell's colour), target = the same with the
     square painted red, mask = the square (white), depth = a 16-bit grayscale map (the square near, the background
     far), prompts.txt "make the square red" per pair. Outside the mask target and context are the same pixels, so

@@ -29,11 +29,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from cache import (cache_dir_of, check_dataset, control_latents_of, open_image, scan_dataset, training_data,
-                   validate_dataset)
+from cache import cache_dir_of, control_latents_of, training_data
 from config import Config, TrainConfig, cli, to_json, validate
 from convert import save_lora_as
+from data import check_dataset, scan_dataset, validate_dataset
 from encode import latent_ids, pack_controls, pack_latents, predict_velocity, token_mask
+from images import open_image
 from kontext_kernels.attention import set_attention
 from kontext_kernels.fp8 import FP8Linear
 from kontext_kernels.int4 import Linear4bit
@@ -649,7 +650,7 @@ def _tensorboard(out_dir: Path):
 if __name__ == "__main__":
     try:
         argv = [a for a in sys.argv[1:] if a != "--check"]
-        cfg = cli(argv, description=__doc__.splitlines()[0] + " --check: only check the dataset (cache.py check).")
+        cfg = cli(argv, description=__doc__.splitlines()[0] + " --check: only check the dataset (data.py check).")
         if len(argv) < len(sys.argv) - 1:  # --check: exit 2 on dataset errors, before any model loads
             sys.exit(check_dataset(cfg.data, cache_dir_of(cfg)))
         main(cfg)

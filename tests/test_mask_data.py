@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 
 import train
-from cache import DatasetError, DatasetWarning, load_mask, mask_latent, sample_key, scan_dataset, validate_dataset
+from cache import sample_key
 from config import Config, DataConfig, IPAdapterConfig, ModelConfig, TrainConfig
+from data import scan_dataset, validate_dataset
+from images import DatasetError, DatasetWarning, load_mask, mask_latent
 
 
 def png(path: Path, size=(32, 32), value=128, mode="RGB") -> Path:
@@ -147,9 +149,9 @@ def test_conditioning_check(tmp_path):
 
 
 def test_grey_masks_warned_up_front(tmp_path, monkeypatch):
-    import cache
+    import images
 
-    monkeypatch.setattr(cache, "RACY_NS", 0)  # fresh files enter the stat index: the second call is a warm start
+    monkeypatch.setattr(images, "RACY_NS", 0)  # fresh files enter the stat index: the second call is a warm start
     root = pairs(tmp_path / "d")
     a = np.zeros((32, 32), np.uint8)
     a[:, :16], a[0, 20] = 255, 77  # one grey pixel (JPEG noise, an antialiased edge)

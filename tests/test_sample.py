@@ -442,7 +442,7 @@ def test_cli_text_to_image_equals_pipeline(tmp_path, capsys, pipe):
 
 
 def test_cli_errors_name_the_file(tmp_path, lora_files):
-    # cache.open_image's messages: the path, then why (OSError's "No such file or directory" for a missing one)
+    # images.open_image's messages: the path, then why (OSError's "No such file or directory" for a missing one)
     with pytest.raises(ValueError, match=r"nope\.png.*(does not exist|No such file)"):
         cli("--image", tmp_path / "nope.png", "--prompt", PROMPT)
     src = tmp_path / "in.png"
