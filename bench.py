@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import objective
 import quant
 import sample
 import tiny
@@ -304,7 +305,7 @@ def accuracy_kind(kind: str, cfg: BenchConfig, res: int, device) -> dict:
         pred = predict_velocity(model.eval(), b["x0"], b["control"], b["t"], torch.ones(1, device=device),
                                 b["prompt_embeds"], b["pooled_prompt_embeds"], b["text_ids"], b["img_ids"])
     with torch.enable_grad():
-        loss = train.flow_matching_loss(model.train(), *args)
+        loss = objective.flow_matching_loss(model.train(), *args)
         loss.backward()
     return dict(pred=pred.double().cpu(), loss=loss.detach().double().cpu(),
                 grads=torch.cat([p.grad.flatten() for p in params]).double().cpu())

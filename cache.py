@@ -205,7 +205,7 @@ def training_data(cfg: Config, samples: list[Sample], n_train: int, log=print) -
     tensors from the cache; what is missing is encoded first, with the text encoders and VAE loaded only then and
     freed after. Uncached: encoders stay loaded on their devices and encode each sample when a batch needs it.
     Depth images are embedded only for a model with an IP-Adapter (model.ip_adapter; its image encoder loads with
-    the VAE), and ignored otherwise (train.conditioning_check says so)."""
+    the VAE), and ignored otherwise (validate.conditioning_check says so)."""
     if not cfg.model.ip_adapter.path:
         samples = [dataclasses.replace(s, depth=None) for s in samples]
     if not cfg.train.cached:

@@ -12,7 +12,7 @@
     from sample import sample; from lora import load_lora
     out = sample(components, image, "make the sky red", generator=torch.Generator().manual_seed(0))
 
-Flow matching, as in train.py: x_t = (1 - t) * x0 + t * noise, the transformer predicts v = noise - x0, and sampling
+Flow matching, as in objective.py: x_t = (1 - t) * x0 + t * noise, the transformer predicts v = noise - x0, and sampling
 runs t from 1 to 0 with Euler steps x_{t'} = x_t + (t' - t) * v (diffusers' FlowMatchEulerDiscreteScheduler.step).
 
 Each component may sit on its own device and dtype (T5 on "cpu", transformer on "cuda:0", VAE on "cuda:1"): tensors

@@ -298,9 +298,9 @@ def fit_copy(c: dict, spec: TinySpec, size: int = 64, max_sequence_length: int =
     has an edit to learn and a copy-the-control baseline to beat.
 
     A fixed fitting recipe for a test fixture, not a second trainer: tiny.py is the bottom layer and may not import
-    train.py, so the two lines of FLUX's convention (x_t = (1 - t) x0 + t noise, target noise - x0) are written here
-    too; tests/test_tiny.py checks with train.flow_matching_loss that the written model copies under train.py's
-    objective. Packing and ids are diffusers' (FluxKontextPipeline._pack_latents, _prepare_latent_image_ids)."""
+    objective.py, so the two lines of FLUX's convention (x_t = (1 - t) x0 + t noise, target noise - x0) are written
+    here too; tests/test_tiny.py checks with objective.flow_matching_loss that the written model copies under the
+    training objective. Packing and ids are diffusers' (FluxKontextPipeline._pack_latents, _prepare_latent_image_ids)."""
     import numpy as np
     import torch
     from diffusers import FluxKontextPipeline

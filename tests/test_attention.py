@@ -121,6 +121,7 @@ def test_flux_train_step_cudnn_equals_flash_gpu():
     grads through our cuDNN path vs flash."""
     import dataclasses
 
+    import objective
     import train
 
     dims = dict(tiny.MINI_DIMS, attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64,
@@ -139,8 +140,8 @@ def test_flux_train_step_cudnn_equals_flash_gpu():
             torch.nn.init.normal_(p, std=0.02)
         (b, _, _), = train.micro_batches(entries, [()], empty, dataclasses.replace(tc, seed=0), 0, 0, 1, CUDA,
                                          torch.bfloat16)
-        loss = train.flow_matching_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
-                                        b["pooled_prompt_embeds"], b["img_ids"], b["text_ids"], 1.0)
+        loss = objective.flow_matching_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
+                                            b["pooled_prompt_embeds"], b["img_ids"], b["text_ids"], 1.0)
         loss.backward()
         results.append((loss.detach(), torch.cat([p.grad.flatten() for p in params])))
     (l1, g1), (l2, g2) = results

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-import train
+import validate
 from cache import sample_key
 from config import Config, DataConfig, IPAdapterConfig, ModelConfig, TrainConfig
 from data import scan_dataset, validate_dataset
@@ -137,14 +137,14 @@ def test_conditioning_check(tmp_path):
     root = pairs(tmp_path / "d", masks=False, depth=False)
     samples = scan(root)
     notes = []
-    train.conditioning_check(samples, cfg_for(root), notes.append)  # nothing asked, nothing needed
+    validate.conditioning_check(samples, cfg_for(root), notes.append)  # nothing asked, nothing needed
     with pytest.raises(ValueError, match=r"(?s)3 sample\(s\).*target/a.png: no mask \(train.region_token"):
-        train.conditioning_check(samples, cfg_for(root, region_token=True), notes.append)
+        validate.conditioning_check(samples, cfg_for(root, region_token=True), notes.append)
     ipa = dataclasses.replace(cfg_for(root), model=ModelConfig(ip_adapter=IPAdapterConfig(path="x")))
     with pytest.raises(ValueError, match="no depth image"):
-        train.conditioning_check(samples, ipa, notes.append)
+        validate.conditioning_check(samples, ipa, notes.append)
     with_depth = scan(pairs(tmp_path / "e", masks=False))
-    train.conditioning_check(with_depth, cfg_for(tmp_path / "e"), notes.append)
+    validate.conditioning_check(with_depth, cfg_for(tmp_path / "e"), notes.append)
     assert notes == ["note: 3 depth image(s) ignored: model.ip_adapter.path is not set"]
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 import cache
 import images
+import objective
 import train
 from cache import build_cache, cache_paths, control_latents_of, read_entry
 from config import DataConfig, load_config
@@ -253,19 +254,19 @@ def test_collate_two_references(tmp_path):
                 "control_latents_1": torch.randn(16, 6, 8), "prompt_embeds": torch.randn(4, 32),
                 "pooled_prompt_embeds": torch.randn(32)} for _ in range(2)]
     empty = {"empty_prompt_embeds": torch.zeros(4, 32), "empty_pooled_prompt_embeds": torch.zeros(32)}
-    b = train.collate(entries, empty, train.TrainConfig(), ("step", 0, 0), "cpu", torch.float32, slice(0, 2))
+    b = objective.collate(entries, empty, train.TrainConfig(), ("step", 0, 0), "cpu", torch.float32, slice(0, 2))
     assert b["control"].shape == (2, 16 + 12, 64)
     assert torch.equal(b["control"][1, 16:], pack_latents(entries[1]["control_latents_1"][None])[0])
     assert torch.equal(b["img_ids"], torch.cat([latent_ids(8, 8), control_ids([(8, 8), (6, 8)])]))
     # one reference: today's collate, term for term
     one = [{k: v for k, v in e.items() if k != "control_latents_1"} for e in entries]
-    b1 = train.collate(one, empty, train.TrainConfig(), ("step", 0, 0), "cpu", torch.float32, slice(0, 2))
+    b1 = objective.collate(one, empty, train.TrainConfig(), ("step", 0, 0), "cpu", torch.float32, slice(0, 2))
     assert torch.equal(b1["control"], pack_latents(torch.stack([e["control_latents"] for e in one])))
     assert torch.equal(b1["img_ids"], torch.cat([latent_ids(8, 8), latent_ids(8, 8, marker=1.0)]))
     assert torch.equal(b1["noise"], b["noise"]) and torch.equal(b1["x0"], b["x0"])
     with pytest.raises(ValueError, match=r"entries with \[1, 2\] references in one batch"):
-        train.collate([entries[0], one[1]], empty, train.TrainConfig(), ("step", 0, 0), "cpu", torch.float32,
-                      slice(0, 2))
+        objective.collate([entries[0], one[1]], empty, train.TrainConfig(), ("step", 0, 0), "cpu", torch.float32,
+                          slice(0, 2))
 
 
 def test_batches_never_mix_reference_counts(tmp_path):
@@ -284,7 +285,7 @@ def test_batches_never_mix_reference_counts(tmp_path):
     assert cached.shapes == uncached.shapes  # the bucket key needs no encoding in uncached mode
     assert len(set(cached.shapes)) == 3  # 1 reference / 2 references (64 px) / 2 references (48 px first)
     for step in range(6):
-        idx = train.global_batch(cached.shapes, 4, 0, step)
+        idx = objective.global_batch(cached.shapes, 4, 0, step)
         assert len({cached.shapes[i] for i in idx}) == 1
 
 
