@@ -14,7 +14,7 @@ from caption import CaptionConfig, caption_dataset, caption_images, load_caption
 from config import DataConfig
 from data import scan_dataset
 from images import DatasetError, open_image
-from tiny import ensure_tiny_captioner, write_tiny_blip, write_tiny_florence2
+from fixtures import ensure_tiny_captioner, write_tiny_blip, write_tiny_florence2
 
 TOKENS = 5  # max_new_tokens: enough to tell captions apart, few enough to stay fast
 

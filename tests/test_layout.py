@@ -5,8 +5,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["bench", "train", "validate", "objective", "convert", "caption", "sample", "stepcache", "lora", "region",
-          "offload", "cache", "data", "images", "load", "quant", "encode", "kontext_kernels", "config", "tiny"]
+LAYERS = ["bench", "fixtures", "train", "validate", "objective", "convert", "caption", "sample", "stepcache", "lora",
+          "region", "offload", "cache", "data", "images", "load", "quant", "encode", "kontext_kernels", "config", "tiny"]
 
 
 def project_imports(path: Path):

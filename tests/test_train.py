@@ -228,11 +228,11 @@ def test_crash_matrix_gpu(kind, ckpt, compile_):
     finite loss, a finite non-zero gradient norm, and every LoRA tensor moved. "fp8-backward": fp8 with the fp8
     input gradient (configs/fp8.py)."""
     import quant
-    import tiny
+    import fixtures
     from config import TrainConfig
 
     device = torch.device("cuda")
-    model = tiny.full_size_transformer(device, num_layers=2, num_single_layers=4)
+    model = fixtures.full_size_transformer(device, num_layers=2, num_single_layers=4)
     if kind != "bf16":
         model = quant.quantize_transformer(model, kind.split("-")[0])
     tc = TrainConfig(gradient_checkpointing=ckpt, compile=compile_, attention_backend="auto", lr=1e-3,
@@ -244,7 +244,7 @@ def test_crash_matrix_gpu(kind, ckpt, compile_):
                                                           "off (4-bit transformer: its compiled step gave no "
                                                           "gradient to the single blocks' LoRA)")
         optimizer = train.make_optimizer(params, tc)
-        entries, empty = tiny.random_entries(1, 1024, 512), tiny.random_empty(512)
+        entries, empty = fixtures.random_entries(1, 1024, 512), fixtures.random_empty(512)
         shapes = [tuple(entries[0]["image_latents"].shape) * 2]
         before = [p.detach().clone() for p in params]
         with torch.enable_grad():
