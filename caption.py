@@ -27,7 +27,7 @@ import torch
 import tyro
 
 from config import DataConfig, Dtype
-from data import IMAGE_EXTS, _by_stem, _dataset_path, _read_text, _rows
+from data import IMAGE_EXTS, _by_stem, _captions_of, _dataset_path, _read_text, _rows
 from images import DatasetError, open_image
 from load import parse_device, parse_dtype
 
@@ -192,9 +192,8 @@ def _folder_items(root: Path, problems: list[str]) -> list[Item]:
     new_dir = root / "captions" if (root / "captions").is_dir() else images_dir
     items = []
     for stem, image in sorted(images.items()):
-        where = [c[stem] for c in captions if stem in c]
-        if len(where) > 1:
-            problems.append(f"{image}: {len(where)} captions ({', '.join(map(str, where))}); keep one")
+        where = _captions_of(stem, image, captions, problems)
+        if where is None:
             continue
         text = (_read_text(where[0], problems) or "") if where else ""
         items.append(Item(stem, image, controls.get(stem), text.strip(),

@@ -133,6 +133,16 @@ def _extra_references(controls: dict[str, Path], images: dict[str, Path], proble
     return extra, orphans
 
 
+def _captions_of(stem: str, image: Path, captions: list[dict[str, Path]], problems: list[str]) -> list[Path] | None:
+    """The caption files of `stem` in the caption places (images/, captions/, the folder itself): [] or [one]; None
+    when there are several (a problem is recorded: which one is meant is unknown)."""
+    where = [c[stem] for c in captions if stem in c]
+    if len(where) > 1:
+        problems.append(f"{image}: {len(where)} captions ({', '.join(map(str, where))}); keep one")
+        return None
+    return where
+
+
 def _scan_folder(root: Path, text_to_image: bool, problems: list[str], empty: list[str]) -> list[Sample]:
     images_dir, control_dir = root / "images", root / "control"
     if not images_dir.is_dir():
@@ -147,9 +157,8 @@ def _scan_folder(root: Path, text_to_image: bool, problems: list[str], empty: li
     extra, orphans = _extra_references(controls, images, problems)
     samples = []
     for stem, image in sorted(images.items()):
-        where = [c[stem] for c in captions if stem in c]
-        if len(where) > 1:
-            problems.append(f"{image}: {len(where)} captions ({', '.join(map(str, where))}); keep one")
+        where = _captions_of(stem, image, captions, problems)
+        if where is None:
             continue
         if not where:
             problems.append(f"{image}: no caption (expected {images_dir / (stem + '.txt')})")
