@@ -43,18 +43,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import compile_cache as compile_cache_
+import fixtures
+import objective
 import quant
 import sample
 import tiny
 import train
 from config import ModelConfig, Part, SampleConfig, TrainConfig, load_config
-from encode import latent_ids, predict_velocity
+from encode import predict_velocity
 from kontext_kernels.attention import cudnn_attention
 from kontext_kernels.attention_fp8 import (E4M3_MAX, GRAD_MARGIN, O_HEADROOM, Fp8Scales, cudnn_fp8_attention,
                                            fp8_backward, fp8_forward, host_pow2_scale, quantize_e4m3)
@@ -91,7 +91,7 @@ class BenchConfig:
 
 
 def dims(cfg: BenchConfig) -> dict:
-    return tiny.MINI_DIMS if cfg.tiny else tiny.FLUX_KONTEXT_DIMS
+    return fixtures.MINI_DIMS if cfg.tiny else fixtures.FLUX_KONTEXT_DIMS
 
 
 # dense tensor-core peaks (H100/H200 SXM datasheet, TFLOP/s): a row's % of peak uses its GEMMs' precision
@@ -120,7 +120,7 @@ def step_tflop(d: dict, res: int, text_tokens: int, *, denoise: bool = False, ck
 
 def build(cfg: BenchConfig, device, kind: str = "bf16"):
     """The random transformer, quantized as load.py does at load (quant.quantize_transformer)."""
-    model = tiny.full_size_transformer(device, **dims(cfg))
+    model = fixtures.full_size_transformer(device, **dims(cfg))
     return model if kind in ("bf16", "region_depth", "full") else quant.quantize_transformer(model, kind)
 
 
@@ -141,19 +141,19 @@ def ours_train_fn(model, tc: TrainConfig, cfg: BenchConfig, res: int, device, of
     CLIP image embeddings; with tc.region_token (configs/region_depth.py) the region token trains too, and entries
     carry a mask (the left half)."""
     if ip_adapter:
-        add_ip_adapter(model, tiny.random_ip_adapter_state(model))
+        add_ip_adapter(model, fixtures.random_ip_adapter_state(model))
     params, attention = train.prepare_transformer(model, tc, device, offload)
     region = train.make_region(model, tc, device)
     params = params + (list(region.parameters()) if region is not None else [])
     optimizer = train.make_optimizer(params, tc)
-    entries = tiny.random_entries(tc.batch_size, res, cfg.text_tokens, dims(cfg))
+    entries = fixtures.random_entries(tc.batch_size, res, cfg.text_tokens, dims(cfg))
     for e in entries:
         if ip_adapter:
             e["ip_image_embeds"] = torch.randn(1, 768)  # CLIP ViT-L/14's projection width
         if tc.region_token or tc.loss == "dual_masked":
             e["mask"] = torch.zeros(1, *e["image_latents"].shape[1:])
             e["mask"][..., : e["mask"].shape[-1] // 2] = 1.0
-    empty = tiny.random_empty(cfg.text_tokens, dims(cfg))
+    empty = fixtures.random_empty(cfg.text_tokens, dims(cfg))
     shapes = [tuple(e["image_latents"].shape) + tuple(e["control_latents"].shape) for e in entries]
     steps = itertools.count()
 
@@ -165,18 +165,6 @@ def ours_train_fn(model, tc: TrainConfig, cfg: BenchConfig, res: int, device, of
         train.train_step(model, params, optimizer, batches, tc, region=region)
 
     return step, attention
-
-
-def stock_inputs(cfg: BenchConfig, res: int, device) -> dict:
-    d = dims(cfg)
-    n = (res // 16) ** 2  # target tokens; the control image has the same size
-    g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g).to(device, torch.bfloat16)  # noqa: E731
-    ids = torch.cat([latent_ids(res // 8, res // 8, 0.0), latent_ids(res // 8, res // 8, 1.0)])
-    return dict(x0=r(1, n, 64), noise=r(1, n, 64), control=r(1, n, 64),
-                prompt_embeds=r(1, cfg.text_tokens, d["joint_attention_dim"]), pooled=r(1, d["pooled_projection_dim"]),
-                img_ids=ids.to(device, torch.bfloat16),
-                txt_ids=torch.zeros(cfg.text_tokens, 3, device=device, dtype=torch.bfloat16))
 
 
 def stock_forward(model, inp, t=0.5):
@@ -224,7 +212,7 @@ def ours_denoise_fn(model, cfg: BenchConfig, res: int, device, compile_: bool, o
     model.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=STOCK_TARGETS))  # a LoRA being sampled
     sc = dataclasses.replace(SampleConfig(), compile=compile_ and cfg.compile, attention_backend=cfg.attention)
     attention = sample.prepare_transformer(model, sc, device, offload)
-    inp = stock_inputs(cfg, res, device)
+    inp = fixtures.random_inputs(res, cfg.text_tokens, dims(cfg), device)
     t = torch.full((1,), 0.5, device=device, dtype=torch.bfloat16)
     guidance = torch.full((1,), 3.5, device=device)
 
@@ -251,7 +239,7 @@ def ours_stepcache_fn(model, cfg: BenchConfig, res: int, device, cache: str):
     d, g = dims(cfg), torch.Generator().manual_seed(0)
     embeds = torch.randn(1, cfg.text_tokens, d["joint_attention_dim"], generator=g).to(device, torch.bfloat16)
     pooled = torch.randn(1, d["pooled_projection_dim"], generator=g).to(device, torch.bfloat16)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (res, res, 3), dtype=np.uint8))
+    image = fixtures.random_image(res)
     kw = {k: v for k, v in dataclasses.asdict(sc).items() if k not in sample.NOT_SAMPLE_KWARGS}
     extra = {}
 
@@ -275,7 +263,7 @@ def ours_pipeline_fn(cfg: BenchConfig, res: int, device, offload: int | None):
         part = Part(dtype="bf16", device=str(device))
         c = load_components(ModelConfig(path=str(tiny.ensure_tiny()), clip=part, t5=part, vae=part, transformer=part))
     else:
-        parts = tiny.full_size_components(device)  # random init of 12B weights is minutes on a CPU, seconds here
+        parts = fixtures.full_size_components(device)  # random init of 12B weights is minutes on a CPU, seconds here
         c = Components(clip=parts["text_encoder"], clip_tokenizer=parts["tokenizer"], t5=parts["text_encoder_2"],
                        t5_tokenizer=parts["tokenizer_2"], vae=parts["vae"], transformer=parts["transformer"])
         if offload is not None:  # where load_transformer leaves it with model.offload (timed() resets the peak)
@@ -283,7 +271,7 @@ def ours_pipeline_fn(cfg: BenchConfig, res: int, device, offload: int | None):
             torch.cuda.empty_cache()
     sc = dataclasses.replace(SampleConfig(), attention_backend=cfg.attention)
     attention = sample.prepare_transformer(c.transformer, sc, device, offload)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (res, res, 3), dtype=np.uint8))
+    image = fixtures.random_image(res)
     kw = {k: v for k, v in dataclasses.asdict(sc).items() if k not in sample.NOT_SAMPLE_KWARGS}
 
     def run():
@@ -302,21 +290,6 @@ def stock_denoise_fn(model, inp, compile_: bool):
         stock_forward(model, inp)
 
     return step
-
-
-def stock_int4(model):
-    """diffusers' bitsandbytes path: every Linear quant.py would quantize as bnb.nn.Linear4bit nf4, bf16 compute."""
-    import bitsandbytes as bnb
-
-    for _, parent, attr, mod in quant.quantized_linears(model):
-        new = bnb.nn.Linear4bit(mod.in_features, mod.out_features, mod.bias is not None,
-                                compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
-        # quantized on the GPU where the weight lies (a CPU round trip copies 12B weights twice)
-        new.weight = bnb.nn.Params4bit(mod.weight.data, requires_grad=False, quant_type="nf4").cuda()
-        if mod.bias is not None:
-            new.bias = torch.nn.Parameter(mod.bias.data, requires_grad=False)
-        setattr(parent, attr, new)
-    return model
 
 
 # ---------------------------------------------------------------- accuracy of the quantized kinds (--accuracy)
@@ -343,8 +316,8 @@ def accuracy_kind(kind: str, cfg: BenchConfig, res: int, device, attention: str 
     g = torch.Generator().manual_seed(1)
     for p in params:  # lora_B starts at zero: give both factors values so the LoRA changes the output
         p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    entries = tiny.random_entries(1, res, cfg.text_tokens, dims(cfg))
-    empty = tiny.random_empty(cfg.text_tokens, dims(cfg))
+    entries = fixtures.random_entries(1, res, cfg.text_tokens, dims(cfg))
+    empty = fixtures.random_empty(cfg.text_tokens, dims(cfg))
 
     def batch(step):
         (b, _, _), = train.micro_batches(entries, [()], empty, tc, step, 0, 1, device, torch.bfloat16)
@@ -356,7 +329,7 @@ def accuracy_kind(kind: str, cfg: BenchConfig, res: int, device, attention: str 
 
     if attention is not None:
         with torch.enable_grad():
-            train.flow_matching_loss(model.train(), *args(batch(1))).backward()
+            objective.flow_matching_loss(model.train(), *args(batch(1))).backward()
         for p in params:
             p.grad = None
     b = batch(0)
@@ -364,7 +337,7 @@ def accuracy_kind(kind: str, cfg: BenchConfig, res: int, device, attention: str 
         pred = predict_velocity(model.eval(), b["x0"], b["control"], b["t"], torch.ones(1, device=device),
                                 b["prompt_embeds"], b["pooled_prompt_embeds"], b["text_ids"], b["img_ids"])
     with torch.enable_grad():
-        loss = train.flow_matching_loss(model.train(), *args(b))
+        loss = objective.flow_matching_loss(model.train(), *args(b))
         loss.backward()
     scales = [m.processor.scales for m in model.modules() if hasattr(getattr(m, "processor", None), "scales")]
     return dict(pred=pred.double().cpu(), loss=loss.detach().double().cpu(),
@@ -392,19 +365,9 @@ def compare(ref: dict, other: dict) -> dict:
 def t5_accuracy(cfg: BenchConfig, device) -> dict:
     """model.t5_quant="fp8": prompt embeddings of the T5-XXL encoder (random weights, random token ids, 512 tokens)
     with its block Linears quantized (quant.quantize_t5_fp8) against the same encoder in bf16, and the weights' GiB."""
-    from transformers import T5Config, T5EncoderModel
-
     torch.manual_seed(0)
-    dims = (dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4) if cfg.tiny else
-            dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64))  # google/t5-v1_1-xxl's encoder
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            t5 = T5EncoderModel(T5Config(vocab_size=32128, feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-                                         use_cache=False, **dims)).eval()
-    finally:
-        torch.set_default_dtype(prev)
+    tiny_t5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+    t5 = fixtures.full_size_t5(device, **(tiny_t5 if cfg.tiny else {}))
     for block in t5.encoder.block:  # as from_pretrained leaves it: T5's _keep_in_fp32_modules
         block.layer[-1].DenseReluDense.wo.float()
     ids = torch.randint(0, 32128, (1, cfg.text_tokens), generator=torch.Generator().manual_seed(1)).to(device)
@@ -612,10 +575,10 @@ def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: s
             fn, row["attention"] = ours_pipeline_fn(cfg, res, device, offload)
         elif who == "stock":
             if kind == "nf4":
-                model = stock_int4(model)
+                model = fixtures.stock_int4(model)
             if torch.cuda.is_available():
                 model.set_attention_backend("_native_flash")
-            inp = stock_inputs(cfg, res, device)
+            inp = fixtures.random_inputs(res, cfg.text_tokens, dims(cfg), device)
             fn = (stock_denoise_fn(model, inp, compile_) if denoise else
                   stock_train_fn(model, inp, ckpt, compile_, group_offload=offload is not None))
         elif cache is not None:

@@ -5,7 +5,7 @@
     python caption.py --data data/ --template "change {control} to {target}"   # edit pairs: an instruction
 
 Which captioner a checkpoint is comes from its config.json (model_type "blip" or "florence2"). Captions go where
-cache.py reads them: the folder layout's <stem>.txt (an existing one is rewritten in place; a new one goes to
+data.py reads them: the folder layout's <stem>.txt (an existing one is rewritten in place; a new one goes to
 captions/ when the dataset has that folder, else images/<stem>.txt), or the prompt column of metadata.csv / .jsonl
 (added if absent; the file is rewritten whole, other columns kept). Every file is written to a temp name and
 renamed, after each batch: a run that fails or is stopped midway keeps what it finished, and a rerun captions the
@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 import tyro
 
-from cache import IMAGE_EXTS, DatasetError, _by_stem, _dataset_path, _read_text, _rows, open_image
 from config import DataConfig, Dtype
+from data import IMAGE_EXTS, _by_stem, _captions_of, _dataset_path, _read_text, _rows
+from images import DatasetError, open_image
 from load import NO_HUB_KERNELS, parse_device, parse_dtype
 
 # config.json model_type -> (the transformers class that captions, its processor class, the default task)
@@ -180,7 +181,7 @@ def caption_images(captioner: Captioner, images: list, max_new_tokens: int) -> l
 
 
 def _folder_items(root: Path, problems: list[str]) -> list[Item]:
-    """cache.scan_dataset's folder rules (stems, extensions, the three caption places), captions optional."""
+    """data.scan_dataset's folder rules (stems, extensions, the three caption places), captions optional."""
     images_dir = root / "images"
     if not images_dir.is_dir():
         problems.append(f"{root}: no images/ folder (expected images/<stem>.png, or a metadata.csv / .jsonl)")
@@ -191,9 +192,8 @@ def _folder_items(root: Path, problems: list[str]) -> list[Item]:
     new_dir = root / "captions" if (root / "captions").is_dir() else images_dir
     items = []
     for stem, image in sorted(images.items()):
-        where = [c[stem] for c in captions if stem in c]
-        if len(where) > 1:
-            problems.append(f"{image}: {len(where)} captions ({', '.join(map(str, where))}); keep one")
+        where = _captions_of(stem, image, captions, problems)
+        if where is None:
             continue
         text = (_read_text(where[0], problems) or "") if where else ""
         items.append(Item(stem, image, controls.get(stem), text.strip(),
@@ -202,7 +202,7 @@ def _folder_items(root: Path, problems: list[str]) -> list[Item]:
 
 
 def _metadata_items(file: Path, cfg: DataConfig, problems: list[str]) -> tuple[list[Item], list[str]]:
-    """The rows of a metadata file (cache.py's reading and path rules), prompt optional; and its columns."""
+    """The rows of a metadata file (data.py's reading and path rules), prompt optional; and its columns."""
     read = _rows(file, problems)
     if read is None:
         return [], []

@@ -140,7 +140,7 @@ class TrainConfig:
     mask_weight_bg: float = 1.0  # loss weight outside the mask, when masks are given
     # plain: the velocity error everywhere (mask-weighted). dual_masked: inside the mask the velocity error, outside
     # it the identity error of the reconstructed latent against the control (pixel-aligned pairs only), weighted by
-    # mask_weight_fg / mask_weight_bg, plus loss_l2 * sum of squared LoRA parameters (train.py dual_masked_loss)
+    # mask_weight_fg / mask_weight_bg, plus loss_l2 * sum of squared LoRA parameters (objective.py dual_masked_loss)
     loss: Literal["plain", "dual_masked"] = "plain"
     loss_l2: float = 1e-4  # dual_masked: L2 stabiliser on the LoRA parameters
     # A learnable region token (region.py MaskRegionToken): the mask, at the token grid, pooled to region_grid and

@@ -208,7 +208,7 @@ def control_ids(sizes: list[tuple[int, int]], device=None, dtype=torch.float32) 
 def pack_controls(control_latents: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """References [B, C, h_i, w_i], in order -> (control tokens [B, M, 4C], each packed and concatenated in that
     order, as ComfyUI appends reference_latents; their ids [M, 3] from control_ids, in the latents' dtype and
-    device). train.py's collate and prepare_latents both call it."""
+    device). objective.py's collate and prepare_latents both call it."""
     x = control_latents[0]
     ids = control_ids([tuple(c.shape[2:]) for c in control_latents], device=x.device, dtype=x.dtype)
     return torch.cat([pack_latents(c) for c in control_latents], dim=1), ids
@@ -245,9 +245,9 @@ def prepare_latents(image_latents, batch_size: int, height: int, width: int, dty
 def predict_velocity(transformer, latents, control_latents, timestep, guidance, prompt_embeds, pooled_prompt_embeds,
              text_ids, img_ids, ip_embeds=None) -> torch.Tensor:
     """Velocity for the noise tokens [B, N, 64]: the transformer sees cat([noise tokens, control tokens]) and the
-    prediction is its first N tokens (pipeline.__call__'s denoising loop; train.py's loss and sample.py's loop both call it).
-    ip_embeds: an IP-Adapter's image embeddings [B, n, D] (one adapter), passed as the pipeline passes them
-    (joint_attention_kwargs["ip_adapter_image_embeds"], a list with one tensor per adapter)."""
+    prediction is its first N tokens (pipeline.__call__'s denoising loop; objective.py's loss and sample.py's loop
+    both call it). ip_embeds: an IP-Adapter's image embeddings [B, n, D] (one adapter), passed as the pipeline passes
+    them (joint_attention_kwargs["ip_adapter_image_embeds"], a list with one tensor per adapter)."""
     hidden = latents if control_latents is None else torch.cat([latents, control_latents], dim=1)
     kw = None if ip_embeds is None else {"ip_adapter_image_embeds": [ip_embeds]}
     out = transformer(hidden_states=hidden, timestep=timestep, guidance=guidance,

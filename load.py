@@ -301,7 +301,7 @@ def ip_processors(transformer) -> list:
 
 
 def add_ip_adapter(transformer, state: dict, scale: float = 1.0, where: str = "the IP-Adapter state dict"):
-    """Load XLabs-keyed IP-Adapter tensors (read_ip_adapter, tiny.random_ip_adapter_state) into `transformer` with
+    """Load XLabs-keyed IP-Adapter tensors (read_ip_adapter, fixtures.random_ip_adapter_state) into `transformer` with
     diffusers' `_load_ip_adapter_weights`, as FluxKontextPipeline.load_ip_adapter does: FluxIPAdapterAttnProcessor
     (holding to_k_ip / to_v_ip) in every double block, a fresh processor of the same class in every single block,
     encoder_hid_proj = MultiIPAdapterImageProjection. Every processor is replaced, so an attention backend set

@@ -12,7 +12,7 @@
     from sample import sample; from lora import load_lora
     out = sample(components, image, "make the sky red", generator=torch.Generator().manual_seed(0))
 
-Flow matching, as in train.py: x_t = (1 - t) * x0 + t * noise, the transformer predicts v = noise - x0, and sampling
+Flow matching, as in objective.py: x_t = (1 - t) * x0 + t * noise, the transformer predicts v = noise - x0, and sampling
 runs t from 1 to 0 with Euler steps x_{t'} = x_t + (t' - t) * v (diffusers' FlowMatchEulerDiscreteScheduler.step).
 
 Each component may sit on its own device and dtype (T5 on "cpu", transformer on "cuda:0", VAE on "cuda:1"): tensors
@@ -35,11 +35,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import compile_cache
-from cache import mask_latent, open_image
 from config import ModelConfig, SampleConfig, load_config, split_config_flag
 from encode import (MULTIPLE, _device_of, decode_latents, encode_image, encode_ip_image, encode_prompt, image_size,
                     kontext_size, output_size, predict_velocity, prepare_latents, preprocess_image, token_mask,
                     unpack_latents)
+from images import mask_latent, open_image
 from kontext_kernels.attention import set_attention
 from load import ip_processors, load_components, parse_device
 from lora import load_lora, read_lora
@@ -267,6 +267,135 @@ def _references(image) -> list:
     return list(image) if isinstance(image, (list, tuple)) else [] if image is None else [image]
 
 
+def _sizes(refs: list, height, width, max_area: int, size_mode: str, auto_resize: bool):
+    """((output height, width), [each reference's (height, width)]): sample_sizes for the first reference; each further
+    one sized as sample_sizes sizes the first (its own size, or the snap when auto_resize in "pipeline" mode)."""
+    (height, width), control_hw = sample_sizes(image_size(refs[0]) if refs else None, height, width, max_area,
+                                               size_mode, auto_resize)
+    return (height, width), [control_hw] + [kontext_size(*image_size(im), auto_resize and size_mode == "pipeline")
+                                            for im in refs[1:]]
+
+
+def _batch_size(prompt, prompt_embeds) -> int:
+    if isinstance(prompt, str):
+        return 1
+    if prompt is not None:
+        if len(prompt) == 0:
+            raise ValueError("prompt is an empty list")
+        return len(prompt)
+    return prompt_embeds.shape[0]
+
+
+def _encode_references(vae, refs: list, control_hws: list, device, dtype) -> list | None:
+    """Each reference preprocessed at its size and encoded on the VAE's device, the latents moved to the
+    transformer's (None for text-to-image)."""
+    if not refs:
+        return None
+    return [encode_image(vae, preprocess_image(im, *hw), device=device, dtype=dtype)
+            for im, hw in zip(refs, control_hws)]
+
+
+def _tokens(transformer, image_latents, n_total: int, height: int, width: int, generator, latents, mask, region):
+    """(noise tokens [B*n, N, 64], control tokens [B*n, M, 64] or None, img_ids [N + M, 3]), target first as the
+    pipeline's prepare_latents; with the region token, its one token (from the mask, fixed for every step and both
+    CFG branches) after the control tokens."""
+    device, dtype = _device_of(transformer), transformer.dtype
+    if latents is not None:
+        expected = (n_total, (height // MULTIPLE) * (width // MULTIPLE), transformer.config.in_channels)
+        if tuple(latents.shape) != expected:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {expected} (packed) for "
+                             f"{n_total} images of {height}x{width}")
+    latents, control_latents, img_ids, control_ids = prepare_latents(
+        image_latents, n_total, height, width, dtype, device, generator, latents,
+        num_channels_latents=transformer.config.in_channels // 4)  # as the pipeline: not a constant 16
+    if control_ids is not None:
+        img_ids = torch.cat([img_ids, control_ids], dim=0)
+    if region is not None and mask is not None:
+        grid = (2 * (height // MULTIPLE), 2 * (width // MULTIPLE))  # the output's latent size
+        m = mask if isinstance(mask, torch.Tensor) else mask_latent(mask, grid, "mask")
+        tmask = token_mask(m.float()[None]).expand(n_total, -1, -1, -1)
+        control_latents, img_ids = append_region(region, tmask.to(_device_of(region)), control_latents, img_ids)
+    return latents, control_latents, img_ids
+
+
+def _ip_embeds(c, ip_adapter_image, ip_adapter_image_embeds, n_total: int, height: int, width: int,
+               do_true_cfg: bool, device):
+    """IP-Adapter embeddings (positive, negative) [B*n, 1, D], the pipeline's: true CFG's negative from its all-black
+    image; (None, None) without an IP-Adapter input."""
+    if ip_adapter_image is None and ip_adapter_image_embeds is None:
+        return None, None
+    one = (ip_adapter_image_embeds if ip_adapter_image_embeds is not None
+           else encode_ip_image(c.image_encoder, c.feature_extractor, ip_adapter_image))
+    ip_embeds = torch.cat([one.reshape(1, 1, -1)] * n_total).to(device)
+    if not do_true_cfg:
+        return ip_embeds, None
+    black = np.zeros((width, height, 3), dtype=np.uint8)  # the pipeline's shape; constant, so any size
+    return ip_embeds, torch.cat([encode_ip_image(c.image_encoder, c.feature_extractor, black)] * n_total).to(device)
+
+
+def _schedule(sigmas, num_inference_steps: int, n_tokens: int, device):
+    """(scheduler, timesteps): sigmas 1 -> 1/N, shifted by mu(token count) inside set_timesteps (the pipeline's
+    calculate_shift and retrieve_timesteps)."""
+    from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift, retrieve_timesteps
+
+    scheduler = flux_scheduler()
+    if sigmas is None:
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    cfg = scheduler.config
+    mu = calculate_shift(n_tokens, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift, cfg.max_shift)
+    timesteps, _ = retrieve_timesteps(scheduler, None, device, sigmas=sigmas, mu=mu)
+    scheduler.set_begin_index(0)
+    return scheduler, timesteps
+
+
+def _denoise(transformer, scheduler, timesteps, latents, control_latents, img_ids, guidance_scale: float, positive,
+             negative, true_cfg_scale: float, ip_embeds, cache: str, ip_adapter_scale, progress: bool, devices):
+    """The denoising loop (pipeline.__call__'s): Euler steps of the scheduler on the transformer's velocity, true CFG
+    v = v_neg + s * (v_pos - v_neg) when `negative` is given; positive / negative are _prompt_embeds' triples, the
+    step cache (if any) is on the transformer for this loop only. Returns (latents, seconds per step, the clock after
+    the last step)."""
+    device, dtype, n_total = _device_of(transformer), transformer.dtype, latents.shape[0]
+    ip_pos, ip_neg = ip_embeds
+    guidance = None
+    if transformer.config.guidance_embeds:
+        guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(n_total)
+    steps = []
+    current = [None]  # the step's timestep (0-1000), the pipeline's `current_timestep` that FasterCache reads
+    t_step = _clock(devices)
+    with step_cache(transformer, cache, len(timesteps), dtype, lambda: current[0], negative is not None), \
+            ip_scale(transformer, ip_adapter_scale):
+        for i, t in enumerate(tqdm(timesteps, desc="denoise", unit="step", disable=not progress)):
+            current[0] = t
+            timestep = t.expand(n_total).to(dtype) / 1000  # the transformer takes t in [0, 1]
+            where = dict(step_index=i, num_inference_steps=len(timesteps), timestep=t)
+            with cache_context(transformer, "cond", **where):
+                v = predict_velocity(transformer, latents, control_latents, timestep, guidance, *positive, img_ids,
+                                     ip_pos)
+            if negative is not None:
+                with cache_context(transformer, "uncond", **where):
+                    v_neg = predict_velocity(transformer, latents, control_latents, timestep, guidance, *negative,
+                                             img_ids, ip_neg)
+                v = v_neg + true_cfg_scale * (v - v_neg)
+            latents = scheduler.step(v, t, latents, return_dict=False)[0]
+            now = _clock(devices)
+            steps.append(now - t_step)
+            t_step = now
+    return latents, steps, t_step
+
+
+def _decode(vae, latents, height: int, width: int, output_type: str):
+    """VAE decode on the VAE's device, pixels -> output_type with the pipeline's own postprocess (None for
+    "latent")."""
+    if output_type == "latent":
+        return None
+    from diffusers.image_processor import VaeImageProcessor
+
+    pixels = decode_latents(vae, unpack_latents(latents, 2 * (height // MULTIPLE), 2 * (width // MULTIPLE)))
+    return VaeImageProcessor(vae_scale_factor=MULTIPLE).postprocess(pixels, output_type=output_type)
+
+
 @torch.no_grad()  # as pipeline.__call__ (grad mode also changes which SDPA kernel runs)
 def sample(components, image, prompt, *, prompt_2=None, negative_prompt=_DEFAULTS.negative_prompt,
            negative_prompt_2=None, true_cfg_scale: float = _DEFAULTS.true_cfg_scale,
@@ -313,117 +442,35 @@ def sample(components, image, prompt, *, prompt_2=None, negative_prompt=_DEFAULT
     transformer = c.transformer
     device, dtype = _device_of(transformer), transformer.dtype
     start = _clock(devices)
-
     refs = _references(image)
-    (height, width), control_hw = sample_sizes(image_size(refs[0]) if refs else None, height, width,
-                                               max_area, size_mode, auto_resize)
-    # further references: each sized as sample_sizes sizes the first (own size, or the snap when auto_resize)
-    control_hws = [control_hw] + [kontext_size(*image_size(im), auto_resize and size_mode == "pipeline")
-                                  for im in refs[1:]]
-    if isinstance(prompt, str):
-        batch_size = 1
-    elif prompt is not None:
-        batch_size = len(prompt)
-        if batch_size == 0:
-            raise ValueError("prompt is an empty list")
-    else:
-        batch_size = prompt_embeds.shape[0]
+    (height, width), control_hws = _sizes(refs, height, width, max_area, size_mode, auto_resize)
+    batch_size = _batch_size(prompt, prompt_embeds)
+    n_total, do_true_cfg = batch_size * num_images_per_prompt, true_cfg_scale > 1
 
     # 1. prompts, on the text encoders' devices, then moved to the transformer's device and dtype
-    do_true_cfg = true_cfg_scale > 1
-    prompt_embeds, pooled_prompt_embeds, text_ids = _prompt_embeds(
-        c, prompt, _as_batch(prompt_2, batch_size, "prompt_2"), prompt_embeds, pooled_prompt_embeds,
-        num_images_per_prompt, max_sequence_length, device, dtype)
+    positive = _prompt_embeds(c, prompt, _as_batch(prompt_2, batch_size, "prompt_2"), prompt_embeds,
+                              pooled_prompt_embeds, num_images_per_prompt, max_sequence_length, device, dtype)
+    negative = None
     if do_true_cfg:
-        negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids = _prompt_embeds(
-            c, _as_batch(negative_prompt, batch_size, "negative_prompt"),
-            _as_batch(negative_prompt_2, batch_size, "negative_prompt_2"), negative_prompt_embeds,
-            negative_pooled_prompt_embeds, num_images_per_prompt, max_sequence_length, device, dtype)
+        negative = _prompt_embeds(c, _as_batch(negative_prompt, batch_size, "negative_prompt"),
+                                  _as_batch(negative_prompt_2, batch_size, "negative_prompt_2"), negative_prompt_embeds,
+                                  negative_pooled_prompt_embeds, num_images_per_prompt, max_sequence_length, device,
+                                  dtype)
     t_prompt = _clock(devices)
-
-    # 2. control image(s): encoded on the VAE's device, the latents moved to the transformer
-    image_latents = None
-    if refs:
-        image_latents = [encode_image(c.vae, preprocess_image(im, *hw), device=device, dtype=dtype)
-                         for im, hw in zip(refs, control_hws)]
+    # 2. references: encoded on the VAE's device, the latents moved to the transformer
+    image_latents = _encode_references(c.vae, refs, control_hws, device, dtype)
     t_image = _clock(devices)
-
-    # 3. noise tokens [B*n, N, 64], control tokens [B*n, M, 64] and their ids (target first, as the pipeline)
-    n_total = batch_size * num_images_per_prompt
-    if latents is not None:
-        expected = (n_total, (height // MULTIPLE) * (width // MULTIPLE), transformer.config.in_channels)
-        if tuple(latents.shape) != expected:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}; expected {expected} (packed) for "
-                             f"{n_total} images of {height}x{width}")
-    latents, control_latents, img_ids, control_ids = prepare_latents(
-        image_latents, n_total, height, width, dtype, device, generator, latents,
-        num_channels_latents=transformer.config.in_channels // 4)  # as the pipeline: not a constant 16
-    if control_ids is not None:
-        img_ids = torch.cat([img_ids, control_ids], dim=0)
-    if region is not None and mask is not None:  # one token from the mask, fixed for every step and both branches
-        m = mask if isinstance(mask, torch.Tensor) else mask_latent(mask, (2 * (height // MULTIPLE), 2 * (width // MULTIPLE)), "mask")
-        tmask = token_mask(m.float()[None]).expand(n_total, -1, -1, -1)
-        control_latents, img_ids = append_region(region, tmask.to(_device_of(region)), control_latents, img_ids)
-
-    # IP-Adapter embeddings: [B*n, 1, D], the pipeline's; true CFG's negative from its all-black image
-    ip_embeds = neg_ip_embeds = None
-    if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-        one = (ip_adapter_image_embeds if ip_adapter_image_embeds is not None
-               else encode_ip_image(c.image_encoder, c.feature_extractor, ip_adapter_image))
-        ip_embeds = torch.cat([one.reshape(1, 1, -1)] * n_total).to(device)
-        if do_true_cfg:
-            black = np.zeros((width, height, 3), dtype=np.uint8)  # the pipeline's shape; constant, so any size
-            neg_ip_embeds = torch.cat([encode_ip_image(c.image_encoder, c.feature_extractor, black)] * n_total
-                                      ).to(device)
-
-    # 4. schedule: sigmas 1 -> 1/N, shifted by mu(token count) inside set_timesteps
-    from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift, retrieve_timesteps
-
-    scheduler = flux_scheduler()
-    if sigmas is None:
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
-        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-    cfg = scheduler.config
-    mu = calculate_shift(latents.shape[1], cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift,
-                         cfg.max_shift)
-    timesteps, _ = retrieve_timesteps(scheduler, None, device, sigmas=sigmas, mu=mu)
-    scheduler.set_begin_index(0)
-    guidance = None
-    if transformer.config.guidance_embeds:
-        guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(n_total)
-
-    # 5. denoise (with the step cache, if any, on the transformer for this loop only)
-    steps = []
-    current = [None]  # the step's timestep (0-1000), the pipeline's `current_timestep` that FasterCache reads
-    t_step = _clock(devices)
-    with step_cache(transformer, cache, len(timesteps), dtype, lambda: current[0], do_true_cfg), \
-            ip_scale(transformer, ip_adapter_scale):
-        for i, t in enumerate(tqdm(timesteps, desc="denoise", unit="step", disable=not progress)):
-            current[0] = t
-            timestep = t.expand(n_total).to(dtype) / 1000  # the transformer takes t in [0, 1]
-            where = dict(step_index=i, num_inference_steps=len(timesteps), timestep=t)
-            with cache_context(transformer, "cond", **where):
-                v = predict_velocity(transformer, latents, control_latents, timestep, guidance, prompt_embeds,
-                                     pooled_prompt_embeds, text_ids, img_ids, ip_embeds)
-            if do_true_cfg:
-                with cache_context(transformer, "uncond", **where):
-                    v_neg = predict_velocity(transformer, latents, control_latents, timestep, guidance,
-                                             negative_prompt_embeds, negative_pooled_prompt_embeds,
-                                             negative_text_ids, img_ids, neg_ip_embeds)
-                v = v_neg + true_cfg_scale * (v - v_neg)
-            latents = scheduler.step(v, t, latents, return_dict=False)[0]
-            now = _clock(devices)
-            steps.append(now - t_step)
-            t_step = now
-
-    # 6. decode on the VAE's device; pixels -> output_type with the pipeline's own postprocess
-    images = None
-    if output_type != "latent":
-        from diffusers.image_processor import VaeImageProcessor
-
-        pixels = decode_latents(c.vae, unpack_latents(latents, 2 * (height // MULTIPLE), 2 * (width // MULTIPLE)))
-        images = VaeImageProcessor(vae_scale_factor=MULTIPLE).postprocess(pixels, output_type=output_type)
+    # 3. noise tokens, control tokens (+ the region token) and their ids; IP-Adapter embeddings
+    latents, control_latents, img_ids = _tokens(transformer, image_latents, n_total, height, width, generator,
+                                                latents, mask, region)
+    ip_embeds = _ip_embeds(c, ip_adapter_image, ip_adapter_image_embeds, n_total, height, width, do_true_cfg, device)
+    # 4. schedule, 5. denoise
+    scheduler, timesteps = _schedule(sigmas, num_inference_steps, latents.shape[1], device)
+    latents, steps, t_step = _denoise(transformer, scheduler, timesteps, latents, control_latents, img_ids,
+                                      guidance_scale, positive, negative, true_cfg_scale, ip_embeds, cache,
+                                      ip_adapter_scale, progress, devices)
+    # 6. decode
+    images = _decode(c.vae, latents, height, width, output_type)
     end = _clock(devices)
     timings = Timings(encode_prompt=t_prompt - start, encode_image=t_image - t_prompt, steps=steps,
                       decode=end - t_step, total=end - start)

@@ -1,14 +1,10 @@
 """LoRA flow-matching training of FLUX.1 Kontext: `python train.py --config configs/tiny.py [--train.lr 2e-5]`.
 
-The objective (the one place it is written):
-    x_t = (1 - t) * x0 + t * noise,   target = noise - x0,   loss = mean((v(x_t, t) - target)^2)
-with t in [0, 1] (t = 1 is pure noise; sampling runs t from 1 to 0), passed to the transformer as `timestep=t`
-(the pipeline passes sigma * 1000 / 1000). The transformer sees cat([noisy target tokens, control tokens]) with
-ids (0, row, col) and (1, row, col) (several references: side by side on the index-1 plane, encode.control_ids);
-only the first N (target) outputs are scored. train.loss="dual_masked" (dual_masked_terms) keeps this convention
-and scores the same prediction inside the mask against noise - x0, outside it as (noise - v) against the control.
-train.region_token appends one token after the control tokens (region.py, ids (2, 0, 0)); an IP-Adapter
-(model.ip_adapter) gets each sample's cached image embeddings; both condition the same prediction.
+main(cfg) is the loop, top to bottom: the dataset, the run folder and the checkpoint to resume checked before any model
+loads (check_run), latents and embeddings from the cache or encoded on the fly (cache.training_data), the transformer
+and its LoRA prepared as bench.py times them (prepare_transformer), then per step micro_batches -> train_step,
+checkpoints and validation. The objective and its batches are objective.py's (the one place x_t and the target are
+written); the conditioning check, the held-out loss and the validation grids are validate.py's.
 
 Noise, timesteps, caption dropout and the data order are pure functions of (seed, step): a resumed run repeats
 exactly what the uninterrupted one would have done, and DDP ranks slice one global batch. Multi-GPU:
@@ -17,7 +13,6 @@ exactly what the uninterrupted one would have done, and DDP ranks slice one glob
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -31,167 +26,19 @@ from tqdm.auto import tqdm
 
 import compile_cache
 import full  # train.mode='full': the full fine-tune's pieces
-from cache import (cache_dir_of, check_dataset, control_latents_of, open_image, scan_dataset, training_data,
-                   validate_dataset)
+from cache import cache_dir_of, training_data
 from config import Config, TrainConfig, cli, to_json, validate
 from convert import save_lora_as
-from encode import latent_ids, pack_controls, pack_latents, predict_velocity, token_mask
+from data import check_dataset, scan_dataset, validate_dataset
 from kontext_kernels.attention import set_attention
 from kontext_kernels.fp8 import FP8Linear
-from load import Components, load_transformer, load_vae, parse_dtype
+from load import load_transformer, load_vae, parse_dtype
 from lora import (add_lora, claim_out_dir, config_differences, load_checkpoint, new_run_id, resolve_resume,
                   save_checkpoint)
+from objective import collate, dual_masked_loss, flow_matching_loss, global_batch, lora_l2
 from offload import offload_transformer
-from region import MaskRegionToken, append_region, region_path, save_region
-from sample import sample
-
-# ---------------------------------------------------------------- the objective
-
-
-def sample_timesteps(n: int, cfg: TrainConfig, n_tokens: int, generator: torch.Generator) -> torch.Tensor:
-    """t in (0, 1): uniform, or logit-normal; optionally shifted toward noise for large images with the
-    sampler's own shift (mu = calculate_shift(n_tokens), t' = e^mu t / (1 + (e^mu - 1) t))."""
-    if cfg.timestep_sampling == "uniform":
-        t = torch.rand(n, generator=generator)
-    elif cfg.timestep_sampling == "logit_normal":
-        t = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(n, generator=generator))
-    else:
-        raise ValueError(f"train.timestep_sampling: {cfg.timestep_sampling!r}; expected uniform | logit_normal")
-    if cfg.resolution_shift:
-        from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift
-
-        s = math.exp(calculate_shift(n_tokens))
-        t = s * t / (1 + (s - 1) * t)
-    return t
-
-
-def predicted_velocity(transformer, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                       control: torch.Tensor | None, prompt_embeds, pooled_prompt_embeds, img_ids, text_ids,
-                       guidance: float, ip_embeds=None, region=None, tmask=None) -> torch.Tensor:
-    """The transformer's velocity at x_t = (1 - t) x0 + t noise (the one place x_t is formed), [B, N, 64].
-    Conditioning beyond the control tokens: ip_embeds, an IP-Adapter's image embeddings [B, 1, D]; region, the
-    region-token module, appended after the control tokens from the token-grid mask tmask [B, 1, H', W']."""
-    t_ = t.view(-1, 1, 1).to(x0.dtype)
-    x_t = (1 - t_) * x0 + t_ * noise
-    g = torch.full((x0.shape[0],), guidance, device=x0.device, dtype=torch.float32)
-    control, img_ids = append_region(region, tmask, control, img_ids)
-    return predict_velocity(transformer, x_t, control, t.to(x0.dtype), g, prompt_embeds, pooled_prompt_embeds,
-                            text_ids, img_ids, ip_embeds)
-
-
-def flow_matching_loss(transformer, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
-                       control: torch.Tensor | None, prompt_embeds, pooled_prompt_embeds, img_ids, text_ids,
-                       guidance: float, weight: torch.Tensor | None = None, **cond) -> torch.Tensor:
-    """Packed x0, noise [B, N, 64]; control [B, M, 64] or None; t [B]; weight [B, N, 1] or None; cond:
-    predicted_velocity's ip_embeds / region / tmask."""
-    pred = predicted_velocity(transformer, x0, noise, t, control, prompt_embeds, pooled_prompt_embeds, img_ids,
-                              text_ids, guidance, **cond)
-    err = (pred.float() - (noise - x0).float()) ** 2
-    if weight is None:
-        return err.mean()
-    return (err * weight).sum() / (weight.sum() * err.shape[-1]).clamp_min(1e-8)
-
-
-def dual_masked_terms(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, context: torch.Tensor,
-                      mask: torch.Tensor, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The dual masked loss's two data terms, with the convention above (x_t = (1 - t) x0 + t noise, v = noise - x0):
-    inside the mask (m = 1) the velocity error (v_pred - (noise - x0))^2; outside it the identity on the
-    reconstructed latent, (noise - v_pred - context)^2. Both are normalised together by sum(weight) * C, as the
-    plain weighted loss is, so an all-ones mask gives exactly the plain loss and an all-zeros one the identity term.
-    pred, x0, noise, context [B, N, C]; mask, weight [B, N, 1]."""
-    pred, x0, noise, context = pred.float(), x0.float(), noise.float(), context.float()
-    den = (weight.sum() * pred.shape[-1]).clamp_min(1e-8)
-    inside = ((pred - (noise - x0)) ** 2 * weight * mask).sum() / den
-    outside = ((noise - pred - context) ** 2 * weight * (1 - mask)).sum() / den
-    return {"loss_in": inside, "loss_out": outside}
-
-
-def dual_masked_loss(transformer, x0, noise, t, control, prompt_embeds, pooled_prompt_embeds, img_ids, text_ids,
-                     guidance: float, weight: torch.Tensor | None, mask: torch.Tensor | None, **cond) -> dict:
-    """dual_masked_terms on the transformer's prediction. The outside term compares with the control token by token,
-    so the (single) control must have the target's size. No mask: the whole image is editable (the plain loss).
-    cond: predicted_velocity's ip_embeds / region / tmask."""
-    if control is None or control.shape != x0.shape:
-        raise ValueError(f"train.loss='dual_masked' needs one control image the size of the target (pixel-aligned "
-                         f"pairs); got control tokens {None if control is None else tuple(control.shape)} for target "
-                         f"tokens {tuple(x0.shape)}")
-    if mask is None:
-        mask = weight = torch.ones(*x0.shape[:2], 1, device=x0.device)
-    pred = predicted_velocity(transformer, x0, noise, t, control, prompt_embeds, pooled_prompt_embeds, img_ids,
-                              text_ids, guidance, **cond)
-    return dual_masked_terms(pred, x0, noise, control, mask, weight)
-
-
-def lora_l2(params) -> torch.Tensor:
-    """The stabilisers' sum of squared parameters (fp32): the LoRA's (train.loss_l2), the region token's
-    (train.region_l2)."""
-    return sum(p.float().pow(2).sum() for p in params)
-
-
-# ---------------------------------------------------------------- batches
-
-
-def step_generator(seed: int, *key) -> torch.Generator:
-    h = hashlib.sha256(json.dumps([seed, *key]).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
-
-
-def make_batches(shapes: list[tuple], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """One epoch of sample indices: shuffled (seed, epoch), grouped so a batch holds one latent shape."""
-    order = torch.randperm(len(shapes), generator=step_generator(seed, "epoch", epoch)).tolist()
-    buckets: dict[tuple, list[int]] = {}
-    for i in order:
-        buckets.setdefault(shapes[i], []).append(i)
-    batches = [b[j:j + batch_size] for b in buckets.values() for j in range(0, len(b), batch_size)]
-    perm = torch.randperm(len(batches), generator=step_generator(seed, "batches", epoch)).tolist()
-    return [batches[i] for i in perm]
-
-
-def global_batch(shapes: list[tuple], batch_size: int, seed: int, index: int, repeat: int = 1) -> list[int]:
-    """The index-th batch of the endless stream of epochs. Every epoch has the same number of batches (shuffling
-    moves samples within their shape bucket), so the epoch is index // that number: O(N) per step, not O(steps).
-    repeat (DataConfig.repeat, DiffSynth's dataset_repeat): an epoch shuffles the list repeated that many times,
-    so each sample comes `repeat` times per epoch (a batch may hold one sample twice)."""
-    n, shapes = len(shapes), list(shapes) * repeat
-    per_epoch = sum(math.ceil(k / batch_size) for k in Counter(shapes).values())
-    return [i % n for i in make_batches(shapes, batch_size, seed, index // per_epoch)[index % per_epoch]]
-
-
-def collate(entries: list[dict], empty: dict, cfg: TrainConfig, step_key: tuple, device, dtype, rank_slice: slice):
-    """Stack cached tensors into the transformer's inputs for the whole global batch, draw its noise, t and
-    caption dropout from (seed, step_key), then keep this rank's slice."""
-    g = step_generator(cfg.seed, *step_key)
-    x0 = pack_latents(torch.stack([e["image_latents"] for e in entries]).float())
-    h, w = entries[0]["image_latents"].shape[1:]
-    noise = torch.randn(x0.shape, generator=g)
-    t = sample_timesteps(len(entries), cfg, x0.shape[1], g)
-    drop = torch.rand(len(entries), generator=g) < cfg.caption_dropout
-    embeds = torch.stack([empty["empty_prompt_embeds"] if d else e["prompt_embeds"] for e, d in zip(entries, drop)])
-    pooled = torch.stack([empty["empty_pooled_prompt_embeds"] if d else e["pooled_prompt_embeds"]
-                          for e, d in zip(entries, drop)])
-    ids = [latent_ids(h, w, 0.0)]
-    control = None
-    refs = [control_latents_of(e) for e in entries]  # one shape bucket: the same number and sizes in every entry
-    if len({len(r) for r in refs}) > 1:  # zip would drop the extra references silently
-        raise ValueError(f"collate: entries with {sorted({len(r) for r in refs})} references in one batch")
-    if refs[0]:
-        control, control_ids = pack_controls([torch.stack(r).float() for r in zip(*refs)])
-        ids.append(control_ids)
-    weight = m = tmask = ip = None
-    if "mask" in entries[0]:
-        tmask = token_mask(torch.stack([e["mask"] for e in entries]).float())  # [B, 1, h/2, w/2]
-        m = tmask.flatten(2).transpose(1, 2)  # [B, N, 1], in token order
-        weight = cfg.mask_weight_bg + (cfg.mask_weight_fg - cfg.mask_weight_bg) * m
-    if "ip_image_embeds" in entries[0]:
-        ip = torch.stack([e["ip_image_embeds"] for e in entries]).float()  # [B, 1, D]
-    to = lambda x: None if x is None else x[rank_slice].to(device=device, dtype=dtype)  # noqa: E731
-    on = lambda x: None if x is None else x[rank_slice].to(device)  # noqa: E731  (fp32: weights, masks)
-    return dict(x0=to(x0), noise=to(noise), t=t[rank_slice].to(device), control=to(control),
-                prompt_embeds=to(embeds), pooled_prompt_embeds=to(pooled),
-                img_ids=torch.cat(ids).to(device=device, dtype=dtype),
-                text_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),
-                weight=on(weight), mask=on(m), tmask=on(tmask), ip_embeds=to(ip))
-
+from region import MaskRegionToken, region_path, save_region
+from validate import conditioning_check, held_out_loss, validation_grid
 
 # ---------------------------------------------------------------- model, step, optimizer, schedule
 
@@ -412,26 +259,6 @@ def check_run(cfg: Config, rank: int, log) -> tuple[list, int, Path | None]:
     return samples, n_train, ckpt
 
 
-def conditioning_check(samples: list, cfg: Config, log) -> None:
-    """What the run's conditioning needs of every sample, checked before any model loads: a mask for the region
-    token, a depth image for the IP-Adapter (each missing one named). Depth images without an IP-Adapter are
-    ignored, said once."""
-    need = []
-    if cfg.train.region_token:
-        need += [f"{s.image}: no mask (train.region_token needs one per sample: masks/<stem>.png, images/<stem>_mask"
-                 f".png or a mask column)" for s in samples if s.mask is None]
-    if cfg.model.ip_adapter.path:
-        need += [f"{s.image}: no depth image (model.ip_adapter needs one per sample: depth/<stem>.png, "
-                 f"images/<stem>_depth.png or a depth column)" for s in samples if s.depth is None]
-    elif any(s.depth is not None for s in samples):
-        log(f"note: {sum(s.depth is not None for s in samples)} depth image(s) ignored: model.ip_adapter.path is "
-            f"not set")
-    if need:
-        shown = need[:20] + ([f"... and {len(need) - 20} more"] if len(need) > 20 else [])
-        raise ValueError(f"{len(need)} sample(s) of {cfg.data.path} lack what the config conditions on:\n  "
-                         + "\n  ".join(shown))
-
-
 def batch_plan(shapes: list[tuple], batch_size: int) -> str:
     """One line on how batching will go: batches hold one latent shape, so a bucket's last batch may be smaller."""
     sizes = Counter(min(batch_size, n - j) for n in Counter(shapes).values() for j in range(0, n, batch_size))
@@ -587,85 +414,6 @@ def save_result(transformer, region, out_dir: Path, tc: TrainConfig) -> None:
         save_region(region, region_path(out_dir / "lora.safetensors"))
 
 
-# ---------------------------------------------------------------- validation
-
-
-def tile_grid(rows: list[list], gap: int = 0, fill=(255, 255, 255)):
-    """Rows of PIL images as one RGB image, every tile whole at the top left of its cell: rows right-aligned by
-    column (the last columns, sample | target, line up when rows hold different numbers of controls), each column as
-    wide as its widest tile, each row as high as its highest, padding and `gap` pixels between cells in `fill` (white:
-    not mistaken for a dark tile's edge)."""
-    from PIL import Image
-
-    n = max(len(r) for r in rows)
-    rows = [[None] * (n - len(r)) + list(r) for r in rows]
-    widths = [max((r[j].width for r in rows if r[j] is not None), default=0) for j in range(n)]
-    heights = [max(t.height for t in r if t is not None) for r in rows]
-    grid = Image.new("RGB", (sum(widths) + gap * (n - 1), sum(heights) + gap * (len(rows) - 1)), fill)
-    y = 0
-    for r, h in zip(rows, heights):
-        x = 0
-        for t, w in zip(r, widths):
-            if t is not None:
-                grid.paste(t.convert("RGB"), (x, y))
-            x += w + gap
-        y += h + gap
-    return grid
-
-
-@torch.no_grad()
-def validation_grid(transformer, vae, val_samples, val_data, cfg: Config, step: int, out_dir: Path,
-                    region=None) -> Path:
-    """sample.py on each held-out pair (fixed seeds, cached prompt embeddings, the cached IP-Adapter embeddings and
-    the mask for the region token when the run uses them), saved as one PNG with a row per sample:
-    control(s) | sample | target."""
-    was = transformer.training
-    transformer.eval()
-    rows = []
-    for i, s in enumerate(val_samples):
-        e = val_data[i]
-        controls = [open_image(p, background=cfg.data.background) for p in s.controls]
-        control = controls or None  # sample() takes the list of references; [one] is the single-image edit
-        target = open_image(s.image, background=cfg.data.background)
-        sc = cfg.sample
-        out = sample(Components(vae=vae, transformer=transformer), control, None,
-                     prompt_embeds=e["prompt_embeds"][None], pooled_prompt_embeds=e["pooled_prompt_embeds"][None],
-                     guidance_scale=sc.guidance_scale, num_inference_steps=sc.num_inference_steps,
-                     generator=torch.Generator().manual_seed(sc.seed + i), size_mode="native",
-                     height=None if control is not None else target.height,
-                     width=None if control is not None else target.width, progress=False,
-                     ip_adapter_image_embeds=e.get("ip_image_embeds"),
-                     mask=e.get("mask") if region is not None else None, region=region).images[0]
-        rows.append(controls + [out, target])
-    grid = tile_grid(rows)
-    path = out_dir / "validation" / f"step-{step:06d}.png"  # a log artefact, not a checkpoint
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    transformer.train(was)
-    return path
-
-
-@torch.no_grad()
-def held_out_loss(transformer, val_data, empty, tc: TrainConfig, device, dtype, region=None) -> float:
-    """Flow-matching loss on the held-out samples at fixed noise and t in {0.25, 0.5, 0.75} (comparable across
-    steps and runs), conditioned as training is (IP-Adapter embeddings, region token)."""
-    was = transformer.training
-    transformer.eval()
-    total, n = 0.0, 0
-    vc = dataclasses.replace(tc, caption_dropout=0.0)
-    for i in range(len(val_data)):
-        for t in (0.25, 0.5, 0.75):
-            b = collate([val_data[i]], empty, vc, ("val", i), device, dtype, slice(0, 1))
-            b["t"] = torch.full_like(b["t"], t)
-            total += flow_matching_loss(transformer, b["x0"], b["noise"], b["t"], b["control"],
-                                        b["prompt_embeds"], b["pooled_prompt_embeds"], b["img_ids"],
-                                        b["text_ids"], 1.0, b["weight"], ip_embeds=b["ip_embeds"], region=region,
-                                        tmask=b["tmask"]).item()
-            n += 1
-    transformer.train(was)
-    return total / n
-
-
 def _mean_over_ranks(x: float, world: int) -> float:
     if world == 1:
         return x
@@ -687,7 +435,7 @@ def _tensorboard(out_dir: Path):
 if __name__ == "__main__":
     try:
         argv = [a for a in sys.argv[1:] if a != "--check"]
-        cfg = cli(argv, description=__doc__.splitlines()[0] + " --check: only check the dataset (cache.py check).")
+        cfg = cli(argv, description=__doc__.splitlines()[0] + " --check: only check the dataset (data.py check).")
         if len(argv) < len(sys.argv) - 1:  # --check: exit 2 on dataset errors, before any model loads
             sys.exit(check_dataset(cfg.data, cache_dir_of(cfg)))
         main(cfg)

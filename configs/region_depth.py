@@ -1,6 +1,6 @@
 """Mask-guided editing with depth (issue #12's recipe): FLUX.1 Kontext [dev] in bf16, the XLabs IP-Adapter fed each
 pair's depth map through CLIP ViT-L/14, a learnable region token from the mask, and the dual masked loss (inside the
-mask the edit, outside it the context kept). Data in the pairs layout (cache.py (c)):
+mask the edit, outside it the context kept). Data in the pairs layout (data.py (c)):
 
     data/masked_edits/target/<stem>.png    the edited image
     data/masked_edits/context/<stem>.png   the image to edit (pixel-aligned with its target)

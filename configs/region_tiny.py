@@ -1,13 +1,15 @@
 """The tiny twin of configs/region_depth.py (issue #12's recipe on the miniature model, no downloads): the tiny
-Kontext, a tiny random IP-Adapter + CLIP image encoder in XLabs' / openai's layouts fed each pair's depth map, a
-region token from the mask, the dual masked loss, on a synthetic masked edit (tiny.write_masked_toy_dataset: a
-coloured square turned red, random grey cells outside it that must be kept). About a minute on 2 CPU cores.
+Kontext, a tiny random IP-Adapter + CLIP image encoder in XLabs' / openai's layouts (fixtures.py) fed each pair's
+depth map, a region token from the mask, the dual masked loss, on a synthetic masked edit
+(tiny.write_masked_toy_dataset: a coloured square turned red, random grey cells outside it that must be kept). About a
+minute on 2 CPU cores.
 
     python train.py --config configs/region_tiny.py
 """
 
 from config import Config, DataConfig, IPAdapterConfig, ModelConfig, Part, SampleConfig, TrainConfig
-from tiny import ensure_masked_toy_dataset, ensure_tiny, ensure_tiny_ip_adapter
+from fixtures import ensure_tiny_ip_adapter
+from tiny import ensure_masked_toy_dataset, ensure_tiny
 
 cpu32 = lambda: Part(dtype="fp32", device="cpu")  # noqa: E731
 ipa = str(ensure_tiny_ip_adapter())

@@ -8,6 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import ModelConfig, Part  # noqa: E402
+from tests_util import write_pair  # noqa: E402
 from tiny import TinySpec, ensure_tiny  # noqa: E402
 
 
@@ -57,3 +58,12 @@ def components(tiny_cfg):
     from load import load_components
 
     return load_components(tiny_cfg)
+
+
+@pytest.fixture
+def data(tmp_path):
+    """Three folder-layout pairs s0, s1, s2 (s0 with a mask) (tests/test_data.py, test_images.py, test_cache.py)."""
+    root = tmp_path / "data"
+    for i in range(3):
+        write_pair(root, f"s{i}", seed=i, mask=(i == 0))
+    return root

@@ -11,7 +11,7 @@
 import pytest
 import torch
 
-import tiny
+import fixtures
 from config import TrainConfig
 from kontext_kernels.attention import (CudnnFluxAttnProcessor, attention_of, attention_ref, cudnn_attention,
                                resolve_attention, set_attention)
@@ -35,7 +35,7 @@ def test_auto_attention_choice(monkeypatch):
     with pytest.raises(ValueError, match="cudnn_torch"):
         resolve_attention("cuddn", CPU, torch.float32)
     with pytest.raises(ValueError, match="needs a CUDA GPU"):
-        set_attention(tiny.full_size_transformer("cpu", **tiny.MINI_DIMS), "cudnn", CPU, torch.bfloat16)
+        set_attention(fixtures.full_size_transformer("cpu", **fixtures.MINI_DIMS), "cudnn", CPU, torch.bfloat16)
 
 
 def inputs(seed=0):
@@ -53,8 +53,8 @@ def test_choice_lives_on_the_model(monkeypatch):
     active, entries = _AttentionBackendRegistry._active_backend, dict(_AttentionBackendRegistry._backends)
     names = set(AttentionBackendName.__members__)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
-    ours = tiny.full_size_transformer("cpu", torch.float32, **tiny.MINI_DIMS)
-    other = tiny.full_size_transformer("cpu", torch.float32, **tiny.MINI_DIMS)
+    ours = fixtures.full_size_transformer("cpu", torch.float32, **fixtures.MINI_DIMS)
+    other = fixtures.full_size_transformer("cpu", torch.float32, **fixtures.MINI_DIMS)
     assert set_attention(ours, "auto", CUDA, torch.bfloat16) == "cudnn"  # as on a GPU
     assert set_attention(other, "math", CPU, torch.float32) == "math"
     assert attention_of(ours) == {"kontext_cudnn"} and attention_of(other) == {"_native_math"}
@@ -78,7 +78,8 @@ def test_our_processor_equals_diffusers_processor(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
     monkeypatch.setattr("kontext_kernels.attention.cudnn_attention", attention_ref)
     torch.manual_seed(0)
-    ours = tiny.full_size_transformer("cpu", torch.float32, **dict(tiny.MINI_DIMS, num_layers=2, num_single_layers=2))
+    ours = fixtures.full_size_transformer("cpu", torch.float32,
+                                          **dict(fixtures.MINI_DIMS, num_layers=2, num_single_layers=2))
     want = (set_attention(ours, "math", CPU, torch.float32), ours(**inputs(1))[0])[1]
     set_attention(ours, "cudnn", CUDA, torch.bfloat16)
     got = ours(**inputs(1))[0]
@@ -133,16 +134,17 @@ def test_flux_train_step_cudnn_equals_flash_gpu():
     grads through our cuDNN path vs flash."""
     import dataclasses
 
+    import objective
     import train
 
-    dims = dict(tiny.MINI_DIMS, attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64,
+    dims = dict(fixtures.MINI_DIMS, attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64,
                 axes_dims_rope=(8, 28, 28))
-    entries = tiny.random_entries(1, 256, 64, dims)
-    empty = tiny.random_empty(64, dims)
+    entries = fixtures.random_entries(1, 256, 64, dims)
+    empty = fixtures.random_empty(64, dims)
     results = []
     for backend in ("flash", "cudnn"):
         torch.manual_seed(0)  # the same weights for both
-        model = tiny.full_size_transformer("cuda", **dims)
+        model = fixtures.full_size_transformer("cuda", **dims)
         tc = TrainConfig(attention_backend=backend, compile=False)
         params, chosen = train.prepare_transformer(model, tc, CUDA)
         assert chosen == backend
@@ -151,8 +153,8 @@ def test_flux_train_step_cudnn_equals_flash_gpu():
             torch.nn.init.normal_(p, std=0.02)
         (b, _, _), = train.micro_batches(entries, [()], empty, dataclasses.replace(tc, seed=0), 0, 0, 1, CUDA,
                                          torch.bfloat16)
-        loss = train.flow_matching_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
-                                        b["pooled_prompt_embeds"], b["img_ids"], b["text_ids"], 1.0)
+        loss = objective.flow_matching_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
+                                            b["pooled_prompt_embeds"], b["img_ids"], b["text_ids"], 1.0)
         loss.backward()
         results.append((loss.detach(), torch.cat([p.grad.flatten() for p in params])))
     (l1, g1), (l2, g2) = results

@@ -24,7 +24,8 @@ import pytest
 import torch
 
 import kontext_kernels.attention_fp8 as fp8
-import tiny
+import fixtures
+import objective
 from config import TrainConfig
 from kontext_kernels.attention import CudnnFp8FluxAttnProcessor, attention_of, attention_ref, set_attention
 from test_attention import inputs
@@ -49,7 +50,7 @@ def test_import_without_cudnn_names_the_package():
 
 
 def test_cudnn_fp8_refused_on_cpu():
-    model = tiny.full_size_transformer("cpu", **tiny.MINI_DIMS)
+    model = fixtures.full_size_transformer("cpu", **fixtures.MINI_DIMS)
     with pytest.raises(ValueError, match="compute capability >= 9.0"):
         set_attention(model, "cudnn_fp8", CPU, torch.bfloat16)
     assert TrainConfig(attention_backend="cudnn_fp8").attention_backend == "cudnn_fp8"
@@ -144,7 +145,7 @@ def test_fp8_processor_is_diffusers_processor(monkeypatch):
     monkeypatch.setattr("kontext_kernels.attention.cudnn_fp8_attention",
                         lambda q, k, v, scales: calls.append(scales) or attention_ref(q, k, v))
     torch.manual_seed(0)
-    model = tiny.full_size_transformer("cpu", torch.float32, **dict(tiny.MINI_DIMS, num_layers=2, num_single_layers=2))
+    model = fixtures.full_size_transformer("cpu", torch.float32, **dict(fixtures.MINI_DIMS, num_layers=2, num_single_layers=2))
     want = (set_attention(model, "math", CPU, torch.float32), model(**inputs(1))[0])[1]
     assert set_attention(model, "cudnn_fp8", CUDA, torch.bfloat16) == "cudnn_fp8"
     got = model(**inputs(1))[0]
@@ -229,14 +230,14 @@ def test_flux_train_step_fp8_equals_cudnn_gpu(compile_):
     import train
 
     hopper()
-    dims = dict(tiny.MINI_DIMS, attention_head_dim=128, num_attention_heads=2, joint_attention_dim=64,
+    dims = dict(fixtures.MINI_DIMS, attention_head_dim=128, num_attention_heads=2, joint_attention_dim=64,
                 axes_dims_rope=(16, 56, 56))
-    entries = tiny.random_entries(1, 256, 64, dims)
-    empty = tiny.random_empty(64, dims)
+    entries = fixtures.random_entries(1, 256, 64, dims)
+    empty = fixtures.random_empty(64, dims)
     results = []
     for backend in ("cudnn", "cudnn_fp8"):
         torch.manual_seed(0)  # the same weights for both
-        model = tiny.full_size_transformer("cuda", **dims)
+        model = fixtures.full_size_transformer("cuda", **dims)
         tc = TrainConfig(attention_backend=backend, compile=compile_)
         params, chosen = train.prepare_transformer(model, tc, CUDA)
         assert chosen == backend and attention_of(model) == {f"kontext_{backend}"}
@@ -248,7 +249,7 @@ def test_flux_train_step_fp8_equals_cudnn_gpu(compile_):
                                              torch.bfloat16)
             for p in params:
                 p.grad = None
-            loss = train.flow_matching_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
+            loss = objective.flow_matching_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
                                             b["pooled_prompt_embeds"], b["img_ids"], b["text_ids"], 1.0)
             loss.backward()
         results.append((loss.detach(), torch.cat([p.grad.flatten() for p in params])))

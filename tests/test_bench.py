@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import bench
-import tiny
+import fixtures
 
 
 @pytest.mark.parametrize("kw", [dict(who="stock"), dict(who="stock", ckpt=True), dict(who="stock", denoise=True),
@@ -87,7 +87,7 @@ def test_compile_cache_rows_pair_up(monkeypatch, tmp_path):
 def test_step_tflop_matches_the_hand_count():
     """DESIGN.md §4's count at 1024^2 (8704 tokens): Linears 112 forward + 112 input-gradient, attention 53 + 133;
     410 a LoRA step, 575 with full recompute, 165 a denoising call."""
-    d = tiny.FLUX_KONTEXT_DIMS
+    d = fixtures.FLUX_KONTEXT_DIMS
     assert round(bench.step_tflop(d, 1024, 512, denoise=True)) == 165
     assert round(bench.step_tflop(d, 1024, 512)) == 410 and round(bench.step_tflop(d, 1024, 512, ckpt=True)) == 576
     assert bench.step_tflop(d, 1024, 512, controls=2) > 1.5 * bench.step_tflop(d, 1024, 512)  # attention grows as S^2

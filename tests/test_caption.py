@@ -1,5 +1,5 @@
 """caption.py on tiny random BLIP and Florence-2 checkpoints (tiny.py): which images get captions, where and how
-they are written, failures, batching, edit-pair templates, and that cache.scan_dataset accepts the result."""
+they are written, failures, batching, edit-pair templates, and that data.scan_dataset accepts the result."""
 
 import csv
 import json
@@ -10,10 +10,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import caption
-from cache import DatasetError, open_image, scan_dataset
 from caption import CaptionConfig, caption_dataset, caption_images, load_captioner
 from config import DataConfig
-from tiny import ensure_tiny_captioner, write_tiny_blip, write_tiny_florence2
+from data import scan_dataset
+from images import DatasetError, open_image
+from fixtures import ensure_tiny_captioner, write_tiny_blip, write_tiny_florence2
 
 TOKENS = 5  # max_new_tokens: enough to tell captions apart, few enough to stay fast
 
@@ -84,7 +85,7 @@ def test_overwrite_rewrites_in_place_and_new_ones_follow_captions_folder(tmp_pat
     ds = folder_dataset(tmp_path / "ds")
     (ds / "captions").mkdir()
     (ds / "captions" / "000.txt").write_text("old")
-    (ds / "001.txt").write_text("old too")  # the dataset root is one of cache.py's caption places as well
+    (ds / "001.txt").write_text("old too")  # the dataset root is one of data.py's caption places as well
     caption_dataset(cfg_for(ds, "-"), blip, progress=False)
     assert (ds / "captions" / "000.txt").read_text() == "old" and (ds / "001.txt").read_text() == "old too"
     assert sorted(p.name for p in (ds / "captions").iterdir()) == ["000.txt", "002.txt", "003.txt"]

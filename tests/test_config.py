@@ -134,6 +134,7 @@ def choices(cls, name: str) -> set:
 
 def test_choice_literals_match_their_consumers():
     import load
+    import objective
     import quant
     import train
     from kontext_kernels.attention import BACKENDS
@@ -148,7 +149,7 @@ def test_choice_literals_match_their_consumers():
     for s in choices(TrainConfig, "timestep_sampling"):
         import torch
 
-        t = train.sample_timesteps(4, TrainConfig(timestep_sampling=s), 16, torch.Generator().manual_seed(0))
+        t = objective.sample_timesteps(4, TrainConfig(timestep_sampling=s), 16, torch.Generator().manual_seed(0))
         assert ((t > 0) & (t < 1)).all()
     assert choices(TrainConfig, "optimizer") == {"adamw", "adamw8bit", "torchao_adamw8bit"}
     import full

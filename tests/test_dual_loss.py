@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import objective
 import train
 from config import load_config
 from tiny import write_toy_dataset
@@ -39,14 +40,14 @@ def tensors(seed=0, b=2, n=3, c=4):
 
 
 def call(pred, x0, noise, ctx, t, mask, weight):
-    return train.dual_masked_loss(Fixed(pred), x0, noise, t, ctx, None, None, None, None, 1.0, weight, mask)
+    return objective.dual_masked_loss(Fixed(pred), x0, noise, t, ctx, None, None, None, None, 1.0, weight, mask)
 
 
 def test_terms_by_hand_with_weights():
     pred, x0, noise, ctx, mask = tensors()
     fg, bg = 3.0, 0.5
     weight = bg + (fg - bg) * mask
-    terms = train.dual_masked_terms(pred, x0, noise, ctx, mask, weight)
+    terms = objective.dual_masked_terms(pred, x0, noise, ctx, mask, weight)
     b, n, c = pred.shape
     num_in = num_out = den = 0.0
     for i in range(b):
@@ -62,7 +63,7 @@ def test_terms_by_hand_with_weights():
     assert terms["loss_out"].item() == pytest.approx(num_out / den, rel=1e-5)
     # a model that reproduces the target inside and the context outside scores zero on both
     exact = torch.where(mask.bool(), noise - x0, noise - ctx)
-    zero = train.dual_masked_terms(exact, x0, noise, ctx, mask, weight)
+    zero = objective.dual_masked_terms(exact, x0, noise, ctx, mask, weight)
     assert zero["loss_in"].item() < 1e-10 and zero["loss_out"].item() < 1e-10
 
 
@@ -70,7 +71,7 @@ def test_all_ones_is_plain_all_zeros_is_identity():
     pred, x0, noise, ctx, _ = tensors(1)
     t = torch.rand(2)
     ones = torch.ones(2, 3, 1)
-    plain = train.flow_matching_loss(Fixed(pred), x0, noise, t, ctx, None, None, None, None, 1.0)
+    plain = objective.flow_matching_loss(Fixed(pred), x0, noise, t, ctx, None, None, None, None, 1.0)
     terms = call(pred, x0, noise, ctx, t, ones, 2.0 * ones)
     assert torch.allclose(terms["loss_in"], plain) and terms["loss_out"] == 0
     assert torch.allclose(call(pred, x0, noise, ctx, t, None, None)["loss_in"], plain)  # no mask: all editable
@@ -91,7 +92,7 @@ def test_refuses_unaligned_control():
 def test_l2_gradient():
     p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
     with torch.enable_grad():
-        l2 = train.lora_l2([p])
+        l2 = objective.lora_l2([p])
         l2.backward()
     assert l2.item() == 5.0 and torch.equal(p.grad, 2 * p.detach())
 

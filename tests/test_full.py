@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import fixtures
 import full
 import train
 from config import TrainConfig
@@ -125,10 +126,9 @@ def test_grad_accum_keeps_a_buffer(components):
     == train_step's usual accumulate-then-step with torch's AdamW over the same micro-batches."""
     import copy
 
-    import tiny
 
     tc = TrainConfig(mode="full", grad_clip=0.0, grad_accum=2, batch_size=2, lr=1e-3)
-    entries, empty = tiny.random_entries(4, 32, 8, tiny.MINI_DIMS), tiny.random_empty(8, tiny.MINI_DIMS)
+    entries, empty = fixtures.random_entries(4, 32, 8, fixtures.MINI_DIMS), fixtures.random_empty(8, fixtures.MINI_DIMS)
     shapes = [tuple(e["image_latents"].shape) * 2 for e in entries]
     cpu = torch.device("cpu")
     a, b = copy.deepcopy(components.transformer), copy.deepcopy(components.transformer)
@@ -270,18 +270,17 @@ def test_full_step_gpu(compile_):
     transformer (2 double + 4 single blocks) at the 1024^2 Kontext token count: finite losses, every trained tensor
     moved, 8-bit moments for the large ones, and the peak memory within the README's per-parameter model (weights 2
     + moments ~2.03 bytes per parameter, plus activations and one block's transients)."""
-    import tiny
     from config import load_config
     from torchao.optim.subclass_8bit import OptimState8bit
 
     device = torch.device("cuda")
-    model = tiny.full_size_transformer(device, num_layers=2, num_single_layers=4)
+    model = fixtures.full_size_transformer(device, num_layers=2, num_single_layers=4)
     tc = dataclasses.replace(load_config(ROOT / "configs" / "full_bf16.py").train, compile=compile_, lr=1e-4)
     try:
         torch.cuda.reset_peak_memory_stats()
         params, attention = train.prepare_transformer(model, tc, device)
         opt = train.make_optimizer(params, tc)
-        entries, empty = tiny.random_entries(1, 1024, 512), tiny.random_empty(512)
+        entries, empty = fixtures.random_entries(1, 1024, 512), fixtures.random_empty(512)
         shapes = [tuple(entries[0]["image_latents"].shape) * 2]
         before = [p.detach().clone() for p in params]
         with torch.enable_grad():

@@ -1,6 +1,6 @@
 """IP-Adapter (load.py load_ip_adapter / load_image_encoder, encode.py encode_ip_image, kontext_kernels/attention.py) against
 diffusers' FluxKontextPipeline.load_ip_adapter, set_ip_adapter_scale and prepare_ip_adapter_image_embeds, on the tiny
-checkpoint with tiny.ensure_tiny_ip_adapter's XLabs-layout adapter and CLIPModel-layout image encoder."""
+checkpoint with fixtures.ensure_tiny_ip_adapter's XLabs-layout adapter and CLIPModel-layout image encoder."""
 
 import dataclasses
 
@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import test_load
+import fixtures
 import tiny
 from config import IPAdapterConfig
 from conftest import tiny_config
@@ -25,7 +26,7 @@ offline_hub = test_load.offline_hub  # the fixture: an empty Hugging Face cache,
 
 @pytest.fixture(scope="session")
 def ipa_path():
-    return tiny.ensure_tiny_ip_adapter(tiny.TinySpec())
+    return fixtures.ensure_tiny_ip_adapter(tiny.TinySpec())
 
 
 def ip_config(tiny_path, ipa_path, **kw):
@@ -107,7 +108,7 @@ def test_encode_ip_image_equals_pipeline(tiny_path, ipa_path, ip_pipe):
     for image in (picture(), zero, picture(1, 64, 64)):
         got = encode_ip_image(enc, fe, image)
         want = ip_pipe.prepare_ip_adapter_image_embeds(image, None, CPU, 1)[0]
-        assert got.shape == (1, 1, tiny.TINY_IP_PROJECTION) and got.dtype == torch.float32
+        assert got.shape == (1, 1, fixtures.TINY_IP_PROJECTION) and got.dtype == torch.float32
         assert torch.equal(got, want)
         embeds.append(got)
     assert not torch.allclose(embeds[0], embeds[1], atol=1e-3) and not torch.allclose(embeds[0], embeds[2], atol=1e-3)
@@ -119,7 +120,7 @@ def test_set_attention_keeps_ip_processors(tiny_path, ipa_path, monkeypatch):
     from kontext_kernels.attention import CudnnFluxAttnProcessor
 
     model = load_transformer(ip_config(tiny_path, ipa_path))
-    embeds = torch.randn(1, 1, tiny.TINY_IP_PROJECTION, generator=torch.Generator().manual_seed(0))
+    embeds = torch.randn(1, 1, fixtures.TINY_IP_PROJECTION, generator=torch.Generator().manual_seed(0))
     procs, weights = ip_processors(model), {k: v.clone() for k, v in adapter_params(model).items()}
     want = forward(model, embeds)
     assert set_attention(model, "default", CPU, torch.float32) == "default"
@@ -142,7 +143,7 @@ def test_scale_applied(tiny_path, ipa_path, pipe):
     half = load_transformer(ip_config(tiny_path, ipa_path, scale=0.5))
     assert [p.scale for p in ip_processors(half)] == [[0.5]] * half.config.num_layers
     off = load_transformer(ip_config(tiny_path, ipa_path, scale=0.0))
-    embeds = torch.randn(1, 1, tiny.TINY_IP_PROJECTION, generator=torch.Generator().manual_seed(0))
+    embeds = torch.randn(1, 1, fixtures.TINY_IP_PROJECTION, generator=torch.Generator().manual_seed(0))
     base = pipe.transformer(**inputs())[0]
     assert torch.allclose(forward(off, embeds), base, atol=1e-5)  # scale 0: the adapter's attention adds nothing
     assert not torch.allclose(forward(half, embeds), base, atol=1e-2)
@@ -171,17 +172,17 @@ def test_adapter_takes_the_compute_dtype(tiny_path, ipa_path):
 
 
 def test_random_ip_adapter_state_for_bench():
-    """tiny.random_ip_adapter_state (bench.py's adapter, no file) at MINI_DIMS' width: XLabs' layout, seeded, in the
+    """fixtures.random_ip_adapter_state (bench.py's adapter, no file) at MINI_DIMS' width: XLabs' layout, seeded, in the
     transformer's compute dtype, loadable and usable."""
-    model = tiny.full_size_transformer("cpu", torch.float32, **tiny.MINI_DIMS)
-    state = tiny.random_ip_adapter_state(model)  # projection_dim 768 and 4 tokens, as XLabs'
-    joint, inner = tiny.MINI_DIMS["joint_attention_dim"], model.inner_dim
+    model = fixtures.full_size_transformer("cpu", torch.float32, **fixtures.MINI_DIMS)
+    state = fixtures.random_ip_adapter_state(model)  # projection_dim 768 and 4 tokens, as XLabs'
+    joint, inner = fixtures.MINI_DIMS["joint_attention_dim"], model.inner_dim
     assert state["ip_adapter_proj_model.proj.weight"].shape == (4 * joint, 768)
     assert state["double_blocks.0.processor.ip_adapter_double_stream_k_proj.weight"].shape == (inner, joint)
-    assert len(state) == 4 + 4 * tiny.MINI_DIMS["num_layers"]
-    assert all(torch.equal(a, b) for a, b in zip(state.values(), tiny.random_ip_adapter_state(model).values()))
-    bf16 = tiny.full_size_transformer("cpu", torch.bfloat16, **tiny.MINI_DIMS)
-    assert {t.dtype for t in tiny.random_ip_adapter_state(bf16).values()} == {torch.bfloat16}
+    assert len(state) == 4 + 4 * fixtures.MINI_DIMS["num_layers"]
+    assert all(torch.equal(a, b) for a, b in zip(state.values(), fixtures.random_ip_adapter_state(model).values()))
+    bf16 = fixtures.full_size_transformer("cpu", torch.bfloat16, **fixtures.MINI_DIMS)
+    assert {t.dtype for t in fixtures.random_ip_adapter_state(bf16).values()} == {torch.bfloat16}
     add_ip_adapter(model, state)
     embeds = torch.randn(1, 1, 768, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(forward(model, embeds)).all()
@@ -202,10 +203,10 @@ def test_errors(tiny_path, ipa_path, tmp_path):
     save_file({**good, "lora_A.weight": torch.zeros(2, 2)}, tmp_path / "ip_adapter.safetensors")
     with pytest.raises(ValueError, match=r"unexpected keys \['lora_A\.weight'\]"):
         load_ip_adapter(model, cfg)
-    save_file(tiny.ip_adapter_state(2, 128, 32, 24), tmp_path / "ip_adapter.safetensors")  # 2 double blocks
+    save_file(fixtures.ip_adapter_state(2, 128, 32, 24), tmp_path / "ip_adapter.safetensors")  # 2 double blocks
     with pytest.raises(ValueError, match=r"ip_adapter keys .*unexpected \['1\.to_k_ip\.bias'.*1 double blocks"):
         load_ip_adapter(model, cfg)
-    save_file(tiny.ip_adapter_state(1, 128, 16, 24), tmp_path / "ip_adapter.safetensors")  # joint_attention_dim 16
+    save_file(fixtures.ip_adapter_state(1, 128, 16, 24), tmp_path / "ip_adapter.safetensors")  # joint_attention_dim 16
     with pytest.raises(ValueError, match=r"image_proj proj\.weight has shape \(64, 24\), expected \(128, 24\)"):
         load_ip_adapter(model, cfg)
     assert not ip_processors(model)  # nothing was loaded by a refused file
@@ -267,11 +268,11 @@ def rel(a, b):
 def test_ip_adapter_under_auto_attention_gpu():
     """"auto" on a GPU with an IP-Adapter: our cuDNN processor in the single blocks, the IP processors kept with
     PyTorch's flash (IP_CUDNN_BACKEND); output and input gradient equal the math backend's within bf16 tolerance."""
-    dims = dict(tiny.MINI_DIMS, attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64,
+    dims = dict(fixtures.MINI_DIMS, attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64,
                 axes_dims_rope=(8, 28, 28))
     torch.manual_seed(0)
-    model = tiny.full_size_transformer("cuda", **dims)  # bf16
-    add_ip_adapter(model, tiny.random_ip_adapter_state(model))
+    model = fixtures.full_size_transformer("cuda", **dims)  # bf16
+    add_ip_adapter(model, fixtures.random_ip_adapter_state(model))
     g = torch.Generator("cuda").manual_seed(0)
 
     def randn(*shape):

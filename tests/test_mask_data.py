@@ -10,9 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-import train
-from cache import DatasetError, DatasetWarning, load_mask, mask_latent, sample_key, scan_dataset, validate_dataset
+import validate
+from cache import sample_key
 from config import Config, DataConfig, IPAdapterConfig, ModelConfig, TrainConfig
+from data import scan_dataset, validate_dataset
+from images import DatasetError, DatasetWarning, load_mask, mask_latent
 
 
 def png(path: Path, size=(32, 32), value=128, mode="RGB") -> Path:
@@ -135,21 +137,21 @@ def test_conditioning_check(tmp_path):
     root = pairs(tmp_path / "d", masks=False, depth=False)
     samples = scan(root)
     notes = []
-    train.conditioning_check(samples, cfg_for(root), notes.append)  # nothing asked, nothing needed
+    validate.conditioning_check(samples, cfg_for(root), notes.append)  # nothing asked, nothing needed
     with pytest.raises(ValueError, match=r"(?s)3 sample\(s\).*target/a.png: no mask \(train.region_token"):
-        train.conditioning_check(samples, cfg_for(root, region_token=True), notes.append)
+        validate.conditioning_check(samples, cfg_for(root, region_token=True), notes.append)
     ipa = dataclasses.replace(cfg_for(root), model=ModelConfig(ip_adapter=IPAdapterConfig(path="x")))
     with pytest.raises(ValueError, match="no depth image"):
-        train.conditioning_check(samples, ipa, notes.append)
+        validate.conditioning_check(samples, ipa, notes.append)
     with_depth = scan(pairs(tmp_path / "e", masks=False))
-    train.conditioning_check(with_depth, cfg_for(tmp_path / "e"), notes.append)
+    validate.conditioning_check(with_depth, cfg_for(tmp_path / "e"), notes.append)
     assert notes == ["note: 3 depth image(s) ignored: model.ip_adapter.path is not set"]
 
 
 def test_grey_masks_warned_up_front(tmp_path, monkeypatch):
-    import cache
+    import images
 
-    monkeypatch.setattr(cache, "RACY_NS", 0)  # fresh files enter the stat index: the second call is a warm start
+    monkeypatch.setattr(images, "RACY_NS", 0)  # fresh files enter the stat index: the second call is a warm start
     root = pairs(tmp_path / "d")
     a = np.zeros((32, 32), np.uint8)
     a[:, :16], a[0, 20] = 255, 77  # one grey pixel (JPEG noise, an antialiased edge)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import train
-from cache import mask_latent, open_image
 from config import load_config
 from encode import encode_image, pack_latents, preprocess_image, token_mask
+from images import mask_latent, open_image
 from load import load_components
 from lora import load_lora
 from region import load_region, region_path

@@ -1,5 +1,5 @@
 """Several reference images per edit: ComfyUI's "offset" ids (encode.py), both dataset layouts and the cache
-(cache.py), batching and a training run (train.py), sample() and the CLI with two images (sample.py)."""
+(data.py, cache.py), batching and a training run (train.py), sample() and the CLI with two images (sample.py)."""
 
 import dataclasses
 import json
@@ -12,11 +12,15 @@ import torch
 from PIL import Image
 
 import cache
+import images
+import objective
 import train
-from cache import DatasetError, build_cache, cache_paths, control_latents_of, read_entry, scan_dataset
+from cache import build_cache, cache_paths, control_latents_of, read_entry
 from config import DataConfig, load_config
+from data import check_dataset, scan_dataset, validate_dataset
 from encode import (control_ids, encode_image, latent_ids, pack_controls, pack_latents, prepare_latents,
                     preprocess_image, reference_offsets)
+from images import DatasetError
 from sample import main, parse_args, sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +100,7 @@ def test_prepare_latents_two_references():
         prepare_latents([a, b.repeat(2, 1, 1, 1)], 3, 64, 96, torch.float32, "cpu")
 
 
-# ---------------------------------------------------------------- datasets and the cache (cache.py)
+# ---------------------------------------------------------------- datasets and the cache (data.py, cache.py)
 
 
 def save(path, h=32, w=48, seed=0):
@@ -124,7 +128,7 @@ def test_folder_layout_one_to_three_references(tmp_path):
     assert names == {"a": ["a.png"], "a_1": ["a_1.png"], "b": ["b.png", "b_1.png"],
                      "c": ["c.png", "c_1.png", "c_2.png"], "c_1x": ["c_1x.png"]}
     assert samples["c"].control.name == "c.png" and samples["a"].extra_controls == ()
-    sizes = cache.validate_dataset(list(samples.values()), DataConfig(path=str(root)))
+    sizes = validate_dataset(list(samples.values()), DataConfig(path=str(root)))
     assert sizes[list(samples).index("c")]["control_2"] == (48, 48)
 
 
@@ -180,7 +184,7 @@ def test_metadata_list_errors(tmp_path):
 
 def test_check_prints_every_reference(tmp_path, capsys):
     root = folder(tmp_path / "d", {"a": 1, "b": 2})
-    assert cache.check_dataset(DataConfig(path=str(root))) == 0
+    assert check_dataset(DataConfig(path=str(root))) == 0
     out = capsys.readouterr().out
     assert "with several references: 1" in out
     assert "target 48x32, control 48x16, control 2 48x32" in out and "target 48x32, control 48x16\n" in out
@@ -197,7 +201,7 @@ def test_cache_round_trip(tmp_path, components):
         refs = control_latents_of(stored)
         assert len(refs) == len(s.controls) == len(control_latents_of(e))
         for p, r in zip(s.controls, refs):
-            assert torch.equal(r, encode_image(components.vae, cache.load_pixels(p, cfg))[0])
+            assert torch.equal(r, encode_image(components.vae, images.load_pixels(p, cfg))[0])
     assert sorted(k for k in read_entry(files[2], files[2].stem, ()) if k.startswith("control")) == [
         "control_latents", "control_latents_1", "control_latents_2"]
     # a 3-reference entry does not pass for a sample that wants a 4th
@@ -250,19 +254,19 @@ def test_collate_two_references(tmp_path):
                 "control_latents_1": torch.randn(16, 6, 8), "prompt_embeds": torch.randn(4, 32),
                 "pooled_prompt_embeds": torch.randn(32)} for _ in range(2)]
     empty = {"empty_prompt_embeds": torch.zeros(4, 32), "empty_pooled_prompt_embeds": torch.zeros(32)}
-    b = train.collate(entries, empty, train.TrainConfig(), ("step", 0, 0), "cpu", torch.float32, slice(0, 2))
+    b = objective.collate(entries, empty, train.TrainConfig(), ("step", 0, 0), "cpu", torch.float32, slice(0, 2))
     assert b["control"].shape == (2, 16 + 12, 64)
     assert torch.equal(b["control"][1, 16:], pack_latents(entries[1]["control_latents_1"][None])[0])
     assert torch.equal(b["img_ids"], torch.cat([latent_ids(8, 8), control_ids([(8, 8), (6, 8)])]))
     # one reference: today's collate, term for term
     one = [{k: v for k, v in e.items() if k != "control_latents_1"} for e in entries]
-    b1 = train.collate(one, empty, train.TrainConfig(), ("step", 0, 0), "cpu", torch.float32, slice(0, 2))
+    b1 = objective.collate(one, empty, train.TrainConfig(), ("step", 0, 0), "cpu", torch.float32, slice(0, 2))
     assert torch.equal(b1["control"], pack_latents(torch.stack([e["control_latents"] for e in one])))
     assert torch.equal(b1["img_ids"], torch.cat([latent_ids(8, 8), latent_ids(8, 8, marker=1.0)]))
     assert torch.equal(b1["noise"], b["noise"]) and torch.equal(b1["x0"], b["x0"])
     with pytest.raises(ValueError, match=r"entries with \[1, 2\] references in one batch"):
-        train.collate([entries[0], one[1]], empty, train.TrainConfig(), ("step", 0, 0), "cpu", torch.float32,
-                      slice(0, 2))
+        objective.collate([entries[0], one[1]], empty, train.TrainConfig(), ("step", 0, 0), "cpu", torch.float32,
+                          slice(0, 2))
 
 
 def test_batches_never_mix_reference_counts(tmp_path):
@@ -281,7 +285,7 @@ def test_batches_never_mix_reference_counts(tmp_path):
     assert cached.shapes == uncached.shapes  # the bucket key needs no encoding in uncached mode
     assert len(set(cached.shapes)) == 3  # 1 reference / 2 references (64 px) / 2 references (48 px first)
     for step in range(6):
-        idx = train.global_batch(cached.shapes, 4, 0, step)
+        idx = objective.global_batch(cached.shapes, 4, 0, step)
         assert len({cached.shapes[i] for i in idx}) == 1
 
 

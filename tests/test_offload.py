@@ -11,20 +11,20 @@ import dataclasses
 import pytest
 import torch
 
-import tiny
+import fixtures
 import train
 from config import Config, DataConfig, ModelConfig, TrainConfig, validate
 from conftest import tiny_config
 from load import load_transformer, load_vae
 from offload import flux_blocks
 
-DIMS = dict(tiny.MINI_DIMS, num_layers=2, num_single_layers=3)
+DIMS = dict(fixtures.MINI_DIMS, num_layers=2, num_single_layers=3)
 
 
 def model_and_batches(device, dtype, tc, res=64, steps=2):
     torch.manual_seed(0)
-    model = tiny.full_size_transformer(device, dtype, **DIMS)
-    entries, empty = tiny.random_entries(2, res, 8, DIMS), tiny.random_empty(8, DIMS)
+    model = fixtures.full_size_transformer(device, dtype, **DIMS)
+    entries, empty = fixtures.random_entries(2, res, 8, DIMS), fixtures.random_empty(8, DIMS)
     shapes = [tuple(entries[0]["image_latents"].shape) * 2] * 2
     batches = [train.micro_batches(entries, shapes, empty, tc, s, 0, 1, device, dtype) for s in range(steps)]
     return model, batches
@@ -139,8 +139,8 @@ def resident_vs_offloaded(device, res: int):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         torch.manual_seed(0)
-        model = tiny.full_size_transformer(device, dtype, **dims)
-        entries, empty = tiny.random_entries(1, res, 64, dims), tiny.random_empty(64, dims)
+        model = fixtures.full_size_transformer(device, dtype, **dims)
+        entries, empty = fixtures.random_entries(1, res, 64, dims), fixtures.random_empty(64, dims)
         shapes = [tuple(entries[0]["image_latents"].shape) * 2]
         params, _ = train.prepare_transformer(model, tc, device, offload)
         optimizer = train.make_optimizer(params, tc)
@@ -168,7 +168,7 @@ def test_offload_train_step_gpu():
     the peak memory fell by all the streamed weights but two blocks' (the one running and the one prefetched)."""
     (l0, p0, peak0), (l1, p1, peak1) = resident_vs_offloaded(torch.device("cuda"), 256)
     dims = dict(DIMS, attention_head_dim=64, num_attention_heads=8, joint_attention_dim=512, axes_dims_rope=(16, 24, 24))
-    model = tiny.full_size_transformer("meta", torch.bfloat16, **dims)
+    model = fixtures.full_size_transformer("meta", torch.bfloat16, **dims)
     blocks = [sum(p.numel() * p.element_size() for p in b.parameters())
               for b in [*model.transformer_blocks, *model.single_transformer_blocks]]
     assert all(abs(a - b) <= 1e-2 * abs(a) for a, b in zip(l0, l1)), (l0, l1)

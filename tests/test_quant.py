@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import fixtures
 import quant
-import tiny
 from conftest import tiny_config
 from kontext_kernels.fp8 import E4M3, FP8Linear, _FP8LinearFn
 from kontext_kernels.int4 import Linear4bit
@@ -459,7 +459,7 @@ def test_compiled_lora_gradients_equal_eager(kind, monkeypatch):
     """torch.compile must give the LoRA the gradients eager gives, through every quantized Linear. On torch 2.11
     (pytorch#180642) Linear4bit's compiled input gradient was exactly zero, so the single blocks' q/k/v LoRA, which
     reach the loss only through the block's quantized proj_out, trained nothing. The miniature Flux layout
-    (tiny.MINI_DIMS: a double and a single block) in bf16 with its block Linears quantized as `kind`, train.py's
+    (fixtures.MINI_DIMS: a double and a single block) in bf16 with its block Linears quantized as `kind`, train.py's
     LoRA with B drawn off its zero init (so every LoRA tensor has a gradient), regional compile as train.py does
     (aot_eager: dynamo and AOTAutograd without inductor's kernels). "fp8*" run the CUDA dispatch's autograd
     function on the CPU (fp8_function_forward): fp8 activations (use_fp8), with the e5m2 input gradient
@@ -470,7 +470,7 @@ def test_compiled_lora_gradients_equal_eager(kind, monkeypatch):
     from lora import add_lora
 
     torch.manual_seed(0)
-    model = tiny.full_size_transformer("cpu", torch.bfloat16, **tiny.MINI_DIMS)
+    model = fixtures.full_size_transformer("cpu", torch.bfloat16, **fixtures.MINI_DIMS)
     quant_type = kind.split("-")[0]
     if kind.endswith("double"):
         model = double_quant_4bit(model, quant_type)

@@ -36,6 +36,6 @@ def test_use_from_python_runs(tiny_path, monkeypatch):
     assert run["lora"].is_file() and len(run["history"]) == ns["cfg"].train.steps
     assert run["history"][-1]["loss"] < run["history"][0]["loss"]
     assert not torch.equal(before.latents, after.latents)  # the loaded LoRA changed the edit
-    grid = ns["train"].tile_grid([[ns["control"], before.images[0], after.images[0]]], gap=2)
+    grid = ns["tile_grid"]([[ns["control"], before.images[0], after.images[0]]], gap=2)
     assert grid.size == (3 * ns["control"].width + 4, ns["control"].height)
     assert os.path.samefile(Path(ns["cfg"].out_dir).resolve().parent, ROOT / "runs")

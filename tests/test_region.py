@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import objective
 import sample as sample_py
 import train
 from config import load_config
@@ -37,7 +38,7 @@ def test_token_mask_is_the_loss_rule():
     entries = [{"image_latents": torch.zeros(16, 6, 8), "control_latents": torch.zeros(16, 6, 8), "mask": mask[i],
                 "prompt_embeds": torch.zeros(3, 4), "pooled_prompt_embeds": torch.zeros(4)} for i in range(2)]
     empty = {"empty_prompt_embeds": torch.zeros(3, 4), "empty_pooled_prompt_embeds": torch.zeros(4)}
-    b = train.collate(entries, empty, train.TrainConfig(), ("step", 0, 0), "cpu", torch.float32, slice(0, 2))
+    b = objective.collate(entries, empty, train.TrainConfig(), ("step", 0, 0), "cpu", torch.float32, slice(0, 2))
     assert torch.equal(b["tmask"], token_mask(mask)) and b["tmask"].shape == (2, 1, 3, 4)
     assert torch.equal(b["mask"], mask[:, :, ::2, ::2].flatten(2).transpose(1, 2))
 

@@ -324,7 +324,7 @@ def test_text_encoders_on_cpu_rest_on_cuda(tiny_path, pipe):
 @pytest.mark.gpu
 def test_equals_pipeline_full_size_bf16():
     """sample() vs FluxKontextPipeline.__call__ on full-size random FLUX.1 Kontext components
-    (tiny.full_size_components: CLIP-L, T5-XXL, the FLUX VAE, the 12B transformer) in bf16 at 1024^2, 4 steps, without
+    (fixtures.full_size_components: CLIP-L, T5-XXL, the FLUX VAE, the 12B transformer) in bf16 at 1024^2, 4 steps, without
     and with true CFG. Both sides share the modules and the CPU generator's seed. First eager with flash attention
     (deterministic kernels: the math must agree, measured 0 on the H100), then as `python sample.py` does
     (SampleConfig defaults: attention "auto", eager), then compiled: with compiled cuDNN attention the H200 gave
@@ -333,7 +333,7 @@ def test_equals_pipeline_full_size_bf16():
     from diffusers import FluxKontextPipeline
 
     from load import Components
-    from tiny import full_size_components
+    from fixtures import full_size_components
 
     device = torch.device("cuda:0")
     parts = full_size_components(device, torch.bfloat16)
@@ -443,7 +443,7 @@ def test_cli_text_to_image_equals_pipeline(tmp_path, capsys, pipe):
 
 
 def test_cli_errors_name_the_file(tmp_path, lora_files):
-    # cache.open_image's messages: the path, then why (OSError's "No such file or directory" for a missing one)
+    # images.open_image's messages: the path, then why (OSError's "No such file or directory" for a missing one)
     with pytest.raises(ValueError, match=r"nope\.png.*(does not exist|No such file)"):
         cli("--image", tmp_path / "nope.png", "--prompt", PROMPT)
     src = tmp_path / "in.png"

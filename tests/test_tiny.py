@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import train
+import objective
 from encode import encode_image, latent_ids, pack_latents, preprocess_image
 from tiny import TinySpec, _cell_pictures, build_components, ensure_toy_dataset, write_tiny
 
@@ -58,7 +58,7 @@ def test_vae_reconstructs_cell_images_and_averages_others(pipe):
 
 
 def test_base_copies_its_control_under_train_objective(pipe):
-    # fit_copy writes the copy objective itself (tiny.py may not import train.py): train.flow_matching_loss agrees
+    # fit_copy writes the copy objective itself (tiny.py may not import objective.py): objective.flow_matching_loss agrees
     # that the written base copies, and only from the right control.
     x = _cell_pictures(np.random.default_rng(1), 6, 64)
     with torch.no_grad():
@@ -69,9 +69,9 @@ def test_base_copies_its_control_under_train_objective(pipe):
         g, n = torch.Generator().manual_seed(0), x0.shape[0]
 
         def loss(control, t):
-            return float(train.flow_matching_loss(pipe.transformer, x0, torch.randn(x0.shape, generator=g),
-                                                  torch.full((n,), t), control, embeds.expand(n, -1, -1),
-                                                  pooled.expand(n, -1), ids, text_ids, 1.0))
+            return float(objective.flow_matching_loss(pipe.transformer, x0, torch.randn(x0.shape, generator=g),
+                                                      torch.full((n,), t), control, embeds.expand(n, -1, -1),
+                                                      pooled.expand(n, -1), ids, text_ids, 1.0))
 
         for t in (0.25, 0.75):
             own, rolled = loss(x0, t), loss(x0.roll(1, 0), t)

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import fixtures
+import objective
 import train
 from config import cli, load_config
 
@@ -30,30 +32,12 @@ def run(cfg):
         return train.main(cfg)
 
 
-def test_objective_direction():
-    # x_t interpolates from data (t=0) to noise (t=1) and the target is the velocity noise - x0: a model that
-    # predicts it exactly has zero loss, and the sign flip does not.
-    x0, noise = torch.randn(2, 4, 64), torch.randn(2, 4, 64)
-
-    class Oracle(torch.nn.Module):
-        def forward(self, hidden_states, **kw):
-            return (noise - x0,)
-
-    args = dict(control=None, prompt_embeds=None, pooled_prompt_embeds=None, img_ids=None, text_ids=None,
-                guidance=1.0)
-    assert train.flow_matching_loss(Oracle(), x0, noise, torch.rand(2), **args) == 0
-    class Wrong(Oracle):
-        def forward(self, hidden_states, **kw):
-            return (x0 - noise,)
-    assert train.flow_matching_loss(Wrong(), x0, noise, torch.rand(2), **args) > 1
-
-
 def test_timestep_sampling_and_schedule():
     cfg = train.TrainConfig(timestep_sampling="logit_normal", warmup_steps=2, steps=10)
-    t = train.sample_timesteps(10000, cfg, 4096, torch.Generator().manual_seed(0))
+    t = objective.sample_timesteps(10000, cfg, 4096, torch.Generator().manual_seed(0))
     assert 0 < t.min() and t.max() < 1 and abs(t.mean() - 0.5) < 0.02
-    shifted = train.sample_timesteps(10000, dataclasses.replace(cfg, resolution_shift=True), 4096,
-                                     torch.Generator().manual_seed(0))
+    shifted = objective.sample_timesteps(10000, dataclasses.replace(cfg, resolution_shift=True), 4096,
+                                         torch.Generator().manual_seed(0))
     assert shifted.mean() > t.mean() + 0.1  # large images: more weight near noise
     assert [round(train.lr_factor(s, cfg), 3) for s in (0, 1, 2, 10)] == [0.5, 1.0, 1.0, 0.0]
 
@@ -146,7 +130,7 @@ def edit_errors(pipe, pairs, lora=None, steps: int = 8, transformer=None) -> dic
         ids = torch.cat([latent_ids(side, side, 0.0), latent_ids(side, side, marker=1.0)])
         g = torch.Generator().manual_seed(0)
         for name, ctrl in (("loss_own", control), ("loss_rolled", control.roll(1, 0))):
-            out[name] = sum(float(train.flow_matching_loss(
+            out[name] = sum(float(objective.flow_matching_loss(
                 pipe.transformer, x0, torch.randn(x0.shape, generator=g), torch.full((n,), t), ctrl,
                 embeds.expand(n, -1, -1), pooled.expand(n, -1), ids, text_ids, 1.0)) for t in (0.25, 0.5, 0.75)) / 3
     finally:
@@ -179,24 +163,6 @@ def test_learns_the_toy_edit_from_the_control(tmp_path):
     assert e["own_control"] < 0.5 * e["no_lora"], e
     assert e["own_control"] < 0.25 * e["rolled_controls"], e
     assert e["loss_own"] < 0.5 * e["loss_rolled"], e
-
-
-def test_tile_grid_keeps_every_tile_whole():
-    """Rows of different sizes and lengths (one or two controls): every tile lands whole where its right-aligned
-    column and its row put it, with white gaps between cells."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    tile = lambda w, h: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))  # noqa: E731
-    rows = [[tile(64, 48), tile(64, 48), tile(80, 64)], [tile(32, 32), tile(40, 24), tile(32, 32), tile(16, 16)]]
-    grid = train.tile_grid(rows, gap=2)
-    xs, ys = [0, 34, 100, 166], [0, 66]  # column widths 32, 64, 64, 80; row heights 64, 32
-    assert grid.size == (246, 98)
-    for r, y in zip(rows, ys):
-        for t, x in zip(r, xs[len(xs) - len(r):]):
-            assert np.array_equal(np.asarray(grid.crop((x, y, x + t.width, y + t.height))), np.asarray(t))
-    assert grid.getpixel((98, 10)) == (255, 255, 255) and grid.getpixel((10, 64)) == (255, 255, 255)
 
 
 def test_nan_loss_stops_with_context(tmp_path):
@@ -261,12 +227,11 @@ def test_compile_choice():
     """Regional compile on CUDA for every transformer, 4-bit included; off only when asked, on the CPU, or with block
     offload. compile_choice reads the device's type only, so "cuda" is asked here without a GPU."""
     import quant
-    import tiny
     from config import TrainConfig
 
     cuda = torch.device("cuda")
     for kind in ("nf4", "fp4", "fp8"):
-        model = quant.quantize_transformer(tiny.full_size_transformer("cpu", **tiny.MINI_DIMS), kind)
+        model = quant.quantize_transformer(fixtures.full_size_transformer("cpu", **fixtures.MINI_DIMS), kind)
         assert train.compile_choice(model, TrainConfig(), cuda) == "on", kind
     assert train.compile_choice(model, TrainConfig(compile=False), cuda) == "off"
     assert train.compile_choice(model, TrainConfig(), torch.device("cpu")) == "off (CPU)"
@@ -298,11 +263,11 @@ def test_crash_matrix_gpu(kind, ckpt, compile_):
     tests/test_attention.py); a dropped gradient is 100% off, a halved one (pytorch#183604) 50%. The measured
     errors are printed (-s)."""
     import quant
-    import tiny
+
     from config import TrainConfig
 
     device = torch.device("cuda")
-    model = tiny.full_size_transformer(device, num_layers=2, num_single_layers=4)
+    model = fixtures.full_size_transformer(device, num_layers=2, num_single_layers=4)
     if kind != "bf16":
         model = quant.quantize_transformer(model, kind.split("-")[0])
     tc = TrainConfig(gradient_checkpointing=ckpt, compile=compile_, attention_backend="auto", lr=1e-3,
@@ -311,7 +276,7 @@ def test_crash_matrix_gpu(kind, ckpt, compile_):
         params, attention = train.prepare_transformer(model, tc, device)
         assert attention == "cudnn"
         assert train.compile_choice(model, tc, device) == ("on" if compile_ else "off")
-        entries, empty = tiny.random_entries(1, 1024, 512), tiny.random_empty(512)
+        entries, empty = fixtures.random_entries(1, 1024, 512), fixtures.random_empty(512)
         shapes = [tuple(entries[0]["image_latents"].shape) * 2]
 
         def batches(step):
@@ -413,15 +378,6 @@ def test_batch_plan_and_real_batch_sizes(tmp_path):
     out = run(tiny_cfg(tmp_path, steps=6))  # 22 training samples in batches of 4: one batch of 2 per epoch
     sizes = sorted({round(r["samples_per_s"] * r["s_per_step"]) for r in out["history"]})
     assert sizes == [2, 4], sizes
-
-
-def test_repeat_each_sample_n_times_per_epoch():
-    shapes = [(1,)] * 5 + [(2,)] * 3
-    epoch = [train.global_batch(shapes, 4, 0, i, repeat=3) for i in range(7)]  # ceil(15/4) + ceil(9/4) batches
-    assert sorted(i for b in epoch for i in b) == sorted(list(range(8)) * 3)
-    assert all(len({shapes[i] for i in b}) == 1 for b in epoch)  # one shape per batch, as without repeat
-    assert [len(b) for b in epoch if shapes[b[0]] == (1,)].count(4) == 3  # 15 = 3 x 4 + 3: one partial, not three
-    assert [train.global_batch(shapes, 4, 0, i) for i in range(3)] == train.make_batches(shapes, 4, 0, 0)
 
 
 def test_repeat_resume_is_exact(tmp_path, capsys, monkeypatch):

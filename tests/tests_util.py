@@ -55,3 +55,17 @@ def forward_aliases(function, *args) -> tuple[torch.Tensor, int]:
         y = function.forward(_Ctx(), *args)
     ptr = y.untyped_storage().data_ptr()
     return y, sum(t.untyped_storage().data_ptr() == ptr for t in seen)
+
+
+def write_pair(root, stem, size=(48, 64), caption="make the square red", seed=0, mask=False):
+    """A folder-layout pair: images/<stem>.png, control/<stem>.png (random pixels), the caption, optionally a mask."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "control").mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "control"):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / sub / f"{stem}.png")
+    (root / "images" / f"{stem}.txt").write_text(caption)
+    if mask:
+        m = np.zeros(size, np.uint8)
+        m[: size[0] // 2] = 255
+        Image.fromarray(m).save(root / "images" / f"{stem}_mask.png")
