@@ -59,6 +59,7 @@ from kontext_kernels.attention import cudnn_attention
 from kontext_kernels.attention_fp8 import (E4M3_MAX, GRAD_MARGIN, O_HEADROOM, Fp8Scales, cudnn_fp8_attention,
                                            fp8_backward, fp8_forward, host_pow2_scale, quantize_e4m3)
 from load import Components, add_ip_adapter, load_components, load_vae
+import quiet
 
 STOCK_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 CONFIGS = {"bf16": "configs/bf16.py", "fp8": "configs/fp8.py", "nf4": "configs/fp4.py",  # kind -> shipped config
@@ -782,6 +783,7 @@ def format_stepcache(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
+    quiet.install()
     import tyro
 
     main(tyro.cli(BenchConfig, description=__doc__.splitlines()[0]))

@@ -19,7 +19,6 @@ import gc
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from safetensors import SafetensorError
 import safetensors.torch
 from safetensors.torch import save_file
 
+from atomic import temp_beside, user_mode
 from config import Config, DataConfig
 from data import Sample
 from encode import encode_image, encode_ip_image, encode_prompt
@@ -67,10 +67,11 @@ def empty_key(cfg: DataConfig, model_ident: str) -> str:
 def save_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
     """safetensors to a temp file in the same folder, fsync, then rename: a crash never leaves a half file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_beside(path)
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        user_mode(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

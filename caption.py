@@ -19,17 +19,18 @@ import json
 import os
 import string
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import tyro
 
+from atomic import temp_beside
 from config import DataConfig, Dtype
 from data import IMAGE_EXTS, _by_stem, _captions_of, _dataset_path, _read_text, _rows
 from images import DatasetError, open_image
 from load import NO_HUB_KERNELS, parse_device, parse_dtype
+import quiet
 
 # config.json model_type -> (the transformers class that captions, its processor class, the default task)
 CAPTIONERS = {
@@ -249,7 +250,7 @@ def list_dataset(cfg: CaptionConfig) -> tuple[list[Item], Path | None, list[str]
 
 def write_text_atomic(path: Path, text: str) -> None:
     """UTF-8 text to a temp file in the same folder, fsync, then rename: never a half-written caption."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
@@ -388,6 +389,7 @@ def main(argv: list[str] | None = None) -> Summary:
 
 
 if __name__ == "__main__":
+    quiet.install()
     try:
         sys.exit(1 if main().failed else 0)
     except ValueError as e:  # bad flags, a dataset problem, not a captioner: the message, not a traceback

@@ -14,11 +14,12 @@ written atomically (a temp file renamed into place) and never overwritten.
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+
+from atomic import temp_beside
 
 
 def cache_file(folder: str, what: dict) -> Path | None:
@@ -76,7 +77,7 @@ def save(path: Path | None) -> bool:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        fd, tmp = temp_beside(path)
         with os.fdopen(fd, "wb") as f:
             f.write(artifacts[0])
         os.replace(tmp, path)

@@ -163,8 +163,9 @@ class TrainConfig:
     # and nvidia-cudnn-frontend, never chosen by "auto"); saved in config.json
     attention_backend: AttentionBackend = "auto"
     fp8_backward: bool = False  # fp8 transformer: input gradient as an e5m2 x e4m3 GEMM (kontext_kernels/fp8.py)
-    activation_offload: bool = False  # keep the tensors saved for the backward in pinned host memory (with
-    #                                   checkpointing: the block inputs; torch.autograd.graph.save_on_cpu)
+    # keep the tensors saved for the backward in pinned host memory (with checkpointing: the block inputs;
+    # torch.autograd.graph.save_on_cpu)
+    activation_offload: bool = False
 
 
 @dataclass
@@ -177,12 +178,17 @@ class SampleConfig:
     max_area: int = 1024 ** 2  # size_mode pipeline: output area
     size_mode: Literal["native", "pipeline"] = "native"  # native: output = input size | pipeline: diffusers'
     max_sequence_length: int = 512  # T5 tokens
-    compile: bool = False  # torch.compile each block (CUDA only): ~15-35 s to compile buys ~0.1 s/step, so it pays
-    #                        from about 5 images per process (batch jobs), not for one CLI edit
+    # torch.compile each block (CUDA only): ~15-35 s to compile buys ~0.1 s/step, so it pays from about 5 images
+    # per process (batch jobs), not for one CLI edit
+    compile: bool = False
     attention_backend: AttentionBackend = "auto"  # as TrainConfig.attention_backend
     compile_cache: str = COMPILE_CACHE  # with compile: the folder of torch.compile's saved work (compile_cache.py)
-    cache: str = ""  # reuse work across steps (stepcache.py): "" off | first_block:0.08 | mag:0.06 | taylorseer:5 |
-    #                  faster:2 | tea:0.25 (METHOD:VALUE, see parse_cache)
+    # reuse work across steps (stepcache.py): "" off | first_block:0.08 | mag:0.06 | taylorseer:5 | faster:2 |
+    # tea:0.25 (METHOD:VALUE, see parse_cache)
+    cache: str = ""
+    # sample.py, native size: an input image larger than this many pixels is resized down to it first (with a
+    # message); the pipeline's own area by default. Raise it to sample larger.
+    pixel_budget: int = 1024 ** 2
 
 
 # SampleConfig.cache's methods -> the type of their one value: a threshold (>= 0) or a step interval (>= 1).
@@ -277,6 +283,7 @@ RULES = {
     "sample.max_area": _at_least(16 * 16),
     "sample.max_sequence_length": _between(1, 512),
     "sample.cache": ((lambda v: _cache_ok(v)), f", '' (off) or METHOD:VALUE ({CACHE_EXAMPLE})"),
+    "sample.pixel_budget": _at_least(16 * 16),
     "model.resident_blocks": _between(0, 57),  # FLUX has 19 double + 38 single blocks
     "model.ip_adapter.scale": _at_least(0),
     "model.vae_tile": ((lambda v: v == 0 or (v >= 64 and v % 64 == 0)), ", 0 (off) or a multiple of 64 >= 64"),
@@ -408,6 +415,11 @@ def _raise(where: str, problems: list[str]) -> None:
         raise ValueError(f"{head}{len(problems)} config problems:\n" + "\n".join(f"  {p}" for p in problems))
 
 
+def validate_sample(sc: SampleConfig, where: str = "") -> None:
+    """validate() for a SampleConfig alone (sample.py's flags): every field's type and RULES, all at once."""
+    _raise(where, _problems(sc, "sample."))
+
+
 def validate(cfg: Config) -> None:
     """Check the whole config before any work: every field's type against its annotation (choices included), the
     RULES ranges, a dataset path, the resume target, the device strings. Raises one ValueError listing every
@@ -478,8 +490,9 @@ def cli(argv: list[str] | None = None, description: str = "") -> Config:
 
     path, rest = split_config_flag(sys.argv[1:] if argv is None else argv)
     default = _run_file(path) if path else Config()
-    if path:
-        _raise(path, _problems(default, values=False))
+    if path:  # a type error stops here (tyro cannot parse it); its value problems are named with it, all at once
+        if _problems(default, values=False):
+            _raise(path, _problems(default))
     cfg = tyro.cli(Config, default=default, args=rest, description=f"{description}\n\n{CONFIG_FLAG_HELP}")
     _raise(f"{path} + flags" if path else "", _problems(cfg) + _run_problems(cfg))
     return cfg

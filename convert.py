@@ -34,6 +34,7 @@ import torch
 
 from cache import save_atomic
 from lora import _LORA_KEY, PREFIX, _few, lora_state_dict, read_lora, save_lora
+import quiet
 
 Modules = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
@@ -344,4 +345,5 @@ def cli(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
+    quiet.install()
     cli()

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from config import Config, DataConfig, validate
 from images import DatasetError, DatasetWarning, _checked, aspect_change, read_index, target_size, write_index
+import quiet
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")  # compared lower-cased
 METADATA_COLUMNS = ("image", "control", "kontext_images", "prompt", "mask", "depth")
@@ -457,6 +458,13 @@ def token_estimate(text: str) -> int:
     return math.ceil(max(len(text.split()) * 4 / 3, len(text) / 4))
 
 
+def cut_prompts(prompts: dict[str, str], tokenizer, max_len: int) -> list[str]:
+    """'<where>: N T5 tokens' for each prompt the pipeline's T5 tokenization (max_length=max_len, truncation, EOS
+    included) cuts; `prompts` maps where each comes from (a file, "--prompt") to its text."""
+    counts = {w: len(tokenizer(t, truncation=False)["input_ids"]) for w, t in prompts.items() if t}
+    return [f"{w}: {n} T5 tokens" for w, n in counts.items() if n > max_len]
+
+
 def check_dataset(cfg: DataConfig, cache_dir: Path | None = None, out=print) -> int:
     """Scan and validate as training does (no model loaded) and print: counts, the training sizes (target_size:
     max_pixels / resize, floored to 16) as a histogram of (target, control) pairs (one batch holds one pair),
@@ -514,8 +522,12 @@ def main(argv: list[str]) -> int:
     DataConfig's fields as flags; --cache-dir uses (and updates) that cache's stat index, else nothing is written."""
     import tyro
 
-    if not argv or argv[0] != "check":
-        print("usage: python data.py check DATA [--max-pixels N ...]  (python data.py check --help)", file=sys.stderr)
+    if not argv or argv[0] != "check":  # the module's own text is the help: layouts, rules, the one command
+        usage = "usage: python data.py check DATA [--max-pixels N ...]  (python data.py check --help: every flag)"
+        if argv and argv[0] in ("-h", "--help"):
+            print(f"{usage}\n\n{__doc__}")
+            return 0
+        print(usage, file=sys.stderr)
         return 2
     rest = argv[1:]
     if rest and not rest[0].startswith("-"):  # DATA, positional: the same as --path
@@ -532,4 +544,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    quiet.install()
     sys.exit(main(sys.argv[1:]))

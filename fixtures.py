@@ -11,11 +11,11 @@ import contextlib
 import hashlib
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from atomic import temp_dir_beside, user_mode_tree
 import quant
 from encode import latent_ids
 from tiny import TinySpec, _bpe_merges, _replace_dir, _words, default_root, train_clip_tokenizer, train_t5_tokenizer
@@ -243,7 +243,7 @@ def write_tiny_ip_adapter(out: str | Path, spec: TinySpec = TinySpec(), seed: in
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         write_tiny_image_encoder(tmp / "image_encoder", seed=seed)
         save_file(ip_adapter_state(*_ip_dims(spec), TINY_IP_PROJECTION, seed=seed), tmp / "ip_adapter.safetensors")
@@ -301,10 +301,11 @@ def _write_captioner(out: str | Path, model, processor) -> Path:
     """model + processor via save_pretrained into a temp folder, renamed onto `out` when complete."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        user_mode_tree(tmp)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from atomic import user_mode_tree
 from cache import save_atomic, tensor_digest
 from config import Config, TrainConfig, to_json
 from kontext_kernels.fp8 import FP8Linear
@@ -429,6 +430,7 @@ def save_transformer(transformer, folder: Path) -> None:
                 model = FluxTransformer2DModel.from_config(transformer.config)
             model.load_state_dict(sd, assign=True)
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+        user_mode_tree(tmp)  # safetensors writes 0600; the user's umask decides who reads the result
         old = folder.with_name(f".old-{folder.name}-{os.getpid()}")
         if folder.exists():
             os.replace(folder, old)

@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from atomic import temp_beside
 from config import DataConfig
 from encode import preprocess_image
 
@@ -82,7 +82,7 @@ def write_index(idx: StatIndex) -> None:
     tmp = None
     try:
         idx.file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=idx.file.name + ".", suffix=".tmp", dir=idx.file.parent)
+        fd, tmp = temp_beside(idx.file)
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, idx.file)  # readers (other ranks, a second run) see the old index or the new, never half

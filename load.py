@@ -94,6 +94,40 @@ def _resolve(cfg: ModelConfig, part: Part | None, name: str) -> tuple[str, str]:
     return str(root), sub
 
 
+PARTS = {"clip": ("clip", "clip_tokenizer"), "t5": ("t5", "t5_tokenizer"), "vae": ("vae",),
+         "transformer": ("transformer",)}
+
+
+def check_model(cfg: ModelConfig, which: tuple[str, ...] = ("clip", "t5", "vae", "transformer")) -> None:
+    """Every local component folder of `which` and its config.json (model type included), checked without reading
+    a weight: a typo in a path fails here, before a run touches its folder or loads anything. Hub ids are checked
+    when they load."""
+    for part in which:
+        for name in PARTS[part]:
+            _resolve(cfg, getattr(cfg, part), name)
+
+
+def transformer_skeleton(cfg: ModelConfig):
+    """The FluxTransformer2DModel of cfg's transformer config.json on the meta device (module names and Linear
+    shapes, no memory, no weights), or None when that config is not on disk (a Hub id not yet downloaded). LoRA
+    files and checkpoints are checked against it before the real weights load."""
+    from diffusers import FluxTransformer2DModel
+
+    path, sub = _resolve(cfg, cfg.transformer, "transformer")
+    if _is_local(path):
+        file = Path(path).expanduser() / sub / "config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(path, f"{sub}/config.json" if sub else "config.json")
+        if not isinstance(found, str):
+            return None
+        file = Path(found)
+    conf = quant.read_config(file.parent, "transformer")
+    with torch.device("meta"):
+        return FluxTransformer2DModel.from_config({k: v for k, v in conf.items() if k != "quantization_config"})
+
+
 # transformers >= 5.25 "kernelizes" every model it loads (use_kernels defaults to on): layers it maps (CLIP's QuickGELU,
 # T5's NewGELU) get forwards downloaded from the Hub's kernels-community repos when the model is on CUDA, and the load
 # fails outright when the PyPI `kernels` package is missing. Our loaders read on the CPU and then move (_place), so it

@@ -62,32 +62,6 @@ def save_lora(transformer, path: Path) -> None:
                 {"format": "pt", "lora_adapter_metadata": json.dumps(meta, sort_keys=True, default=str)})
 
 
-RUN_FILES = ("lora.safetensors", "transformer", "log.jsonl", "checkpoints", "validation", "tb")  # what a run
-# writes (transformer/: train.mode full's result; cache/ is content-keyed and shared, so it is kept)
-
-
-def claim_out_dir(out_dir: Path, resume: str, overwrite: bool) -> list[str]:
-    """The run-folder rule, applied before any work: a fresh run needs an out_dir free of an earlier run's files,
-    unless `overwrite` (they are deleted first); a resumed run continues in place. Why: the old run's checkpoints
-    would otherwise outrank the new run's in pruning, its lora.safetensors be overwritten and its log appended to.
-    Leftovers of interrupted checkpoint writes (.tmp-*) are removed. Returns what was done, for the log."""
-    out_dir, notes = Path(out_dir), []
-    earlier = [n for n in RUN_FILES if (out_dir / n).exists()]
-    if earlier and not resume:
-        if not overwrite:
-            raise ValueError(f"out_dir {str(out_dir)!r} holds an earlier run ({', '.join(earlier)}): pass "
-                             f"--resume latest to continue it, --overwrite to delete it and start afresh, or "
-                             f"another --out-dir")
-        for n in earlier:
-            p = out_dir / n
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-        notes.append(f"--overwrite: deleted the earlier run's {', '.join(earlier)} in {out_dir}")
-    for tmp in sorted((out_dir / "checkpoints").glob(".tmp-*")):
-        shutil.rmtree(tmp, ignore_errors=True)
-        notes.append(f"removed {tmp} (an interrupted checkpoint write)")
-    return notes
-
-
 def new_run_id() -> str:
     return hashlib.sha256(f"{os.getpid()}-{time.time_ns()}".encode()).hexdigest()[:12]
 
@@ -211,6 +185,20 @@ def config_differences(ckpt: Path, cfg: Config) -> list[str]:
             if a.get(k) != b.get(k) and k not in ("resume", "overwrite")]
 
 
+# Fields that fix the shapes and meaning of a checkpoint's trained tensors: a resume must keep them
+SHAPING = ("train.mode", "train.rank", "train.alpha", "train.target_modules", "train.region_token",
+           "train.region_grid", "train.full_modules")
+
+
+def resume_problems(ckpt: Path, cfg: Config) -> list[str]:
+    """The SHAPING fields on which cfg and the checkpoint's config.json differ, worded for the user; checked before
+    any model loads (the tensors themselves are checked again against the model when they load)."""
+    diffs = [d for d in config_differences(ckpt, cfg) if d.split(":")[0] in SHAPING]
+    return [f"--resume {ckpt}: the checkpoint was trained with {d.split(': ', 1)[0]} = {d.split(': ', 1)[1].split(' -> ')[0]}, "
+            f"the config says {d.split(' -> ')[1]}; resume with the checkpoint's value (or start afresh with "
+            f"--overwrite / another --out-dir)" for d in diffs]
+
+
 def load_checkpoint(path: Path, transformer, optimizer, region=None) -> tuple[int, str]:
     """Restore LoRA weights (and the region token's), and the optimizer state; return (the step to continue from, the
     run id to keep)."""
@@ -283,6 +271,12 @@ def read_lora(path) -> tuple[dict[str, torch.Tensor], dict | None]:
             header = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"LoRA file {str(path)!r} is not a readable safetensors file: {e}") from None
+    bad = [k for k, v in state_dict.items()
+           if (not torch.isfinite(v).all() if v.is_floating_point() else not k.endswith("alpha"))]
+    if bad:  # a diverged run's file samples to black (NaN) or noise: refuse it here, before any model loads
+        raise ValueError(f"LoRA file {str(path)!r}: {len(bad)} of {len(state_dict)} tensors are not finite floating "
+                         f"point (NaN / inf, or an integer dtype): {_few(bad)}; it came from a run that diverged, "
+                         f"or it is not a LoRA")
     raw = header.get("lora_adapter_metadata")
     try:
         metadata = json.loads(raw) if raw else None

@@ -35,15 +35,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import compile_cache
-from config import ModelConfig, SampleConfig, load_config, split_config_flag
+from config import ModelConfig, SampleConfig, load_config, split_config_flag, validate_sample
+from data import cut_prompts
 from encode import (MULTIPLE, _device_of, decode_latents, encode_image, encode_ip_image, encode_prompt, image_size,
                     kontext_size, output_size, predict_velocity, prepare_latents, preprocess_image, token_mask,
                     unpack_latents)
 from images import mask_latent, open_image
 from kontext_kernels.attention import set_attention
-from load import ip_processors, load_components, parse_device
-from lora import load_lora, read_lora
+from load import ip_processors, load_components, load_t5_tokenizer, parse_device, transformer_skeleton
+from lora import check_lora_keys, load_lora, read_lora
 from offload import offload_transformer
+import quiet
 from region import append_region, load_region, region_path
 from stepcache import cache_context, check_cache, step_cache
 
@@ -52,7 +54,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DEFAULT_SIZE = 1024  # the pipeline's default height and width (default_sample_size 128 * vae_scale_factor 8)
 _DEFAULTS = SampleConfig()  # sample()'s keyword defaults and the CLI's --sample.* flags both come from here
 # SampleConfig fields that are not sample() keywords: seed makes the generator, the others go to prepare_transformer
-NOT_SAMPLE_KWARGS = ("seed", "compile", "compile_cache", "attention_backend")
+NOT_SAMPLE_KWARGS = ("seed", "compile", "compile_cache", "attention_backend", "pixel_budget")
 
 
 # ---------------------------------------------------------------- schedule and sizes
@@ -379,7 +381,11 @@ def _denoise(transformer, scheduler, timesteps, latents, control_latents, img_id
                                              img_ids, ip_neg)
                 v = v_neg + true_cfg_scale * (v - v_neg)
             latents = scheduler.step(v, t, latents, return_dict=False)[0]
-            now = _clock(devices)
+            now = _clock(devices)  # on CUDA a sync already: the check below costs one small reduction
+            if not torch.isfinite(latents).all():  # a NaN here ends as a black image: stop and say where
+                raise FloatingPointError(f"the latents became NaN/inf at denoising step {i + 1} of {len(timesteps)} "
+                                         f"(t={float(t):.0f}/1000): a LoRA scale too high, a diverged LoRA, or fp16 "
+                                         f"overflow")
             steps.append(now - t_step)
             t_step = now
     return latents, steps, t_step
@@ -513,7 +519,13 @@ def main(args: Args) -> Path:
     s = args.sample
     if not args.prompt:
         raise ValueError("--prompt is required")
-    images = [open_image(Path(p)) for p in args.image]
+    validate_sample(s)
+    images = [_within_budget(open_image(Path(p)), p, s.pixel_budget) if s.size_mode == "native" else open_image(Path(p))
+              for p in args.image]
+    small = [f"{p} ({im.width}x{im.height})" for p, im in zip(args.image, images) if min(im.size) < 2 * MULTIPLE]
+    if small:
+        raise ValueError(f"--image: {', '.join(small)}: expected at least {2 * MULTIPLE}x{2 * MULTIPLE} pixels (one "
+                         f"2x2 patch of 8x8 latent cells)")
     # the checks sample() makes that need no model, made before loading one
     _check_true_cfg(s.true_cfg_scale, s.negative_prompt is not None)
     check_cache(s.cache, s.true_cfg_scale > 1)
@@ -523,9 +535,14 @@ def main(args: Args) -> Path:
         raise ValueError(f"--out {str(out)!r}: unknown image extension {out.suffix!r} (use .png, .jpg, .webp, ...)")
     if args.lora_scale and len(args.lora_scale) != len(args.lora):
         raise ValueError(f"{len(args.lora)} --lora file(s) but {len(args.lora_scale)} --lora-scale value(s)")
-    for path in args.lora:
-        read_lora(path)  # a missing or unreadable file fails now, not after loading the model
     mc = load_config(args.config).model if args.config else ModelConfig()
+    skeleton = transformer_skeleton(mc)  # module names and shapes from config.json: no weights
+    for path in args.lora:  # a missing, unreadable, non-finite or mismatched file fails now, not after loading
+        state_dict, _ = read_lora(path)
+        if skeleton is not None:
+            check_lora_keys(skeleton, state_dict, path)
+    for cut in cut_prompts({"--prompt": args.prompt}, load_t5_tokenizer(mc), s.max_sequence_length):
+        print(f"warning: {cut}, more than --sample.max-sequence-length {s.max_sequence_length}: the rest is cut off")
     region, mask = _region_inputs(args, images)
     ip_image = open_image(Path(args.ip_image)) if args.ip_image else None
     if ip_image is not None and not mc.ip_adapter.path:
@@ -565,6 +582,19 @@ def main(args: Args) -> Path:
     return out
 
 
+def _within_budget(image, path: str, budget: int):
+    """The image, or a copy resized down to `budget` pixels (aspect kept; sample() then floors to 16), said once.
+    Why: native size sampling costs grow with the square of the token count; a 3000x3000 photo would take minutes per
+    step where 1024x1024 takes seconds."""
+    if image.width * image.height <= budget:
+        return image
+    k = (budget / (image.width * image.height)) ** 0.5
+    w, h = max(2 * MULTIPLE, int(image.width * k)), max(2 * MULTIPLE, int(image.height * k))
+    print(f"note: --image {path} is {image.width}x{image.height}; resized to {w}x{h} (--sample.pixel-budget "
+          f"{budget}; raise it to sample larger)")
+    return image.resize((w, h), Image.LANCZOS)
+
+
 def _region_inputs(args: Args, images: list):
     """(region token, mask image) for the CLI: the token is read from beside the --lora that has one
     (lora.region.safetensors); --mask needs it, and it needs --mask (without one the LoRA runs without its token,
@@ -588,7 +618,9 @@ def _region_inputs(args: Args, images: list):
 
 
 if __name__ == "__main__":
+    quiet.install()
     try:
         main(parse_args())
-    except ValueError as e:  # user errors (files, flags, LoRA keys): the message, not a traceback
-        raise SystemExit(f"sample.py: error: {e}") from None
+    except (ValueError, FloatingPointError) as e:  # user errors (files, flags, LoRA keys): the message, exit 2
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

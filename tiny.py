@@ -18,10 +18,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from atomic import lock, temp_dir_beside, user_mode_tree
 
 # The two-word vocabulary an edit instruction uses, plus filler, so both tokenizers learn merges for real words.
 _CORPUS = """
@@ -324,7 +327,9 @@ def fit_copy(c: dict, spec: TinySpec, size: int = 64, max_sequence_length: int =
     opt = torch.optim.AdamW(model.parameters(), lr=spec.copy_lr, weight_decay=0.0)
     model.train()
     with torch.enable_grad():
-        for step in range(spec.copy_steps):
+        # ~50 s once on 2 CPU cores, before a first run's first line of its own: say what the wait is
+        for step in tqdm(range(spec.copy_steps), desc="writing the tiny model (once)", unit="step",
+                         mininterval=1.0):
             b = spec.copy_batch
             with torch.no_grad():
                 z = vae.encode(_cell_pictures(rng, b, size)).latent_dist.mode()
@@ -358,12 +363,13 @@ def write_tiny(out: str | Path, spec: TinySpec = TinySpec()) -> Path:
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         components = build_components(spec)
         fit_copy(components, spec)
         FluxKontextPipeline(**components).save_pretrained(tmp, safe_serialization=True)
         (tmp / "tiny_spec.json").write_text(json.dumps(dataclasses.asdict(spec)))
+        user_mode_tree(tmp)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -377,8 +383,17 @@ def default_root() -> Path:
 def ensure_tiny(spec: TinySpec = TinySpec(), root: str | Path | None = None) -> Path:
     """Path of the tiny checkpoint for `spec`, writing it first if absent (keyed by content, not by name)."""
     path = Path(root or default_root()) / f"tiny-{spec.key()}"
-    if not (path / "model_index.json").exists():
-        write_tiny(path, spec)
+    if (path / "model_index.json").exists():
+        return path
+    # one writer: processes started together (two first runs, test workers) wait for it instead of each spending the
+    # minute and replacing the others' folder under them
+    held, _ = lock(path.parent / f".{path.name}.lock", blocking=False)
+    if held is None:
+        print(f"waiting for another process writing the tiny model {path} ...", flush=True)
+        held, _ = lock(path.parent / f".{path.name}.lock", blocking=True)
+    with held:
+        if not (path / "model_index.json").exists():
+            write_tiny(path, spec)
     return path
 
 
@@ -411,7 +426,7 @@ def write_toy_dataset(out: str | Path, n: int = 24, size: int = 64, seed: int = 
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)  # the temp folder must be on out's filesystem for the rename
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    tmp = temp_dir_beside(out)
     red = np.array([230, 20, 20])
     try:
         (tmp / "images").mkdir()
@@ -451,7 +466,7 @@ def write_masked_toy_dataset(out: str | Path, n: int = 24, size: int = 64, seed:
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    tmp = temp_dir_beside(out)
     red = np.array([230, 20, 20])
     try:
         for d in ("target", "context", "masks", "depth"):

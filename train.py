@@ -29,12 +29,14 @@ import full  # train.mode='full': the full fine-tune's pieces
 from cache import cache_dir_of, training_data
 from config import Config, TrainConfig, cli, to_json, validate
 from convert import save_lora_as
-from data import check_dataset, scan_dataset, validate_dataset
+from data import check_dataset, cut_prompts, scan_dataset, validate_dataset
 from kontext_kernels.attention import set_attention
 from kontext_kernels.fp8 import FP8Linear
-from load import load_transformer, load_vae, parse_dtype
-from lora import (add_lora, claim_out_dir, config_differences, load_checkpoint, new_run_id, resolve_resume,
+from load import check_model, load_t5_tokenizer, load_transformer, load_vae, parse_dtype
+from lora import (add_lora, config_differences, load_checkpoint, new_run_id, resolve_resume, resume_problems,
                   save_checkpoint)
+import quiet
+import rundir
 from objective import collate, dual_masked_loss, flow_matching_loss, global_batch, lora_l2
 from offload import offload_transformer
 from region import MaskRegionToken, region_path, save_region
@@ -238,8 +240,10 @@ def rank_device(cfg: Config, rank: int) -> torch.device:
 
 
 def check_run(cfg: Config, rank: int, log) -> tuple[list, int, Path | None]:
-    """Everything checkable before any model loads: the whole dataset, the held-out split, the run folder
-    (lora.claim_out_dir), the checkpoint to resume and how its config differs. Returns (samples, n_train, ckpt)."""
+    """Everything checkable before any weights load: the whole dataset, the held-out split, the run folder
+    (rundir.claim), the model folders and their config.json, the checkpoint to resume (its rank and targets against
+    the config), captions the T5 window cuts. Only then, with --overwrite, the earlier run is set aside (rundir).
+    Returns (samples, n_train, ckpt)."""
     samples = scan_dataset(cfg.data)
     validate_dataset(samples, cfg.data, cache_dir_of(cfg))  # the stat index there skips re-decoding known files
     if cfg.data.held_out >= len(samples):
@@ -248,14 +252,24 @@ def check_run(cfg: Config, rank: int, log) -> tuple[list, int, Path | None]:
     n_train = len(samples) - max(cfg.data.held_out, 0)
     log(f"dataset: {n_train} training / {len(samples) - n_train} held-out samples from {cfg.data.path}")
     if rank == 0:
-        for note in claim_out_dir(Path(cfg.out_dir), cfg.resume, cfg.overwrite):
+        for note in rundir.claim(Path(cfg.out_dir), cfg.resume, cfg.overwrite):
             log(note)
     conditioning_check(samples, cfg, log)
+    check_model(cfg.model)
     if cfg.train.mode == "full":
         full.check_config(cfg)  # a quantized checkpoint on disk
     ckpt = resolve_resume(cfg.resume, Path(cfg.out_dir), log)
+    if ckpt is not None and (problems := resume_problems(ckpt, cfg)):
+        raise ValueError("\n".join(problems))
     if ckpt is not None and (diff := config_differences(ckpt, cfg)):
         log(f"warning: resuming {ckpt} with a config that differs from its config.json: {'; '.join(diff)}")
+    cut = cut_prompts({str(s.image): s.prompt for s in samples}, load_t5_tokenizer(cfg.model),
+                      cfg.data.max_sequence_length)
+    if cut:
+        log(f"warning: {len(cut)} caption(s) are longer than data.max_sequence_length={cfg.data.max_sequence_length} "
+            f"and are cut there (the rest is not seen): {'; '.join(cut[:3])}" + (" ..." if len(cut) > 3 else ""))
+    if rank == 0 and cfg.overwrite and not cfg.resume and (note := rundir.set_aside(Path(cfg.out_dir))):
+        log(note)
     return samples, n_train, ckpt
 
 
@@ -268,8 +282,27 @@ def batch_plan(shapes: list[tuple], batch_size: int) -> str:
 
 
 def main(cfg: Config) -> dict:
+    """Train as cfg says; returns {"history", "transformer", "lora", "output"}. The run folder is locked for the
+    run's life (rank 0: one run per folder), and an --overwrite'n earlier run comes back if this one fails before its
+    first checkpoint (rundir.py)."""
     validate(cfg)  # also when main is called from Python, not only through cli()
     rank, world = dist_info()
+    with rundir.one_run(Path(cfg.out_dir), hold=rank == 0):
+        try:
+            return train(cfg, rank, world)
+        except BaseException:
+            if rank == 0 and cfg.overwrite and not cfg.resume and not _checkpointed(Path(cfg.out_dir)) \
+                    and (note := rundir.restore(Path(cfg.out_dir))):
+                print(note, file=sys.stderr, flush=True)
+            raise
+
+
+def _checkpointed(out_dir: Path) -> bool:
+    return (out_dir / "checkpoints" / "latest.json").is_file()
+
+
+def train(cfg: Config, rank: int, world: int) -> dict:
+    """main's body, inside the run folder's lock."""
     out_dir, tc = Path(cfg.out_dir), cfg.train
     log = (lambda *a: print(*a, flush=True)) if rank == 0 else (lambda *a: None)
 
@@ -331,9 +364,11 @@ def main(cfg: Config) -> dict:
         log(f"resumed from {ckpt} at step {start}" + (f"; train.steps is {tc.steps}: nothing left to train"
                                                         if start >= tc.steps else ""))
 
-    # 4. The loop.
+    # 4. The loop. A resume keeps one history: the log's records after the checkpoint's step go (trained again).
+    if rank == 0 and ckpt is not None and (dropped := rundir.one_history(out_dir / "log.jsonl", start)):
+        log(f"log.jsonl: dropped {dropped} record(s) after step {start} (this resume trains those steps again)")
     log_file = open(out_dir / "log.jsonl", "a") if rank == 0 else None
-    tb = _tensorboard(out_dir) if rank == 0 else None
+    tb = _tensorboard(out_dir, start) if rank == 0 else None
     last_ckpt, history, vae = str(ckpt) if ckpt else "none", [], data.vae
 
     def validate_at(step: int) -> None:
@@ -390,6 +425,8 @@ def main(cfg: Config) -> dict:
         done = step + 1 == tc.steps
         if saver and (done or (tc.save_every and (step + 1) % tc.save_every == 0)):
             last_ckpt = str(ckpt_save(out_dir, transformer, optimizer, step + 1, cfg, tc.keep_checkpoints, run, region))
+            if rank == 0 and (note := rundir.settle(out_dir)):
+                log(note)
         if saver and done:  # before the last grid: a crash there loses nothing
             result_save(transformer, region, out_dir, tc)
         if tc.validate_every >= 0 and n_val and (done or (tc.validate_every and (step + 1) % tc.validate_every == 0)):
@@ -424,15 +461,37 @@ def _mean_over_ranks(x: float, world: int) -> float:
     return float(t.item()) / world
 
 
-def _tensorboard(out_dir: Path):
+def _tensorboard(out_dir: Path, start: int = 0):
+    """TensorBoard's writer; on resume from step `start`, events of the later steps are purged (one history)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(out_dir / "tb"))
+    return SummaryWriter(str(out_dir / "tb"), purge_step=start + 1 if start else None)
+
+
+def interrupted_note(argv: list[str], out_dir: str) -> str:
+    """Ctrl-C's one line: where the newest checkpoint is and the command that continues from it."""
+    latest = Path(out_dir) / "checkpoints" / "latest.json"
+    try:
+        at = json.loads(latest.read_text())
+        where = f"the last checkpoint is {Path(out_dir) / 'checkpoints' / at['path']} (step {at['step']})"
+    except (OSError, ValueError, KeyError):
+        return f"interrupted: no checkpoint was written in {out_dir}; nothing to resume (--overwrite starts afresh)"
+    keep, skip = [], False
+    for a in argv:  # the same command without --overwrite / --resume X
+        if skip:
+            skip = False
+        elif a in ("--overwrite", "--resume"):
+            skip = a == "--resume"
+        elif not a.startswith(("--resume=", "--overwrite=")):
+            keep.append(a)
+    return f"interrupted: {where}; continue with: python train.py {' '.join(keep)} --resume latest"
 
 
 if __name__ == "__main__":
+    quiet.install()
+    cfg = None
     try:
         argv = [a for a in sys.argv[1:] if a != "--check"]
         cfg = cli(argv, description=__doc__.splitlines()[0] + " --check: only check the dataset (data.py check).")
@@ -442,3 +501,6 @@ if __name__ == "__main__":
     except ValueError as e:  # user errors (dataset, config, run folder): the message, not a traceback
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\n" + (interrupted_note(sys.argv[1:], cfg.out_dir) if cfg else "interrupted"), file=sys.stderr)
+        sys.exit(130)

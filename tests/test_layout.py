@@ -6,8 +6,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["bench", "fixtures", "train", "full", "validate", "objective", "convert", "caption", "sample", "stepcache",
-          "lora", "region", "offload", "cache", "data", "images", "load", "quant", "encode", "kontext_kernels",
-          "compile_cache", "config", "tiny"]
+          "lora", "rundir", "region", "offload", "cache", "data", "images", "load", "quant", "encode", "kontext_kernels",
+          "compile_cache", "config", "tiny", "quiet", "atomic"]
 
 
 def project_imports(path: Path):

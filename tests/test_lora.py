@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from config import Config, TrainConfig
-from lora import (add_lora, claim_out_dir, config_differences, load_checkpoint, load_lora, read_lora, resolve_resume,
+from lora import (add_lora, config_differences, load_checkpoint, load_lora, read_lora, resolve_resume,
                   save_checkpoint, save_lora, unload_lora)
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -256,26 +256,6 @@ def test_load_checkpoint_with_other_rank_raises(tmp_path, tiny_path):
 
 
 # ---------------------------------------------------------------- the run folder (nothing lost)
-
-
-def test_out_dir_of_an_earlier_run_is_refused_unless_resumed_or_overwritten(tmp_path):
-    out = tmp_path / "run"
-    (out / "checkpoints" / ".tmp-abc-1").mkdir(parents=True)
-    (out / "lora.safetensors").write_bytes(b"old")
-    (out / "log.jsonl").write_text("{}\n")
-    (out / "cache").mkdir()
-    with pytest.raises(ValueError, match=r"holds an earlier run \(lora.safetensors, log.jsonl, checkpoints\).*"
-                                         r"--resume latest.*--overwrite"):
-        claim_out_dir(out, "", False)
-    assert (out / "lora.safetensors").read_bytes() == b"old"  # the refusal deleted nothing
-    notes = claim_out_dir(out, "latest", False)  # resuming continues in place; only the interrupted write goes
-    assert (out / "lora.safetensors").exists() and not (out / "checkpoints" / ".tmp-abc-1").exists()
-    assert any(".tmp-abc-1" in n for n in notes)
-    notes = claim_out_dir(out, "", True)
-    assert not (out / "lora.safetensors").exists() and not (out / "log.jsonl").exists()
-    assert not (out / "checkpoints").exists() and (out / "cache").is_dir()  # the content-keyed cache is kept
-    assert any("--overwrite" in n for n in notes)
-    assert claim_out_dir(tmp_path / "fresh", "", False) == []
 
 
 def test_pruning_keeps_other_runs_checkpoints(tmp_path, tiny_path):
