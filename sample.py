@@ -522,10 +522,10 @@ def main(args: Args) -> Path:
     validate_sample(s)
     images = [_within_budget(open_image(Path(p)), p, s.pixel_budget) if s.size_mode == "native" else open_image(Path(p))
               for p in args.image]
-    small = [f"{p} ({im.width}x{im.height})" for p, im in zip(args.image, images) if min(im.size) < 2 * MULTIPLE]
+    small = [f"{p} ({im.width}x{im.height})" for p, im in zip(args.image, images) if min(im.size) < MULTIPLE]
     if small:
-        raise ValueError(f"--image: {', '.join(small)}: expected at least {2 * MULTIPLE}x{2 * MULTIPLE} pixels (one "
-                         f"2x2 patch of 8x8 latent cells)")
+        raise ValueError(f"--image: {', '.join(small)}: expected at least {MULTIPLE}x{MULTIPLE} pixels (one token: "
+                         f"a 2x2 patch of latent cells of 8x8 pixels)")
     # the checks sample() makes that need no model, made before loading one
     _check_true_cfg(s.true_cfg_scale, s.negative_prompt is not None)
     check_cache(s.cache, s.true_cfg_scale > 1)
@@ -589,7 +589,7 @@ def _within_budget(image, path: str, budget: int):
     if image.width * image.height <= budget:
         return image
     k = (budget / (image.width * image.height)) ** 0.5
-    w, h = max(2 * MULTIPLE, int(image.width * k)), max(2 * MULTIPLE, int(image.height * k))
+    w, h = max(MULTIPLE, int(image.width * k)), max(MULTIPLE, int(image.height * k))
     print(f"note: --image {path} is {image.width}x{image.height}; resized to {w}x{h} (--sample.pixel-budget "
           f"{budget}; raise it to sample larger)")
     return image.resize((w, h), Image.LANCZOS)
