@@ -390,10 +390,11 @@ def test_one_set_of_defaults():
         parse_args(["--config", TINY_CONFIG, "--steps", "3"])
     # ... and sample() takes every other SampleConfig field as a keyword of the same name and default, which is how
     # main() passes them on (seed makes the generator; compile and attention_backend go to prepare_transformer,
-    # compile_cache to compile_cache.py)
+    # compile_cache to compile_cache.py, pixel_budget resizes main's input images)
     params = inspect.signature(sample).parameters
     fields = {f.name for f in dataclasses.fields(SampleConfig)}
-    assert fields - set(params) == set(NOT_SAMPLE_KWARGS) == {"seed", "compile", "compile_cache", "attention_backend"}
+    assert fields - set(params) == set(NOT_SAMPLE_KWARGS) == {"seed", "compile", "compile_cache", "attention_backend",
+                                                               "pixel_budget"}
     for name in fields - set(NOT_SAMPLE_KWARGS):
         assert params[name].default == getattr(SampleConfig(), name), name
     # Args holds only what SampleConfig does not
@@ -476,5 +477,5 @@ def test_cli_errors_name_the_file(tmp_path, lora_files):
 def test_cli_script_error_is_one_clean_line(tmp_path):
     r = subprocess.run([sys.executable, "sample.py", "--config", TINY_CONFIG, "--image", str(tmp_path / "nope.png"),
                         "--prompt", PROMPT], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1
+    assert r.returncode == 2  # a user error, as train.py
     assert r.stderr.startswith("sample.py: error: ") and "nope.png" in r.stderr and "Traceback" not in r.stderr
