@@ -11,6 +11,7 @@ transformer (speed does not depend on the weights' values). Prints a markdown ta
     python bench.py --rows masked            # the IP-Adapter and region-token recipe beside the plain bf16 step
     python bench.py --rows full              # full fine-tune (configs/full_bf16.py) beside the LoRA step
     python bench.py --rows compile_cache     # first-step time in a cold process, then a warm one (compile_cache.py)
+    python bench.py --rows budget budget_fp8 # train.memory_budget's curve (recompute.py) and its PNG (--plot)
 
 Each timed row also gives its TFLOP per step (step_tflop: the Linears and attention counted from the dims), TFLOP/s
 and the % of the dense peak of its GEMMs' precision (bf16 989, fp8 1979 TFLOP/s).
@@ -67,6 +68,9 @@ CONFIGS = {"bf16": "configs/bf16.py", "fp8": "configs/fp8.py", "nf4": "configs/f
 # --rows stepcache: SampleConfig.cache values timed ("" = uncached, the speed-up's reference); values from the
 # methods' papers / defaults for FLUX.1-dev (stepcache.py)
 STEPCACHE_SPECS = ("", "first_block:0.08", "mag:0.06", "taylorseer:5", "faster:2", "tea:0.25", "tea:0.6")
+# --rows budget: TrainConfig.memory_budget values timed (recompute.py; 0 = full checkpointing, 1 = keep all), each
+# level's own SHARE among them (2/9: every block "attention", 5/9: every block "narrow")
+BUDGETS = (0.0, 0.1, 0.22, 0.4, 0.56, 0.78, 1.0)
 
 
 @dataclass
@@ -88,6 +92,8 @@ class BenchConfig:
     # "cudnn_fp8" vs "cudnn" in the fp8 model (attention_fp8_report)
     accuracy: bool = False
     only: int = -1  # internal: run only this row of the plan, in this process
+    budgets: tuple[float, ...] = BUDGETS  # --rows budget / budget_fp8: the memory budgets timed
+    plot: str = "memory_budget.png"  # with budget rows: s/step against peak GiB, one line per kind (PNG)
 
 
 def dims(cfg: BenchConfig) -> dict:
@@ -560,7 +566,7 @@ def profile_step(fn) -> dict:
 def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: str = "bf16", ckpt: bool = False,
             compile_: bool = False, denoise: bool = False, fp8_backward: bool | None = None,
             offload: int | None = None, cache: str | None = None, ip_adapter: bool = False,
-            pipeline: bool = False, compile_cache: str | None = None) -> dict:
+            pipeline: bool = False, compile_cache: str | None = None, budget: float | None = None) -> dict:
     t0 = time.perf_counter()
     row = dict(row=label, res=res)
     if compile_cache is not None:  # "cold": inductor's and triton's own caches empty, then our file; "warm": our file
@@ -589,6 +595,9 @@ def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: s
         else:
             # fp8_backward None: the shipped config's choice (configs/fp8.py: on)
             extra = {} if fp8_backward is None else dict(fp8_backward=fp8_backward)
+            if budget is not None:  # recompute.py: the budget's levels with checkpointing on
+                extra.update(memory_budget=budget)
+                row.update(kind=kind, budget=budget)
             tc = ours_config(kind, cfg, gradient_checkpointing=ckpt, **extra)
             fn, row["attention"] = ours_train_fn(model, tc, cfg, res, device, offload, ip_adapter)
         if compile_cache is not None:  # as sample.py / train.py do around their first compiled call
@@ -596,7 +605,9 @@ def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: s
             fn = first_then_save(fn, saved)
         row.update(timed(fn, cfg))
         if not pipeline and cache is None:  # the distance to the chip: work per step over time, against the peak
-            row["tflop"] = round(step_tflop(dims(cfg), res, cfg.text_tokens, denoise=denoise, ckpt=ckpt), 1)
+            # a budget row counts the work of the step without its partial recompute (the useful work)
+            row["tflop"] = round(step_tflop(dims(cfg), res, cfg.text_tokens, denoise=denoise,
+                                            ckpt=ckpt and not budget), 1)
             row["tflops"] = round(row["tflop"] / row["seconds"], 1)
             row["pct_peak"] = round(100 * row["tflops"] / PEAK_TFLOPS["fp8" if kind == "fp8" else "bf16"], 1)
         if offload is not None and who == "ours" and not pipeline:  # what crosses the host link per step
@@ -697,6 +708,11 @@ def plan(cfg: BenchConfig) -> list[tuple[str, int, dict]]:
                              ("bf16 train, full ckpt: ours (configs/bf16.py)", dict(ckpt=True))):
                 rows += [(f"{what}, {state} compile", res, dict(ours, **kw, compile_cache=state))
                          for state in ("cold", "warm")]
+        for group, kind in (("budget", "bf16"), ("budget_fp8", "fp8")):  # not in the default rows: recompute.py
+            if group in cfg.rows:
+                rows += [(f"{kind} train, no recompute: ours", res, dict(ours, kind=kind))]
+                rows += [(f"{kind} train, memory budget {b:g}: ours", res, dict(ours, kind=kind, ckpt=True, budget=b))
+                         for b in cfg.budgets]
         if "pipeline" in cfg.rows:  # not in the default rows: a whole sample.py call, encoders and VAE included
             rows += [("sample.py whole call (28 steps; CLIP, T5, VAE bf16 on the GPU), transformer streamed: ours",
                       res, dict(ours, pipeline=True, offload=0))]
@@ -708,7 +724,7 @@ def run_child(cfg: BenchConfig, i: int, label: str, res: int) -> dict:
     out-of-memory loses that row only, and every row starts with an empty GPU."""
     args = [sys.executable, __file__, "--only", str(i), "--attention", cfg.attention, "--rows", *cfg.rows,
             "--res", *map(str, cfg.res), "--iters", str(cfg.iters), "--warmup", str(cfg.warmup),
-            "--text-tokens", str(cfg.text_tokens)]
+            "--text-tokens", str(cfg.text_tokens), "--budgets", *map(str, cfg.budgets)]
     args += [f"--{'' if v else 'no-'}{k.replace('_', '-')}" for k, v in
              (("compile", cfg.compile), ("stock_compile", cfg.stock_compile), ("stock_int4", cfg.stock_int4),
               ("tiny", cfg.tiny), ("profile", cfg.profile))]
@@ -744,6 +760,8 @@ def main(cfg: BenchConfig) -> list[dict]:
     print(format_table([r for r in results if "cache" not in r]))
     if any("cache" in r for r in results):  # whole images, not steps: their own table
         print(format_stepcache(results))
+    if any("budget" in r for r in results) and cfg.plot:
+        plot_budget(results, cfg.plot)
     if cfg.out:
         with open(cfg.out, "w") as f:
             json.dump(dict(versions, attention=cfg.attention, rows=results), f, indent=1)
@@ -762,6 +780,31 @@ def format_table(rows: list[dict]) -> str:
                      f"{r.get('pct_peak', '-')} | {p} | {r.get('first_s', '-')} | {r.get('attention', 'flash')}"
                      f" | {prof} |")
     return "\n".join(lines)
+
+
+def plot_budget(rows: list[dict], path: str) -> None:
+    """The memory-budget curve: s/step against peak GiB, one line per kind, each point labelled with its budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: a file only
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind in dict.fromkeys(r["kind"] for r in rows if "budget" in r):
+        pts = sorted((r["peak_gib"], r["seconds"], r["budget"]) for r in rows
+                     if r.get("kind") == kind and "budget" in r and r.get("seconds") is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=kind)
+            for gib, sec, b in pts:
+                ax.annotate(f"{b:g}", (gib, sec), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("peak GiB")
+    ax.set_ylabel("s / step")
+    ax.set_title("train.memory_budget (labels): time against memory, LoRA step at 1024^2")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}", flush=True)
 
 
 def format_stepcache(rows: list[dict]) -> str:
