@@ -1,24 +1,30 @@
 """train.memory_budget: how much of the no-recompute activation memory a LoRA step keeps, chosen block by block.
 
-Gradient checkpointing used to be all or nothing: every block recomputed whole (26.5 GiB, 1.198 s on the H100 at
-1024^2) or none (62.9 GiB, 0.861 s). Between them sit selective checkpointing policies (PyTorch's own
+Gradient checkpointing used to be all or nothing: every block recomputed whole (26.5 GiB, 1.209 s on the H100 at
+1024^2) or none (62.9 GiB, 0.890 s). Between them sit selective checkpointing policies (PyTorch's own
 `torch.utils.checkpoint.create_selective_checkpoint_contexts`): a block keeps some op outputs and recomputes the rest
-in the backward. Each block gets one of four LEVELS, from most memory to least:
+in the backward. Each block gets one of these LEVELS, from most memory to least:
 
-    "keep"       no recompute (compiled: inductor's min-cut already recomputes cheap fusible pointwise work)
-    "narrow"     keeps attention outputs and GEMM outputs no wider than the GEMM's input; recomputes the
-                 up-projections (the MLP's 4x-wide hidden, LoRA B) and pointwise work: one GEMM per block
-    "attention"  keeps attention outputs only; recomputes every GEMM and pointwise work (not the attention, the
+    "keep"       no recompute (compiled: inductor's min-cut partitioner picks what to save)
+    "gemms"      keeps attention outputs and GEMM outputs; recomputes pointwise work and the LoRA's cheap GEMMs
+    "wide"       keeps attention outputs and the up-projections' outputs (the MLP's 4x-wide hidden); recomputes
+                 the q/k/v projections (three GEMMs of inner^2), pointwise work and the LoRA's GEMMs
+    "narrow"     keeps attention outputs and GEMM outputs no wider than the GEMM's input (q, k, v); recomputes the
+                 up-projections (one GEMM of 4 inner^2), pointwise work and the LoRA's GEMMs
+    "attention"  keeps attention outputs only; recomputes every GEMM and pointwise work, not the attention (the
                  costliest op to recompute per byte: ~0.93 TFLOP for 53 MB of output at 8704 tokens)
     "full"       keeps the block's inputs only (diffusers' own per-block checkpoint): the whole forward again
 
-SHARE is each level's activation memory per block as a share of "keep"'s, from the tensors the LoRA backward needs
-at FLUX's widths, in units of [tokens, inner] (mlp_ratio 4): keep ~10 (block input, normed input, q, k, v, attention
-output, 4 for the MLP hidden), narrow ~6, attention ~3, full 1 (the input), each less full's 1 over keep's 9.
-plan() gives the blocks a mix of two neighbouring levels whose mean share is the budget, spread evenly over the
-double and single blocks (a double block holds more than a single one): the cheapest recompute for that memory when
-each level costs more time per byte freed than the one before (one GEMM frees 4 units; three narrower ones 3; the
-whole forward with its attention the last 2). Budget 0 is today's full checkpointing, 1 no recompute.
+A GEMM whose reduction is no longer than the LoRA rank (the LoRA's B) is never kept by a selective level: its output
+costs 2 x rank FLOP per element to redo, nothing next to a 3072-deep projection.
+
+SHARE is each level's activation memory per block, above "full"'s, as a share of "keep"'s, measured on the H100
+(bench.py --rows budget, 1024^2, 8704 tokens, bf16, BENCHMARKS.md): keep 36.4 GiB over full checkpointing's
+26.5, narrow 12.3 (0.34: q, k, v and the attention output, ~4 [tokens, 3072] tensors a block), attention 2.7
+(0.075: the attention output); gemms and wide are estimated from the tensors they hold (narrow's plus the MLP's
+4-wide hidden; the hidden and the attention output). plan() gives the blocks a mix of two neighbouring levels
+whose mean share is the budget, spread evenly over the double and single blocks (a double block holds more than a
+single one). Budget 0 is today's full checkpointing, 1 no recompute.
 
 The selective levels wrap the block's forward in `torch.utils.checkpoint.checkpoint(..., context_fn=...)` before
 regional compile, so the checkpoint is inside the compiled region (dynamo traces it; the partitioner applies the
@@ -33,8 +39,8 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 aten = torch.ops.aten
-LEVELS = ("keep", "narrow", "attention", "full")
-SHARE = {"keep": 1.0, "narrow": 5 / 9, "attention": 2 / 9, "full": 0.0}  # the docstring's estimate per block
+LEVELS = ("keep", "gemms", "wide", "narrow", "attention", "full")
+SHARE = {"keep": 1.0, "gemms": 0.65, "wide": 0.4, "narrow": 0.34, "attention": 0.075, "full": 0.0}  # see above
 
 # mm / addmm: bf16 and 4-bit Linears (the 4-bit ones after dequantising); _scaled_mm: the fp8 Linears (kontext_kernels/
 # fp8.py); bmm: the math attention's products
@@ -45,26 +51,32 @@ ATTENTION = {aten._scaled_dot_product_cudnn_attention.default, aten._scaled_dot_
              aten._scaled_dot_product_flash_attention_for_cpu.default}
 
 
-def _widens(op, args) -> bool:
-    """Is a GEMM's output wider than its input (an up-projection: cheap to recompute per byte it holds)?
-    mm(a [M, K], b [K, N]), addmm(bias, a, b), _scaled_mm(a, b, ...), bmm over a leading batch dim: N > K."""
+def gemm_kn(op, args) -> tuple[int, int]:
+    """A GEMM's reduction length K and output width N: mm(a [M, K], b [K, N]), addmm(bias, a, b),
+    _scaled_mm(a, b, ...), bmm over a leading batch dim."""
     a, b = (args[1], args[2]) if op is aten.addmm.default else (args[0], args[1])
-    return b.shape[-1] > a.shape[-1]
+    return a.shape[-1], b.shape[-1]
 
 
-def save_narrow(ctx, op, *args, **kwargs):
-    """The "narrow" level's policy (signature of create_selective_checkpoint_contexts' policy_fn)."""
-    if op in ATTENTION or (op in GEMMS and not _widens(op, args)):
-        return CheckpointPolicy.MUST_SAVE
-    return CheckpointPolicy.PREFER_RECOMPUTE
+# which GEMM outputs (reduction K, width N) each selective level keeps, beside attention outputs
+KEEPS = {"gemms": lambda k, n: True, "wide": lambda k, n: n > k, "narrow": lambda k, n: n <= k,
+         "attention": lambda k, n: False}
 
 
-def save_attention(ctx, op, *args, **kwargs):
-    """The "attention" level's policy."""
-    return CheckpointPolicy.MUST_SAVE if op in ATTENTION else CheckpointPolicy.PREFER_RECOMPUTE
+def policy(level: str, lora_rank: int):
+    """The level's policy_fn for create_selective_checkpoint_contexts: keep attention outputs, and the outputs of the
+    GEMMs with K > lora_rank for which KEEPS[level](K, N) holds; recompute everything else."""
+    keep_gemm = KEEPS[level]
 
-
-POLICIES = {"narrow": save_narrow, "attention": save_attention}
+    def choose(ctx, op, *args, **kwargs):
+        if op in ATTENTION:
+            return CheckpointPolicy.MUST_SAVE
+        if op in GEMMS:
+            k, n = gemm_kn(op, args)
+            if k > lora_rank and keep_gemm(k, n):
+                return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return choose
 
 
 def plan(n_blocks: int, budget: float) -> list[str]:
@@ -94,7 +106,7 @@ def _selective(block: torch.nn.Module, policy) -> None:
     block.forward = checkpointed
 
 
-def apply_budget(transformer, budget: float) -> Counter:
+def apply_budget(transformer, budget: float, lora_rank: int) -> Counter:
     """Give each of the transformer's blocks (double, then single) its level from plan(): selective levels wrap the
     block's forward, "full" blocks checkpoint through diffusers' enable_gradient_checkpointing, "keep" blocks run
     plain. Call before the LoRA is added and before regional compile (train.prepare_transformer). Returns the count
@@ -102,8 +114,8 @@ def apply_budget(transformer, budget: float) -> Counter:
     blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
     levels = plan(len(blocks), budget)
     for block, level in zip(blocks, levels):
-        if level in POLICIES:
-            _selective(block, POLICIES[level])
+        if level in KEEPS:
+            _selective(block, policy(level, lora_rank))
     full = {id(b) for b, level in zip(blocks, levels) if level == "full"}
 
     def checkpoint_full(module, *args):  # diffusers calls this for every block when grad is on

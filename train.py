@@ -58,7 +58,7 @@ def prepare_transformer(transformer, tc: TrainConfig, device: torch.device,
         if isinstance(m, FP8Linear):
             m.set_backward_fp8(tc.fp8_backward)
     if tc.gradient_checkpointing and tc.memory_budget > 0:  # selective checkpoints, block by block (recompute.py)
-        transformer._recompute_levels = recompute.apply_budget(transformer, tc.memory_budget)
+        transformer._recompute_levels = recompute.apply_budget(transformer, tc.memory_budget, tc.rank)
     elif tc.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     # full mode: the block Linears themselves train (and FSDP2 shards the model under torchrun), full.py

@@ -16,7 +16,7 @@ from config import Config, DataConfig, ModelConfig, TrainConfig, validate
 
 DIMS = dict(fixtures.MINI_DIMS, num_layers=2, num_single_layers=3)  # 5 blocks: budgets between levels mix them
 TC = TrainConfig(gradient_checkpointing=True, compile=False, attention_backend="default", batch_size=2)
-BUDGETS = (0.0, 0.15, 0.4, 0.8)
+BUDGETS = (0.0, 0.2, 0.5, 0.8)  # full; narrow + attention; gemms + wide; keep + gemms
 
 
 def test_plan_mixes_two_neighbouring_levels_to_the_budget():
@@ -31,22 +31,25 @@ def test_plan_mixes_two_neighbouring_levels_to_the_budget():
             mean = sum(recompute.SHARE[x] for x in levels) / n
             assert abs(mean - budget) <= 0.5 / n + 1e-9, (n, budget, mean)  # rounded to whole blocks
     # the upper level spread over the double and the single blocks alike, not bunched at one end
-    levels = recompute.plan(57, (recompute.SHARE["keep"] + recompute.SHARE["narrow"]) / 2)
+    levels = recompute.plan(57, (recompute.SHARE["keep"] + recompute.SHARE["gemms"]) / 2)
     assert 8 <= levels[:19].count("keep") <= 11 and 17 <= levels[19:].count("keep") <= 21, Counter(levels)
     with pytest.raises(ValueError, match="train.memory_budget"):
         recompute.plan(57, 1.5)
 
 
-def test_policies_keep_attention_and_narrow_gemms():
+def test_policies_keep_attention_and_the_level_s_gemms():
     aten, save = torch.ops.aten, torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
-    x, w_down, w_up = torch.empty(8, 32), torch.empty(32, 16), torch.empty(32, 128)
-    assert recompute.save_narrow(None, aten.mm.default, x, w_down) == save
-    assert recompute.save_narrow(None, aten.mm.default, x, w_up) != save  # an up-projection: recomputed
-    assert recompute.save_narrow(None, aten.addmm.default, torch.empty(128), x, w_up) != save
-    assert recompute.save_narrow(None, aten.gelu.default, x) != save
-    assert recompute.save_attention(None, aten.mm.default, x, w_down) != save
-    for policy in recompute.POLICIES.values():
-        assert policy(None, aten._scaled_dot_product_cudnn_attention.default, x) == save
+    x, down, up, lora_b = torch.empty(8, 32), torch.empty(32, 16), torch.empty(32, 128), torch.empty(16, 32)
+    kept = {level: [recompute.policy(level, 16)(None, aten.mm.default, a, w) == save
+                    for a, w in ((x, down), (x, up), (torch.empty(8, 16), lora_b))]
+            for level in recompute.KEEPS}
+    # (a narrowing GEMM, an up-projection, the LoRA's B: K = rank 16, always recomputed)
+    assert kept == {"gemms": [True, True, False], "wide": [False, True, False], "narrow": [True, False, False],
+                    "attention": [False, False, False]}
+    assert recompute.policy("wide", 16)(None, aten.addmm.default, torch.empty(128), x, up) == save
+    for level in recompute.KEEPS:
+        assert recompute.policy(level, 16)(None, aten.gelu.default, x) != save
+        assert recompute.policy(level, 16)(None, aten._scaled_dot_product_cudnn_attention.default, x) == save
 
 
 def loss_and_grads(tc: TrainConfig, compile_backend: str | None = None, steps: int = 1):
@@ -88,13 +91,15 @@ def assert_same(got, ref):
 
 
 def test_every_budget_gives_the_loss_and_gradients_of_no_recompute(monkeypatch):
-    calls = Counter()
-    for name, policy in list(recompute.POLICIES.items()):
-        def spy(ctx, op, *args, _policy=policy, _name=name, **kwargs):
-            choice = _policy(ctx, op, *args, **kwargs)
-            calls[_name, ctx.is_recompute, choice.name] += 1
+    calls, policy = Counter(), recompute.policy
+
+    def spy_policy(level, rank):
+        def spy(ctx, op, *args, **kwargs):
+            choice = policy(level, rank)(ctx, op, *args, **kwargs)
+            calls[level, ctx.is_recompute, choice.name] += 1
             return choice
-        monkeypatch.setitem(recompute.POLICIES, name, spy)
+        return spy
+    monkeypatch.setattr(recompute, "policy", spy_policy)
     ref = loss_and_grads(dataclasses.replace(TC, gradient_checkpointing=False))
     for budget in BUDGETS:
         got = loss_and_grads(dataclasses.replace(TC, memory_budget=budget))
@@ -103,16 +108,16 @@ def test_every_budget_gives_the_loss_and_gradients_of_no_recompute(monkeypatch):
         assert_same(got, ref)
         # every block but the "keep" ones ran its forward again in the backward
         assert got[0]._attn_calls == 5 + sum(x != "keep" for x in recompute.plan(5, budget)), budget
-    # both selective policies chose: some outputs kept, others left to the recompute
-    for name in recompute.POLICIES:
+    # every selective policy chose: some outputs kept, others left to the recompute
+    for name in recompute.KEEPS:
         assert calls[name, False, "MUST_SAVE"] > 0 and calls[name, False, "PREFER_RECOMPUTE"] > 0, calls
 
 
 def test_compiled_budget_equals_no_recompute():
     """The selective checkpoint inside the compiled block (dynamo traces it, AOT autograd's partitioner applies the
-    policy): the budget's mix of narrow and attention blocks gives the uncompiled, unrecomputed gradients."""
+    policy): a mix of narrow and attention blocks gives the uncompiled, unrecomputed gradients."""
     ref = loss_and_grads(dataclasses.replace(TC, gradient_checkpointing=False))
-    got = loss_and_grads(dataclasses.replace(TC, memory_budget=0.4), compile_backend="aot_eager", steps=2)
+    got = loss_and_grads(dataclasses.replace(TC, memory_budget=0.2), compile_backend="aot_eager", steps=2)
     assert set(got[0]._recompute_levels) == {"narrow", "attention"}
     assert_same(got, ref)
 
@@ -155,6 +160,6 @@ def test_compiled_budgets_gpu():
 
     tc = dataclasses.replace(TC, compile=True, attention_backend="auto", batch_size=1)
     ref = grads(dataclasses.replace(tc, gradient_checkpointing=False))
-    for budget in BUDGETS:
+    for budget in (*BUDGETS, 0.37):
         for a, r in zip(grads(dataclasses.replace(tc, memory_budget=budget)), ref):
             assert ((a - r).norm() / r.norm()).item() < 0.02, budget
