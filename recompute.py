@@ -7,8 +7,6 @@ in the backward. Each block gets one of these LEVELS, from most memory to least:
 
     "keep"       no recompute (compiled: inductor's min-cut partitioner picks what to save)
     "gemms"      keeps attention outputs and GEMM outputs; recomputes pointwise work and the LoRA's cheap GEMMs
-    "wide"       keeps attention outputs and the up-projections' outputs (the MLP's 4x-wide hidden); recomputes
-                 the q/k/v projections (three GEMMs of inner^2), pointwise work and the LoRA's GEMMs
     "narrow"     keeps attention outputs and GEMM outputs no wider than the GEMM's input (q, k, v); recomputes the
                  up-projections (one GEMM of 4 inner^2), pointwise work and the LoRA's GEMMs
     "attention"  keeps attention outputs only; recomputes every GEMM and pointwise work, not the attention (the
@@ -19,12 +17,14 @@ A GEMM whose reduction is no longer than the LoRA rank (the LoRA's B) is never k
 costs 2 x rank FLOP per element to redo, nothing next to a 3072-deep projection.
 
 SHARE is each level's activation memory per block, above "full"'s, as a share of "keep"'s, measured on the H100
-(bench.py --rows budget, 1024^2, 8704 tokens, bf16, BENCHMARKS.md): keep 36.4 GiB over full checkpointing's
-26.5, narrow 12.3 (0.34: q, k, v and the attention output, ~4 [tokens, 3072] tensors a block), attention 2.7
-(0.075: the attention output); gemms and wide are estimated from the tensors they hold (narrow's plus the MLP's
-4-wide hidden; the hidden and the attention output). plan() gives the blocks a mix of two neighbouring levels
-whose mean share is the budget, spread evenly over the double and single blocks (a double block holds more than a
-single one). Budget 0 is today's full checkpointing, 1 no recompute.
+(bench.py --rows budget, 1024^2, 8704 tokens, bf16, every block at one level; BENCHMARKS.md): keep holds 36.4 GiB
+over full checkpointing's 26.5 (0.890 s against 1.209 s), gemms 23.6 (0.65, 0.912 s: the min-cut's own choice
+keeps ~4.5 [tokens, 3072] tensors a block of pointwise results), narrow 12.3 (0.34, 0.983 s: q, k, v and the
+attention output), attention 2.7 (0.075, 1.048 s: the attention output). Each level costs more time per GiB freed
+than the one before (0.06, 0.23, 0.25, 2.1 s per unit of share), so plan() mixes two neighbouring levels, the mean
+share being the budget, spread evenly over the double and single blocks (a double block holds more than a single
+one). Budget 0 is today's full checkpointing, 1 no recompute. A fifth level, keeping the up-projections' outputs and
+recomputing q/k/v ("wide"), measured 0.994 s at 40.5 GiB: worse than narrow on both counts, so it is not offered.
 
 The selective levels wrap the block's forward in `torch.utils.checkpoint.checkpoint(..., context_fn=...)` before
 regional compile, so the checkpoint is inside the compiled region (dynamo traces it; the partitioner applies the
@@ -39,8 +39,8 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 aten = torch.ops.aten
-LEVELS = ("keep", "gemms", "wide", "narrow", "attention", "full")
-SHARE = {"keep": 1.0, "gemms": 0.65, "wide": 0.4, "narrow": 0.34, "attention": 0.075, "full": 0.0}  # see above
+LEVELS = ("keep", "gemms", "narrow", "attention", "full")
+SHARE = {"keep": 1.0, "gemms": 0.65, "narrow": 0.34, "attention": 0.075, "full": 0.0}  # see above
 
 # mm / addmm: bf16 and 4-bit Linears (the 4-bit ones after dequantising); _scaled_mm: the fp8 Linears (kontext_kernels/
 # fp8.py); bmm: the math attention's products
@@ -59,8 +59,7 @@ def gemm_kn(op, args) -> tuple[int, int]:
 
 
 # which GEMM outputs (reduction K, width N) each selective level keeps, beside attention outputs
-KEEPS = {"gemms": lambda k, n: True, "wide": lambda k, n: n > k, "narrow": lambda k, n: n <= k,
-         "attention": lambda k, n: False}
+KEEPS = {"gemms": lambda k, n: True, "narrow": lambda k, n: n <= k, "attention": lambda k, n: False}
 
 
 def policy(level: str, lora_rank: int):

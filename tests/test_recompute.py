@@ -16,7 +16,7 @@ from config import Config, DataConfig, ModelConfig, TrainConfig, validate
 
 DIMS = dict(fixtures.MINI_DIMS, num_layers=2, num_single_layers=3)  # 5 blocks: budgets between levels mix them
 TC = TrainConfig(gradient_checkpointing=True, compile=False, attention_backend="default", batch_size=2)
-BUDGETS = (0.0, 0.2, 0.5, 0.8)  # full; narrow + attention; gemms + wide; keep + gemms
+BUDGETS = (0.0, 0.2, 0.5, 0.8)  # full; narrow + attention; gemms + narrow; keep + gemms
 
 
 def test_plan_mixes_two_neighbouring_levels_to_the_budget():
@@ -44,9 +44,9 @@ def test_policies_keep_attention_and_the_level_s_gemms():
                     for a, w in ((x, down), (x, up), (torch.empty(8, 16), lora_b))]
             for level in recompute.KEEPS}
     # (a narrowing GEMM, an up-projection, the LoRA's B: K = rank 16, always recomputed)
-    assert kept == {"gemms": [True, True, False], "wide": [False, True, False], "narrow": [True, False, False],
-                    "attention": [False, False, False]}
-    assert recompute.policy("wide", 16)(None, aten.addmm.default, torch.empty(128), x, up) == save
+    assert kept == {"gemms": [True, True, False], "narrow": [True, False, False], "attention": [False, False, False]}
+    assert recompute.policy("gemms", 16)(None, aten.addmm.default, torch.empty(128), x, up) == save
+    assert recompute.policy("narrow", 16)(None, aten.addmm.default, torch.empty(128), x, up) != save
     for level in recompute.KEEPS:
         assert recompute.policy(level, 16)(None, aten.gelu.default, x) != save
         assert recompute.policy(level, 16)(None, aten._scaled_dot_product_cudnn_attention.default, x) == save
@@ -160,6 +160,6 @@ def test_compiled_budgets_gpu():
 
     tc = dataclasses.replace(TC, compile=True, attention_backend="auto", batch_size=1)
     ref = grads(dataclasses.replace(tc, gradient_checkpointing=False))
-    for budget in (*BUDGETS, 0.37):
+    for budget in (*BUDGETS, 0.05):
         for a, r in zip(grads(dataclasses.replace(tc, memory_budget=budget)), ref):
             assert ((a - r).norm() / r.norm()).item() < 0.02, budget
