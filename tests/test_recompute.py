@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fixtures
+import quant as quant_module
 import recompute
 import train
 from config import Config, DataConfig, ModelConfig, TrainConfig, validate
@@ -52,12 +53,15 @@ def test_policies_keep_attention_and_the_level_s_gemms():
         assert recompute.policy(level, 16)(None, aten._scaled_dot_product_cudnn_attention.default, x) == save
 
 
-def loss_and_grads(tc: TrainConfig, compile_backend: str | None = None, steps: int = 1):
+def loss_and_grads(tc: TrainConfig, compile_backend: str | None = None, steps: int = 1, quant: str = ""):
     """train.py's loss terms and the LoRA gradients of one batch on a seeded tiny model (lora_B drawn off zero so
-    every LoRA tensor has a gradient); `steps` calls, the last one's result (compiled: the first traces)."""
+    every LoRA tensor has a gradient; `quant`: its block Linears quantized as at load); `steps` calls, the last one's
+    result (compiled: the first traces)."""
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     model = fixtures.full_size_transformer(cpu, torch.float32, **DIMS)
+    if quant:
+        quant_module.quantize_transformer(model, quant)
     params, _ = train.prepare_transformer(model, tc, cpu)
     if compile_backend:
         model.compile_repeated_blocks(backend=compile_backend)
@@ -65,7 +69,7 @@ def loss_and_grads(tc: TrainConfig, compile_backend: str | None = None, steps: i
     with torch.no_grad():
         for p in params:
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    entries, empty = fixtures.random_entries(2, 64, 8, DIMS), fixtures.random_empty(8, DIMS)
+    entries, empty = fixtures.random_entries(2, 32, 8, DIMS), fixtures.random_empty(8, DIMS)
     shapes = [tuple(entries[0]["image_latents"].shape) * 2] * 2
     (b, _, _), = train.micro_batches(entries, shapes, empty, tc, 0, 0, 1, cpu, torch.float32)
     model._attn_calls = 0  # attention module calls of the last step: forward, then the backward's recomputes
@@ -111,6 +115,16 @@ def test_every_budget_gives_the_loss_and_gradients_of_no_recompute(monkeypatch):
     # every selective policy chose: some outputs kept, others left to the recompute
     for name in recompute.KEEPS:
         assert calls[name, False, "MUST_SAVE"] > 0 and calls[name, False, "PREFER_RECOMPUTE"] > 0, calls
+
+
+@pytest.mark.parametrize("quant", ["fp8", "nf4"])
+def test_quantized_budget_equals_no_recompute(quant):
+    """The fp8 Linears (_scaled_mm inside an autograd.Function) and the 4-bit ones (the dequant op, then mm) under
+    the narrow and attention policies: the gradients of no recompute."""
+    ref = loss_and_grads(dataclasses.replace(TC, gradient_checkpointing=False), quant=quant)
+    got = loss_and_grads(dataclasses.replace(TC, memory_budget=0.2), quant=quant)
+    assert set(got[0]._recompute_levels) == {"narrow", "attention"}
+    assert_same(got, ref)
 
 
 def test_compiled_budget_equals_no_recompute():
