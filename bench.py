@@ -9,7 +9,7 @@ transformer (speed does not depend on the weights' values). Prints a markdown ta
     python bench.py --rows masked            # the IP-Adapter and region-token recipe beside the plain bf16 step
     python bench.py --rows full              # full fine-tune (configs/full_bf16.py) beside the LoRA step
     python bench.py --rows compile_cache     # first-step time in a cold process, then a warm one (compile_cache.py)
-    python bench.py --rows budget budget_fp8 # train.memory_budget's curve (recompute.py) and its PNG (--plot)
+    python bench.py --rows budget budget_fp8 budget_nf4  # train.memory_budget's curves (recompute.py), PNG (--plot)
 
 Each timed row also gives its TFLOP per step (step_tflop: the Linears and attention counted from the dims), TFLOP/s
 and the % of the dense peak of its GEMMs' precision (bf16 989, fp8 1979 TFLOP/s).
@@ -83,7 +83,7 @@ class BenchConfig:
     out: str = ""  # also write the rows as JSON here
     match: tuple[str, ...] = ()  # run only rows whose label contains one of these (e.g. --match ours)
     only: int = -1  # internal: run only this row of the plan, in this process
-    budgets: tuple[float, ...] = BUDGETS  # --rows budget / budget_fp8: the memory budgets timed
+    budgets: tuple[float, ...] = BUDGETS  # --rows budget / budget_fp8 / budget_nf4: the memory budgets timed
     plot: str = "memory_budget.png"  # with budget rows: s/step against peak GiB, one line per kind (PNG)
 
 
@@ -508,7 +508,7 @@ def plan(cfg: BenchConfig) -> list[tuple[str, int, dict]]:
                              ("bf16 train, full ckpt: ours", dict(ckpt=True))):
                 rows += [(f"{what}, {state} compile", res, dict(ours, **kw, compile_cache=state))
                          for state in ("cold", "warm")]
-        for group, kind in (("budget", "bf16"), ("budget_fp8", "fp8")):  # not in the default rows: recompute.py
+        for group, kind in (("budget", "bf16"), ("budget_fp8", "fp8"), ("budget_nf4", "nf4")):  # recompute.py
             if group in cfg.rows:
                 rows += [(f"{kind} train, no recompute: ours", res, dict(ours, kind=kind))]
                 rows += [(f"{kind} train, memory budget {b:g}: ours", res, dict(ours, kind=kind, ckpt=True, budget=b))
