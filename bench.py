@@ -5,28 +5,26 @@ transformer (speed does not depend on the weights' values). Prints a markdown ta
     python bench.py --rows bf16 ckpt         # a 10-minute call holds ~12 rows: split the groups across calls
     python bench.py --match ours             # --match selects rows by label (ours / stock / 'full ckpt')
     python bench.py --tiny                   # the miniature model on CPU: checks the script, times nothing useful
-    python bench.py --accuracy [--tiny]      # fp8 / nf4 / fp4 vs bf16: prediction, loss, LoRA-gradient error
-    python bench.py --accuracy --rows attn_fp8   # fp8 attention vs bf16 cuDNN (Hopper, nvidia-cudnn-frontend)
     python bench.py --rows stepcache --iters 2 --warmup 0   # a 28-step sample() per SampleConfig.cache option
     python bench.py --rows masked            # the IP-Adapter and region-token recipe beside the plain bf16 step
     python bench.py --rows full              # full fine-tune (configs/full_bf16.py) beside the LoRA step
     python bench.py --rows compile_cache     # first-step time in a cold process, then a warm one (compile_cache.py)
+    python bench.py --rows budget budget_fp8 budget_nf4  # train.memory_budget's curves (recompute.py), PNG (--plot)
 
 Each timed row also gives its TFLOP per step (step_tflop: the Linears and attention counted from the dims), TFLOP/s
 and the % of the dense peak of its GEMMs' precision (bf16 989, fp8 1979 TFLOP/s).
 
 "ours" rows run train.py's own step: the TrainConfig of the shipped config file (configs/bf16.py, configs/fp8.py,
-configs/fp4.py; a row may change gradient_checkpointing), then train.prepare_transformer (attention, fp8 backward,
-checkpointing, LoRA, compile), train.make_optimizer, and per step train.micro_batches + train.train_step on random
-cache entries, as `python train.py` does. Denoise rows run sample.prepare_transformer and encode.predict_velocity,
-the call of sample.py's denoising loop, with a LoRA loaded as sample.py leaves it (unfused); "stepcache" rows run
-sample.sample itself, 28 steps, once per cache option, and report its latents' error against the same call uncached
-(random weights: the error is not image quality). "stock" rows are
-diffusers' FluxTransformer2DModel with peft LoRA (r16 on to_q/to_k/to_v/to_out.0) as a diffusers user writes them, attention pinned to PyTorch's flash backend: PyTorch's
-default SDPA choice crashed in the first Flux LoRA backward on the H100 and H200 images. Kontext at 1024^2: 4096
-target + 4096 control + 512 text tokens, batch 1. Each row: a fresh process, the model built anew, the first step
-timed on its own (compilation, reported as first_s), one more warm-up, then the median of `iters` steps (CUDA
-events) and the peak allocated memory.
+configs/fp4.py; a row may change gradient_checkpointing and memory_budget), train.prepare_transformer,
+train.make_optimizer, and per step train.micro_batches + train.train_step on random cache entries, as `python
+train.py` does. Denoise rows run sample.prepare_transformer and encode.predict_velocity (sample.py's denoising loop's
+call, LoRA loaded unfused); "stepcache" rows run sample.sample, 28 steps, per cache option, with its latents' error
+against the uncached call (random weights: not image quality). "stock" rows are diffusers' FluxTransformer2DModel with
+peft LoRA (r16 on to_q/to_k/to_v/to_out.0) as a diffusers user writes them, attention pinned to PyTorch's flash
+backend (PyTorch's default SDPA choice crashed in the first Flux LoRA backward on the H100 and H200 images). Kontext
+at 1024^2: 4096 target + 4096 control + 512 text tokens, batch 1. Each row: a fresh process, the model built anew,
+the first step timed on its own (first_s: compilation), one more warm-up, then the median of `iters` steps (CUDA
+events) and the peak allocated memory. accuracy.py measures the quantized kinds' error instead of their time.
 """
 
 import dataclasses
@@ -46,18 +44,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import bench_tables
 import compile_cache as compile_cache_
 import fixtures
-import objective
 import quant
 import sample
 import tiny
 import train
 from config import ModelConfig, Part, SampleConfig, TrainConfig, load_config
 from encode import predict_velocity
-from kontext_kernels.attention import cudnn_attention
-from kontext_kernels.attention_fp8 import (E4M3_MAX, GRAD_MARGIN, O_HEADROOM, Fp8Scales, cudnn_fp8_attention,
-                                           fp8_backward, fp8_forward, host_pow2_scale, quantize_e4m3)
 from load import Components, add_ip_adapter, load_components, load_vae
 import quiet
 
@@ -68,6 +63,9 @@ CONFIGS = {"bf16": "configs/bf16.py", "fp8": "configs/fp8.py", "nf4": "configs/f
 # --rows stepcache: SampleConfig.cache values timed ("" = uncached, the speed-up's reference); values from the
 # methods' papers / defaults for FLUX.1-dev (stepcache.py)
 STEPCACHE_SPECS = ("", "first_block:0.08", "mag:0.06", "taylorseer:5", "faster:2", "tea:0.25", "tea:0.6")
+# --rows budget: TrainConfig.memory_budget values timed (recompute.py; 0 = full checkpointing, 1 = keep all), each
+# level's own SHARE among them (every block at one level) and points between them
+BUDGETS = (0.0, 0.075, 0.2, 0.34, 0.5, 0.65, 1.0)
 
 
 @dataclass
@@ -85,10 +83,9 @@ class BenchConfig:
     text_tokens: int = 512
     out: str = ""  # also write the rows as JSON here
     match: tuple[str, ...] = ()  # run only rows whose label contains one of these (e.g. --match ours)
-    # instead of timing: fp8 / nf4 / fp4 vs bf16 on the same random weights (one step); with --rows attn_fp8: attention
-    # "cudnn_fp8" vs "cudnn" in the fp8 model (attention_fp8_report)
-    accuracy: bool = False
     only: int = -1  # internal: run only this row of the plan, in this process
+    budgets: tuple[float, ...] = BUDGETS  # --rows budget / budget_fp8 / budget_nf4: the memory budgets timed
+    plot: str = "memory_budget.png"  # with budget rows: s/step against peak GiB, one line per kind (PNG)
 
 
 def dims(cfg: BenchConfig) -> dict:
@@ -293,200 +290,6 @@ def stock_denoise_fn(model, inp, compile_: bool):
     return step
 
 
-# ---------------------------------------------------------------- accuracy of the quantized kinds (--accuracy)
-
-ACCURACY_KINDS = ("fp8", "nf4", "fp4")
-
-
-def accuracy_kind(kind: str, cfg: BenchConfig, res: int, device, attention: str | None = None) -> dict:
-    """Velocity prediction, loss and LoRA gradients of one train.py step. Weights and LoRA are seeded: every kind
-    starts from the same bf16 weights. attention None: flash on CUDA for every kind, so only the linears differ;
-    else that TrainConfig.attention_backend in the kind's shipped TrainConfig (configs/fp8.py: the fp8 input gradient
-    on), compile off, after one step on another batch (fp8 attention's delayed gradient scales then come from a
-    previous step, as in training)."""
-    torch.manual_seed(0)
-    model = build(cfg, device, kind)
-    if attention is None:
-        tc = TrainConfig(compile=False, gradient_checkpointing=True,  # one step's memory stays near the weights' size
-                         attention_backend="flash" if device.type == "cuda" else "default")
-    else:
-        tc = dataclasses.replace(ours_config(kind, cfg), compile=False, gradient_checkpointing=True,
-                                 attention_backend=attention)
-    params, _ = train.prepare_transformer(model, tc, device)
-    names = {id(p): n for n, p in model.named_parameters()}
-    g = torch.Generator().manual_seed(1)
-    for p in params:  # lora_B starts at zero: give both factors values so the LoRA changes the output
-        p.data.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    entries = fixtures.random_entries(1, res, cfg.text_tokens, dims(cfg))
-    empty = fixtures.random_empty(cfg.text_tokens, dims(cfg))
-
-    def batch(step):
-        (b, _, _), = train.micro_batches(entries, [()], empty, tc, step, 0, 1, device, torch.bfloat16)
-        return b
-
-    def args(b):
-        return (b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"], b["pooled_prompt_embeds"],
-                b["img_ids"], b["text_ids"], tc.guidance)
-
-    if attention is not None:
-        with torch.enable_grad():
-            objective.flow_matching_loss(model.train(), *args(batch(1))).backward()
-        for p in params:
-            p.grad = None
-    b = batch(0)
-    with torch.no_grad():
-        pred = predict_velocity(model.eval(), b["x0"], b["control"], b["t"], torch.ones(1, device=device),
-                                b["prompt_embeds"], b["pooled_prompt_embeds"], b["text_ids"], b["img_ids"])
-    with torch.enable_grad():
-        loss = objective.flow_matching_loss(model.train(), *args(b))
-        loss.backward()
-    scales = [m.processor.scales for m in model.modules() if hasattr(getattr(m, "processor", None), "scales")]
-    return dict(pred=pred.double().cpu(), loss=loss.detach().double().cpu(),
-                grads=torch.cat([p.grad.flatten() for p in params]).double().cpu(),
-                grad_names=[names[id(p)] for p in params], grad_sizes=[p.numel() for p in params],
-                fp8_backward_calls=sum(s.calls for s in scales), fp8_backward_reruns=sum(s.reruns for s in scales))
-
-
-def compare(ref: dict, other: dict) -> dict:
-    """Relative errors and the LoRA-gradient cosine against bf16, in float64 (an fp32 cosine of ~20M terms read
-    1.0044 on the H200: accumulated rounding, not a measurement); the lowest cosine of one LoRA tensor and its name."""
-    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
-
-    def cos(a, b):  # a tensor whose gradient is zero in both runs agrees (1), in one only not (0)
-        return float(a @ b / (a.norm() * b.norm())) if a.norm() * b.norm() > 0 else float(torch.equal(a, b))
-
-    a, b = other["grads"], ref["grads"]
-    per = [(cos(x, y), n) for x, y, n in zip(a.split(ref["grad_sizes"]), b.split(ref["grad_sizes"]), ref["grad_names"])]
-    worst = min(per)
-    return dict(pred_rel_err=rel(other["pred"], ref["pred"]), loss_rel_err=rel(other["loss"], ref["loss"]),
-                grad_rel_err=rel(a, b), grad_cosine=cos(a, b), grad_cosine_min=worst[0], grad_cosine_min_at=worst[1],
-                finite=bool(torch.isfinite(other["pred"]).all() and torch.isfinite(a).all()))
-
-
-def t5_accuracy(cfg: BenchConfig, device) -> dict:
-    """model.t5_quant="fp8": prompt embeddings of the T5-XXL encoder (random weights, random token ids, 512 tokens)
-    with its block Linears quantized (quant.quantize_t5_fp8) against the same encoder in bf16, and the weights' GiB."""
-    torch.manual_seed(0)
-    tiny_t5 = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
-    t5 = fixtures.full_size_t5(device, **(tiny_t5 if cfg.tiny else {}))
-    for block in t5.encoder.block:  # as from_pretrained leaves it: T5's _keep_in_fp32_modules
-        block.layer[-1].DenseReluDense.wo.float()
-    ids = torch.randint(0, 32128, (1, cfg.text_tokens), generator=torch.Generator().manual_seed(1)).to(device)
-    gib = lambda: sum(t.numel() * t.element_size() for t in [*t5.parameters(), *t5.buffers()]) / 2**30  # noqa: E731
-    with torch.no_grad():
-        ref, before = t5(ids).last_hidden_state.double(), gib()
-        quant.quantize_t5_fp8(t5)
-        out = t5(ids).last_hidden_state.double()
-    row = dict(kind="t5 fp8 weight-only", rel_err=float((out - ref).norm() / ref.norm()),
-               cosine=float((out * ref).sum() / (out.norm() * ref.norm())), gib_bf16=round(before, 2),
-               gib_fp8=round(gib(), 2))
-    print(f"t5 fp8: prompt-embedding rel err {row['rel_err']:.2e} (cosine {row['cosine']:.6f}), weights "
-          f"{row['gib_bf16']} -> {row['gib_fp8']} GiB", flush=True)
-    return row
-
-
-def accuracy(cfg: BenchConfig) -> list[dict]:
-    if "attn_fp8" in cfg.rows:
-        return attention_fp8_report(cfg)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    res = cfg.res[0]
-    rows = [t5_accuracy(cfg, device)]
-    gc.collect()
-    ref = accuracy_kind("bf16", cfg, res, device)
-    for kind in ACCURACY_KINDS:
-        gc.collect()
-        torch.cuda.empty_cache() if device.type == "cuda" else None
-        row = dict(kind=kind, res=res, **compare(ref, accuracy_kind(kind, cfg, res, device)))
-        rows.append(row)
-        print(f"{kind}: prediction rel err {row['pred_rel_err']:.2e}, loss {row['loss_rel_err']:.2e}, "
-              f"LoRA grads {row['grad_rel_err']:.2e} (cosine {row['grad_cosine']:.6f}), finite {row['finite']}",
-              flush=True)
-    print(json.dumps(dict(gpu=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", rows=rows)))
-    return rows
-
-
-# ---------------------------------------------------------------- fp8 attention vs bf16 (--accuracy --rows attn_fp8)
-
-FP8_ATTENTION_COSINE = 0.995  # issue 21: configs/fp8.py takes attention_backend="cudnn_fp8" only at this LoRA cosine
-
-
-def attention_fp8_report(cfg: BenchConfig) -> list[dict]:
-    """kontext_kernels/attention_fp8.py on the full-size random model (attention_fp8_accuracy), then one attention
-    call's forward + backward at the Kontext shape timed for "cudnn" and "cudnn_fp8" (attention_timing)."""
-    device = torch.device("cuda")
-    row = attention_fp8_accuracy(cfg, device)
-    gc.collect()
-    torch.cuda.empty_cache()
-    d, res = dims(cfg), cfg.res[0]
-    shape = (1, 2 * (res // 16) ** 2 + cfg.text_tokens, d["num_attention_heads"], d["attention_head_dim"])
-    timing = attention_timing(shape, device, cfg.iters * 4)
-    print(f"attention fwd+bwd at [B, S, H, D] = {list(shape)}: " + ", ".join(
-        f"{k} {v['ms']:.3f} ms ({v['tflops']:.0f} TFLOP/s)" for k, v in timing.items()), flush=True)
-    rows = [row, dict(kind="attention fwd+bwd", shape=list(shape), **timing)]
-    print(json.dumps(dict(gpu=torch.cuda.get_device_name(), rows=rows)))
-    return rows
-
-
-def attention_fp8_accuracy(cfg: BenchConfig, device) -> dict:
-    """One LoRA step (configs/fp8.py's fp8 Linears and TrainConfig, checkpointing, eager) with attention "cudnn" and
-    "cudnn_fp8" on the same weights and batch: LoRA-gradient cosine (all, and the lowest single tensor), prediction
-    and loss errors, and whether the cosine clears FP8_ATTENTION_COSINE."""
-    res = cfg.res[0]
-    ref = accuracy_kind("fp8", cfg, res, device, attention="cudnn")
-    gc.collect()
-    torch.cuda.empty_cache() if device.type == "cuda" else None
-    got = accuracy_kind("fp8", cfg, res, device, attention="cudnn_fp8")
-    row = dict(kind="attention cudnn_fp8 vs cudnn (fp8 Linears, configs/fp8.py)", res=res, **compare(ref, got),
-               fp8_backward_calls=got["fp8_backward_calls"], fp8_backward_reruns=got["fp8_backward_reruns"])
-    row["turn_on"] = row["finite"] and row["grad_cosine"] >= FP8_ATTENTION_COSINE
-    print(f"attention cudnn_fp8 vs cudnn: prediction rel err {row['pred_rel_err']:.2e}, loss {row['loss_rel_err']:.2e},"
-          f" LoRA grads {row['grad_rel_err']:.2e} (cosine {row['grad_cosine']:.6f}; lowest tensor "
-          f"{row['grad_cosine_min']:.6f} at {row['grad_cosine_min_at']}), finite {row['finite']}; fp8 backward "
-          f"passes repeated {row['fp8_backward_reruns']} in {row['fp8_backward_calls']} calls; cosine >= "
-          f"{FP8_ATTENTION_COSINE}: {row['turn_on']}", flush=True)
-    return row
-
-
-def attention_timing(shape, device, iters: int) -> dict:
-    """Median ms (CUDA events) of one forward + backward of attention over q, k, v [B, S, H, D] bf16, and TFLOP/s
-    (4 B H S^2 D forward, 2.5x that backward): our bf16 cuDNN call, the fp8 one as the model calls it (quantize,
-    graphs, dequantize; delayed scales warm), and the fp8 graphs alone on quantized inputs."""
-    b, s, h, d = shape
-    g = torch.Generator(device=device).manual_seed(0)
-    q, k, v, grad = (torch.randn(*shape, device=device, generator=g, dtype=torch.bfloat16) for _ in range(4))
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
-    st = Fp8Scales()
-    (q8, dq), (k8, dk), (v8, dv) = quantize_e4m3(q), quantize_e4m3(k), quantize_e4m3(v)
-    do8, ddo = quantize_e4m3(grad)
-    o8, stats = fp8_forward(q8, k8, v8, dq, dk, dv, dv * O_HEADROOM, d ** -0.5)
-
-    def bwd_scales():  # the delayed scales of the warm calls
-        return [host_pow2_scale(a, E4M3_MAX / GRAD_MARGIN) for a in st.amax]
-
-    fns = {"cudnn bf16": lambda: cudnn_attention(q, k, v).backward(grad),
-           "cudnn_fp8": lambda: cudnn_fp8_attention(q, k, v, st).backward(grad),
-           "cudnn_fp8 graphs only": lambda: (fp8_forward(q8, k8, v8, dq, dk, dv, dv * O_HEADROOM, d ** -0.5),
-                                             fp8_backward(q8, k8, v8, o8, do8, stats, (dq, dk, dv, dv * O_HEADROOM,
-                                                                                       ddo), bwd_scales(), d ** -0.5))}
-    flop = 3.5 * 4 * b * h * s * s * d
-    out = {}
-    with torch.enable_grad():
-        for name, fn in fns.items():
-            for _ in range(3):
-                fn()
-            times = []
-            for _ in range(iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            ms = statistics.median(times)
-            out[name] = dict(ms=round(ms, 3), tflops=round(flop / ms / 1e9, 1))
-    return out
-
-
 # ---------------------------------------------------------------- timing
 
 
@@ -561,7 +364,7 @@ def profile_step(fn) -> dict:
 def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: str = "bf16", ckpt: bool = False,
             compile_: bool = False, denoise: bool = False, fp8_backward: bool | None = None,
             offload: int | None = None, cache: str | None = None, ip_adapter: bool = False,
-            pipeline: bool = False, compile_cache: str | None = None) -> dict:
+            pipeline: bool = False, compile_cache: str | None = None, budget: float | None = None) -> dict:
     t0 = time.perf_counter()
     row = dict(row=label, res=res)
     if compile_cache is not None:  # "cold": inductor's and triton's own caches empty, then our file; "warm": our file
@@ -590,6 +393,9 @@ def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: s
         else:
             # fp8_backward None: the shipped config's choice (configs/fp8.py: on)
             extra = {} if fp8_backward is None else dict(fp8_backward=fp8_backward)
+            extra.update(memory_budget=budget or 0.0)  # None: all or nothing, as the label says
+            if budget is not None:  # recompute.py: the budget's levels with checkpointing on
+                row.update(kind=kind, budget=budget)
             tc = ours_config(kind, cfg, gradient_checkpointing=ckpt, **extra)
             fn, row["attention"] = ours_train_fn(model, tc, cfg, res, device, offload, ip_adapter)
         if compile_cache is not None:  # as sample.py / train.py do around their first compiled call
@@ -597,7 +403,9 @@ def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: s
             fn = first_then_save(fn, saved)
         row.update(timed(fn, cfg))
         if not pipeline and cache is None:  # the distance to the chip: work per step over time, against the peak
-            row["tflop"] = round(step_tflop(dims(cfg), res, cfg.text_tokens, denoise=denoise, ckpt=ckpt), 1)
+            # a budget row counts the work of the step without its partial recompute (the useful work)
+            row["tflop"] = round(step_tflop(dims(cfg), res, cfg.text_tokens, denoise=denoise,
+                                            ckpt=ckpt and not budget), 1)
             row["tflops"] = round(row["tflop"] / row["seconds"], 1)
             row["pct_peak"] = round(100 * row["tflops"] / PEAK_TFLOPS["fp8" if kind == "fp8" else "bf16"], 1)
         if offload is not None and who == "ours" and not pipeline:  # what crosses the host link per step
@@ -640,6 +448,7 @@ def plan(cfg: BenchConfig) -> list[tuple[str, int, dict]]:
     sc = [True] if cfg.stock_compile else []
     rows = []
     big = cfg.res[0]  # the full-size rows run at the first resolution only (1024 by default)
+    shipped = ours_config("bf16", cfg).memory_budget
     for res in cfg.res:
         if "bf16" in cfg.rows:
             rows += [("bf16 train, no recompute: stock", res, stock),
@@ -652,7 +461,9 @@ def plan(cfg: BenchConfig) -> list[tuple[str, int, dict]]:
             rows += [("bf16 train, full ckpt: stock", res, dict(stock, ckpt=True)),
                      *[("bf16 train, full ckpt: stock+compile", res, dict(stock, ckpt=True, compile_=True))
                        for _ in sc],
-                     ("bf16 train, full ckpt: ours (configs/bf16.py)", res, dict(ours, ckpt=True))]
+                     ("bf16 train, full ckpt: ours", res, dict(ours, ckpt=True)),
+                     (f"bf16 train, memory budget {shipped:g}: ours (configs/bf16.py)", res,
+                      dict(ours, ckpt=True, budget=shipped))]
         if "fp8" in cfg.rows:
             rows += [("fp8 train, no recompute: ours (configs/fp8.py)", res, dict(ours, kind="fp8")),
                      ("fp8 train, no recompute: ours, bf16 input gradient", res,
@@ -672,12 +483,12 @@ def plan(cfg: BenchConfig) -> list[tuple[str, int, dict]]:
             rows += [(f"28-step sample: cache {spec or 'off'}", res, dict(ours, cache=spec))
                      for spec in STEPCACHE_SPECS]
         if "masked" in cfg.rows:  # not in the default rows: issue #12's conditioning, beside the plain bf16 step
-            rows += [("bf16 train, full ckpt: ours (configs/bf16.py)", res, dict(ours, ckpt=True)),
+            rows += [("bf16 train, full ckpt: ours", res, dict(ours, ckpt=True)),
                      ("bf16 train, full ckpt: ours + IP-Adapter", res, dict(ours, ckpt=True, ip_adapter=True)),
                      ("bf16 train, full ckpt: ours + IP-Adapter + region token + dual masked loss "
                       "(configs/region_depth.py)", res, dict(ours, kind="region_depth", ckpt=True, ip_adapter=True))]
         if "full" in cfg.rows:  # not in the default rows: train.mode full (full.py) beside the LoRA step
-            rows += [*([("bf16 train, full ckpt: ours (configs/bf16.py)", res, dict(ours, ckpt=True))]
+            rows += [*([("bf16 train, full ckpt: ours", res, dict(ours, ckpt=True))]
                        if "ckpt" not in cfg.rows else []),
                      ("bf16 full fine-tune, full ckpt: ours (configs/full_bf16.py)", res,
                       dict(ours, kind="full", ckpt=True))]
@@ -695,9 +506,14 @@ def plan(cfg: BenchConfig) -> list[tuple[str, int, dict]]:
         if "compile_cache" in cfg.rows:  # not in the default rows: compile_cache.py, a cold process then a warm one
             for what, kw in (("denoise step: ours compiled", dict(denoise=True, compile_=True)),
                              ("denoise step: ours fp8 compiled", dict(kind="fp8", denoise=True, compile_=True)),
-                             ("bf16 train, full ckpt: ours (configs/bf16.py)", dict(ckpt=True))):
+                             ("bf16 train, full ckpt: ours", dict(ckpt=True))):
                 rows += [(f"{what}, {state} compile", res, dict(ours, **kw, compile_cache=state))
                          for state in ("cold", "warm")]
+        for group, kind in (("budget", "bf16"), ("budget_fp8", "fp8"), ("budget_nf4", "nf4")):  # recompute.py
+            if group in cfg.rows:
+                rows += [(f"{kind} train, no recompute: ours", res, dict(ours, kind=kind))]
+                rows += [(f"{kind} train, memory budget {b:g}: ours", res, dict(ours, kind=kind, ckpt=True, budget=b))
+                         for b in cfg.budgets]
         if "pipeline" in cfg.rows:  # not in the default rows: a whole sample.py call, encoders and VAE included
             rows += [("sample.py whole call (28 steps; CLIP, T5, VAE bf16 on the GPU), transformer streamed: ours",
                       res, dict(ours, pipeline=True, offload=0))]
@@ -709,7 +525,7 @@ def run_child(cfg: BenchConfig, i: int, label: str, res: int) -> dict:
     out-of-memory loses that row only, and every row starts with an empty GPU."""
     args = [sys.executable, __file__, "--only", str(i), "--attention", cfg.attention, "--rows", *cfg.rows,
             "--res", *map(str, cfg.res), "--iters", str(cfg.iters), "--warmup", str(cfg.warmup),
-            "--text-tokens", str(cfg.text_tokens)]
+            "--text-tokens", str(cfg.text_tokens), "--budgets", *map(str, cfg.budgets)]
     args += [f"--{'' if v else 'no-'}{k.replace('_', '-')}" for k, v in
              (("compile", cfg.compile), ("stock_compile", cfg.stock_compile), ("stock_int4", cfg.stock_int4),
               ("tiny", cfg.tiny), ("profile", cfg.profile))]
@@ -727,8 +543,6 @@ def main(cfg: BenchConfig) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.tiny:
         cfg = dataclasses.replace(cfg, res=(64, 32)[: len(cfg.res)], text_tokens=16, iters=2, warmup=1)
-    if cfg.accuracy:
-        return accuracy(cfg)
     rows = plan(cfg)
     if cfg.only >= 0:  # child: run one row in this process
         label, res, kw = rows[cfg.only]
@@ -742,44 +556,16 @@ def main(cfg: BenchConfig) -> list[dict]:
     print(f"# {versions}; ours: compile={cfg.compile} attention={cfg.attention}", flush=True)
     results = [run_child(cfg, i, label, res) for i, (label, res, _) in enumerate(rows)
                if not cfg.match or any(m in label for m in cfg.match)]
-    print(format_table([r for r in results if "cache" not in r]))
+    print(bench_tables.format_table([r for r in results if "cache" not in r]))
     if any("cache" in r for r in results):  # whole images, not steps: their own table
-        print(format_stepcache(results))
+        print(bench_tables.format_stepcache(results))
     if cfg.out:
         with open(cfg.out, "w") as f:
             json.dump(dict(versions, attention=cfg.attention, rows=results), f, indent=1)
     print(json.dumps(dict(versions, rows=results)))
+    if any("budget" in r for r in results) and cfg.plot:  # last: the rows are printed whatever the plot does
+        bench_tables.plot_budget(results, cfg.plot)
     return results
-
-
-def format_table(rows: list[dict]) -> str:
-    lines = ["| work | res | s/step | TFLOP/step | TFLOP/s | % of dense peak | peak GiB | first step s | attention "
-             "| GPU ms by kernel kind (one profiled step) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        s = f"{r['seconds']:.3f}" if r.get("seconds") is not None else f"failed: {r.get('error', '')[:80]}"
-        p = f"{r['peak_gib']:.1f}" if r.get("peak_gib") is not None else "-"
-        prof = " · ".join(f"{k} {v:g}" for k, v in r.get("profile_ms", {}).items())
-        lines.append(f"| {r['row']} | {r['res']} | {s} | {r.get('tflop', '-')} | {r.get('tflops', '-')} | "
-                     f"{r.get('pct_peak', '-')} | {p} | {r.get('first_s', '-')} | {r.get('attention', 'flash')}"
-                     f" | {prof} |")
-    return "\n".join(lines)
-
-
-def format_stepcache(rows: list[dict]) -> str:
-    """The stepcache rows: seconds per image (the whole sample() call and its 28 steps), speed-up of the steps
-    against the uncached row, latents' relative error against the same call uncached."""
-    rows = [r for r in rows if "cache" in r]
-    base = next((r.get("denoise_s") for r in rows if r["cache"] == ""), None)
-    lines = ["| cache | res | s/image | denoise s | speed-up | latent rel. error vs uncached | peak GiB |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r.get("seconds") is None:
-            lines.append(f"| {r['cache'] or 'off'} | {r['res']} | failed: {r.get('error', '')[:80]} | | | | |")
-            continue
-        up = f"{base / r['denoise_s']:.2f}x" if base and r.get("denoise_s") else "-"
-        lines.append(f"| {r['cache'] or 'off'} | {r['res']} | {r['seconds']:.3f} | {r['denoise_s']:.3f} | {up} | "
-                     f"{r['latent_rel_err']:.4f} | {r['peak_gib']:.1f} |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -151,6 +151,9 @@ class TrainConfig:
     region_l2: float = 1e-4  # L2 stabiliser on the region token's parameters
     cached: bool = True  # True: precompute latents and embeddings, train from the cache only
     gradient_checkpointing: bool = False  # recompute block activations in the backward: less memory, more time
+    # with gradient_checkpointing: the share of the no-recompute activation memory kept, 0..1 (0: every block
+    # recomputed whole; 1: none). Blocks get selective checkpointing policies between the two (recompute.py)
+    memory_budget: float = 0.0
     autocast: bool = False  # bf16 autocast around the transformer (for an fp32 master model)
     seed: int = 0  # noise, timesteps, caption dropout and data order are functions of (seed, step)
     save_every: int = 0  # checkpoint every this many steps (0: only at the end)
@@ -279,6 +282,7 @@ RULES = {
     "train.save_every": _at_least(0),
     "train.keep_checkpoints": _at_least(0),
     "train.log_every": _at_least(1),
+    "train.memory_budget": _between(0, 1),
     "sample.num_inference_steps": _at_least(1),
     "sample.max_area": _at_least(16 * 16),
     "sample.max_sequence_length": _between(1, 512),
@@ -370,7 +374,24 @@ def _run_problems(cfg: Config) -> list[str]:
         out.append("model.offload: training with block offload needs train.gradient_checkpointing True (without "
                    "the recompute, every block's weights stay on the GPU for the backward: no saving)")
     if isinstance(cfg.train, TrainConfig) and isinstance(cfg.model, ModelConfig):
+        out += _memory_budget_problems(cfg)
         out += _full_mode_problems(cfg)
+    return out
+
+
+def _memory_budget_problems(cfg: Config) -> list[str]:
+    """train.memory_budget > 0 places selective checkpoints block by block (recompute.py): it needs the recompute on,
+    and neither block offload (a streamed block's weights leave the GPU: it must recompute whole) nor full mode."""
+    tc, out = cfg.train, []
+    if not isinstance(tc.memory_budget, (int, float)) or tc.memory_budget == 0:
+        return out
+    if tc.gradient_checkpointing is False:
+        out.append("train.memory_budget: needs train.gradient_checkpointing True (the budget says how much of the "
+                   "recompute to skip; without checkpointing nothing is recomputed)")
+    if cfg.model.offload is True:
+        out.append("train.memory_budget: expected 0 with model.offload (streamed blocks recompute whole)")
+    if tc.mode == "full":
+        out.append("train.memory_budget: expected 0 with train.mode full (measured for LoRA steps only)")
     return out
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 import compile_cache
 import full  # train.mode='full': the full fine-tune's pieces
+import recompute
 from cache import cache_dir_of, training_data
 from config import Config, TrainConfig, cli, to_json, validate
 from convert import save_lora_as
@@ -58,7 +59,9 @@ def prepare_transformer(transformer, tc: TrainConfig, device: torch.device,
     for m in transformer.modules():
         if isinstance(m, FP8Linear):
             m.set_backward_fp8(tc.fp8_backward)
-    if tc.gradient_checkpointing:
+    if tc.gradient_checkpointing and tc.memory_budget > 0:  # selective checkpoints, block by block (recompute.py)
+        transformer._recompute_levels = recompute.apply_budget(transformer, tc.memory_budget, tc.rank)
+    elif tc.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     # full mode: the block Linears themselves train (and FSDP2 shards the model under torchrun), full.py
     with seeded(tc.seed, device):  # LoRA A init draws from the global generator: same seed, same start
@@ -332,6 +335,8 @@ def train(cfg: Config, rank: int, world: int) -> dict:
     compiled = compile_choice(transformer, tc, device)
     log(f"attention: {attention}; compile: {compiled}; "
         f"gradient checkpointing: {'on' if tc.gradient_checkpointing else 'off'}"
+        + (f" (memory budget {tc.memory_budget}: {recompute.describe(transformer._recompute_levels)})"
+           if hasattr(transformer, "_recompute_levels") else "")
         + ("; activation offload: on" if tc.activation_offload else "") + offload_note(transformer))
     model = transformer
     if world > 1 and tc.mode == "lora":  # full mode: sharded by FSDP2 in prepare_transformer

@@ -90,7 +90,7 @@ class Fp8Scales:
 
 # ---------------------------------------------------------------- cuDNN graphs
 
-_GRAPHS: dict = {}  # ("fwd" | "bwd", shape, device index, attn_scale) -> (graph, its tensors by name, workspace bytes)
+_GRAPHS: dict = {}  # ("forward" | "backward", shape, device index, attn_scale) -> (graph, its tensors by name, workspace bytes)
 _HANDLES: dict = {}  # device index -> cudnn.Handle
 _CONSTANTS: dict = {}  # device index -> (scale_s, descale_s) (1, 1, 1, 1) fp32 tensors
 
@@ -141,29 +141,42 @@ def _scalar(g, name: str, cudnn):
     return g.tensor(name=name, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=cudnn.data_type.FLOAT)
 
 
-def _forward_graph(cudnn, handle, shape, device, attn_scale: float):
-    key = ("fwd", tuple(shape), device.index, attn_scale)
-    if key in _GRAPHS:
-        return _GRAPHS[key]
-    f8, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
-    dims, strides = _bshd(shape)
-    g = cudnn.pygraph(io_data_type=f8, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
-    t = {n: g.tensor(name=n, dim=dims, stride=strides, data_type=f8) for n in ("q", "k", "v")}
-    t.update({n: _scalar(g, n, cudnn) for n in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s",
-                                                "scale_o")})
-    # Amax_S is left unrequested, as in cuDNN's harness (nothing consumes it); Amax_O is an output there, so here too
-    o, stats, _, amax_o = g.sdpa_fp8(q=t["q"], k=t["k"], v=t["v"], descale_q=t["descale_q"], descale_k=t["descale_k"],
-                                     descale_v=t["descale_v"], descale_s=t["descale_s"], scale_s=t["scale_s"],
-                                     scale_o=t["scale_o"], generate_stats=True, attn_scale=attn_scale,
-                                     use_causal_mask=False)
-    o.set_output(True).set_dim(dims).set_stride(strides).set_data_type(f8)
-    b, h, s, _ = dims
-    stats.set_output(True).set_dim([b, h, s, 1]).set_stride([h * s, s, 1, 1]).set_data_type(f32)
-    amax_o.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
-    t.update(o=o, stats=stats, amax_o=amax_o)
-    _build(cudnn, g, "forward", shape, device)
-    _GRAPHS[key] = (g, t, g.get_workspace_size())
+def _out(x, dim, stride, data_type):
+    """Mark a graph tensor as an output of this dim, stride and type."""
+    x.set_output(True).set_dim(dim).set_stride(stride).set_data_type(data_type)
+    return x
+
+
+def _graph(what: str, cudnn, handle, shape, device, attn_scale: float, ins: tuple, add_op):
+    """The fp8 attention graph `what` ("forward" | "backward") for this shape, device and attn_scale, built once: an
+    e4m3-in, fp32-compute pygraph with e4m3 [B, S, H, D] tensors `ins`, then add_op(g, t, dims, strides, f8, f32)
+    adds the op's other inputs and cuDNN's op to t (the tensors by name) and marks its outputs.
+    Returns (graph, tensors by name, workspace bytes)."""
+    key = (what, tuple(shape), device.index, attn_scale)
+    if key not in _GRAPHS:
+        f8, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+        dims, strides = _bshd(shape)
+        g = cudnn.pygraph(io_data_type=f8, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
+        t = {n: g.tensor(name=n, dim=dims, stride=strides, data_type=f8) for n in ins}
+        add_op(g, t, dims, strides, f8, f32)
+        _build(cudnn, g, what, shape, device)
+        _GRAPHS[key] = (g, t, g.get_workspace_size())
     return _GRAPHS[key]
+
+
+FWD_SCALARS = ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
+
+
+def _forward_graph(cudnn, handle, shape, device, attn_scale: float):
+    def add_op(g, t, dims, strides, f8, f32):
+        t.update({n: _scalar(g, n, cudnn) for n in FWD_SCALARS})
+        # Amax_S is left unrequested, as in cuDNN's harness (nothing consumes it); Amax_O is an output there, so here
+        o, stats, _, amax_o = g.sdpa_fp8(**{n: t[n] for n in ("q", "k", "v", *FWD_SCALARS)}, generate_stats=True,
+                                         attn_scale=attn_scale, use_causal_mask=False)
+        b, h, s, _ = dims
+        t.update(o=_out(o, dims, strides, f8), stats=_out(stats, [b, h, s, 1], [h * s, s, 1, 1], f32),
+                 amax_o=_out(amax_o, [1, 1, 1, 1], [1, 1, 1, 1], f32))
+    return _graph("forward", cudnn, handle, shape, device, attn_scale, ("q", "k", "v"), add_op)
 
 
 BWD_SCALARS = ("descale_q", "descale_k", "descale_v", "descale_o", "descale_dO", "descale_s", "descale_dP",
@@ -171,29 +184,18 @@ BWD_SCALARS = ("descale_q", "descale_k", "descale_v", "descale_o", "descale_dO",
 
 
 def _backward_graph(cudnn, handle, shape, device, attn_scale: float):
-    key = ("bwd", tuple(shape), device.index, attn_scale)
-    if key in _GRAPHS:
-        return _GRAPHS[key]
-    f8, f32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
-    dims, strides = _bshd(shape)
-    b, h, s, _ = dims
-    g = cudnn.pygraph(io_data_type=f8, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
-    t = {n: g.tensor(name=n, dim=dims, stride=strides, data_type=f8) for n in ("q", "k", "v", "o", "dO")}
-    t["stats"] = g.tensor(name="stats", dim=[b, h, s, 1], stride=[h * s, s, 1, 1], data_type=f32)
-    t.update({n: _scalar(g, n, cudnn) for n in BWD_SCALARS})
-    outs = g.sdpa_fp8_backward(**{n: t[n] for n in ("q", "k", "v", "o", "dO", "stats", *BWD_SCALARS)},
-                               attn_scale=attn_scale, use_padding_mask=False,
-                               diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
-                               use_deterministic_algorithm=False)
-    for n, x in zip(("dQ", "dK", "dV"), outs[:3]):
-        x.set_output(True).set_dim(dims).set_stride(strides).set_data_type(f8)
-        t[n] = x
-    for n, x in zip(("amax_dQ", "amax_dK", "amax_dV", "amax_dP"), outs[3:]):
-        x.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(f32)
-        t[n] = x
-    _build(cudnn, g, "backward", shape, device)
-    _GRAPHS[key] = (g, t, g.get_workspace_size())
-    return _GRAPHS[key]
+    def add_op(g, t, dims, strides, f8, f32):
+        b, h, s, _ = dims
+        t["stats"] = g.tensor(name="stats", dim=[b, h, s, 1], stride=[h * s, s, 1, 1], data_type=f32)
+        t.update({n: _scalar(g, n, cudnn) for n in BWD_SCALARS})
+        outs = g.sdpa_fp8_backward(**{n: t[n] for n in ("q", "k", "v", "o", "dO", "stats", *BWD_SCALARS)},
+                                   attn_scale=attn_scale, use_padding_mask=False,
+                                   diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT,
+                                   use_deterministic_algorithm=False)
+        t.update({n: _out(x, dims, strides, f8) for n, x in zip(("dQ", "dK", "dV"), outs[:3])})
+        t.update({n: _out(x, [1, 1, 1, 1], [1, 1, 1, 1], f32)
+                  for n, x in zip(("amax_dQ", "amax_dK", "amax_dV", "amax_dP"), outs[3:])})
+    return _graph("backward", cudnn, handle, shape, device, attn_scale, ("q", "k", "v", "o", "dO"), add_op)
 
 
 def _execute(g, pack: dict, workspace_bytes: int, handle, device):

@@ -127,35 +127,40 @@ def test_cudnn_attention_returns_its_op_output_gpu():
     assert calls == 1 and out.shape == q.shape and not any(out is t for t in (q, k, v))
 
 
-@pytest.mark.gpu
-@torch.enable_grad()
-def test_flux_train_step_cudnn_equals_flash_gpu():
-    """Narrow Flux (full depth is not needed for the numerics) with LoRA, through train.py's step: loss and LoRA
-    grads through our cuDNN path vs flash."""
+def narrow_flux_step(backend: str, head_dim: int, compile_: bool = False, steps: tuple = (0,)):
+    """Narrow Flux (2 heads of head_dim; full depth is not needed for the numerics), seeded, with a LoRA drawn off
+    zero (every gradient path non-trivial), through train.py's prepare_transformer and batches on CUDA with attention
+    `backend`: (loss, LoRA grads, attention_of(model)) of the last of `steps` (earlier ones: other batches first)."""
     import dataclasses
 
     import objective
     import train
 
-    dims = dict(fixtures.MINI_DIMS, attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64,
-                axes_dims_rope=(8, 28, 28))
-    entries = fixtures.random_entries(1, 256, 64, dims)
-    empty = fixtures.random_empty(64, dims)
-    results = []
-    for backend in ("flash", "cudnn"):
-        torch.manual_seed(0)  # the same weights for both
-        model = fixtures.full_size_transformer("cuda", **dims)
-        tc = TrainConfig(attention_backend=backend, compile=False)
-        params, chosen = train.prepare_transformer(model, tc, CUDA)
-        assert chosen == backend
-        torch.manual_seed(0)
-        for p in params:  # lora_B starts at zero: give it values so every gradient path is non-trivial
-            torch.nn.init.normal_(p, std=0.02)
-        (b, _, _), = train.micro_batches(entries, [()], empty, dataclasses.replace(tc, seed=0), 0, 0, 1, CUDA,
+    dims = dict(fixtures.MINI_DIMS, attention_head_dim=head_dim, num_attention_heads=2, joint_attention_dim=64,
+                axes_dims_rope=(head_dim // 8, 7 * head_dim // 16, 7 * head_dim // 16))
+    entries, empty = fixtures.random_entries(1, 256, 64, dims), fixtures.random_empty(64, dims)
+    torch.manual_seed(0)  # the same weights for every backend
+    model = fixtures.full_size_transformer("cuda", **dims)
+    tc = TrainConfig(attention_backend=backend, compile=compile_)
+    params, chosen = train.prepare_transformer(model, tc, CUDA)
+    assert chosen == backend
+    torch.manual_seed(0)
+    for p in params:
+        torch.nn.init.normal_(p, std=0.02)
+    for step in steps:
+        (b, _, _), = train.micro_batches(entries, [()], empty, dataclasses.replace(tc, seed=0), step, 0, 1, CUDA,
                                          torch.bfloat16)
+        for p in params:
+            p.grad = None
         loss = objective.flow_matching_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
                                             b["pooled_prompt_embeds"], b["img_ids"], b["text_ids"], 1.0)
         loss.backward()
-        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in params])))
-    (l1, g1), (l2, g2) = results
+    return loss.detach(), torch.cat([p.grad.flatten() for p in params]), attention_of(model)
+
+
+@pytest.mark.gpu
+@torch.enable_grad()
+def test_flux_train_step_cudnn_equals_flash_gpu():
+    """Loss and LoRA grads of narrow_flux_step through our cuDNN path vs flash."""
+    (l1, g1, _), (l2, g2, _) = (narrow_flux_step(backend, 64) for backend in ("flash", "cudnn"))
     assert rel(l2, l1) < 1e-2 and rel(g2, g1) < 5e-2, (rel(l2, l1), rel(g2, g1))

@@ -25,10 +25,9 @@ import torch
 
 import kontext_kernels.attention_fp8 as fp8
 import fixtures
-import objective
 from config import TrainConfig
 from kontext_kernels.attention import CudnnFp8FluxAttnProcessor, attention_of, attention_ref, set_attention
-from test_attention import inputs
+from test_attention import inputs, narrow_flux_step
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 HAS_CUDNN = importlib.util.find_spec("cudnn") is not None
@@ -223,36 +222,12 @@ def test_fp8_attention_matches_math_gpu(s):
 @torch.enable_grad()
 @pytest.mark.parametrize("compile_", [False, True])
 def test_flux_train_step_fp8_equals_cudnn_gpu(compile_):
-    """Narrow Flux (head_dim 128: cuDNN's Hopper fp8 backward takes d = 128 only) with LoRA, through train.py's
-    step, eager and regionally compiled (the fp8 call is a graph break): loss and LoRA grads vs the bf16 cuDNN path."""
-    import dataclasses
-
-    import train
-
+    """test_attention.narrow_flux_step with head_dim 128 (cuDNN's Hopper fp8 backward takes d = 128 only), eager and
+    regionally compiled (the fp8 call is a graph break), step 1 first (the fp8 scales then come from another batch, as
+    in training): loss and LoRA grads vs the bf16 cuDNN path."""
     hopper()
-    dims = dict(fixtures.MINI_DIMS, attention_head_dim=128, num_attention_heads=2, joint_attention_dim=64,
-                axes_dims_rope=(16, 56, 56))
-    entries = fixtures.random_entries(1, 256, 64, dims)
-    empty = fixtures.random_empty(64, dims)
-    results = []
-    for backend in ("cudnn", "cudnn_fp8"):
-        torch.manual_seed(0)  # the same weights for both
-        model = fixtures.full_size_transformer("cuda", **dims)
-        tc = TrainConfig(attention_backend=backend, compile=compile_)
-        params, chosen = train.prepare_transformer(model, tc, CUDA)
-        assert chosen == backend and attention_of(model) == {f"kontext_{backend}"}
-        torch.manual_seed(0)
-        for p in params:  # lora_B starts at zero: give it values so every gradient path is non-trivial
-            torch.nn.init.normal_(p, std=0.02)
-        for step in (1, 0):  # step 1 first: the fp8 scales then come from another batch, as in training
-            (b, _, _), = train.micro_batches(entries, [()], empty, dataclasses.replace(tc, seed=0), step, 0, 1, CUDA,
-                                             torch.bfloat16)
-            for p in params:
-                p.grad = None
-            loss = objective.flow_matching_loss(model, b["x0"], b["noise"], b["t"], b["control"], b["prompt_embeds"],
-                                            b["pooled_prompt_embeds"], b["img_ids"], b["text_ids"], 1.0)
-            loss.backward()
-        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in params])))
-    (l1, g1), (l2, g2) = results
+    results = [narrow_flux_step(backend, 128, compile_, steps=(1, 0)) for backend in ("cudnn", "cudnn_fp8")]
+    assert [r[2] for r in results] == [{"kontext_cudnn"}, {"kontext_cudnn_fp8"}]
+    (l1, g1, _), (l2, g2, _) = results
     print(f"compile={compile_}: loss rel {rel(l2, l1):.4f}, LoRA grads rel {rel(g2, g1):.4f} cos {cos(g2, g1):.5f}")
     assert torch.isfinite(g2).all() and rel(l2, l1) < 0.02 and cos(g2, g1) > 0.99, (rel(l2, l1), cos(g2, g1))
