@@ -117,8 +117,8 @@ def test_checkpoints_resume_exactly(tmp_path, optimizer):
     assert [r["loss"] for r in resumed["history"]] == [r["loss"] for r in straight["history"][2:]]
     assert json.loads((ckpts / "latest.json").read_text())["step"] == 4
     lora = dataclasses.replace(tiny_cfg(tmp_path / "r", steps=6), resume=str(c))
-    with pytest.raises(ValueError, match="full fine-tune checkpoint"):
-        run(lora)
+    with pytest.raises(ValueError, match="trained with train.mode = 'full', the config says 'lora'"):
+        run(lora)  # refused before the model loads (lora.resume_problems); load_checkpoint refuses it too
 
 
 def test_grad_accum_keeps_a_buffer(components):
