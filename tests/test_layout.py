@@ -5,8 +5,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["bench", "fixtures", "train", "full", "validate", "objective", "convert", "caption", "sample", "stepcache",
-          "lora", "region", "offload", "cache", "data", "images", "load", "quant", "encode", "kontext_kernels",
+LAYERS = ["bench", "fixtures", "train", "full", "validate", "objective", "ema", "convert", "merge", "caption", "sample",
+          "stepcache", "lora", "optim", "region", "offload", "cache", "data", "images", "load", "quant", "encode", "kontext_kernels",
           "compile_cache", "config", "tiny"]
 
 
