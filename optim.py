@@ -12,22 +12,24 @@ import torch
 
 from config import TrainConfig
 
-# train.optimizer (LoRA mode) -> (what it is for, the train.lr it expects, state bytes per trained parameter). Bytes:
-# fp32 moments are 4 each; bitsandbytes' 8-bit states 1 each (+ 4 / 256 absmax); Adafactor keeps a row and a column
-# second moment per matrix (out + in values for out x in weights: ~0 per parameter) and no first moment (beta1 None).
+# train.optimizer (LoRA mode) -> (what it is for, the train.lr it expects, state bytes per trained parameter, what the
+# state holds). Measured on a 256 x 256 fp32 weight by tests/test_optim.py: fp32 moments are 4 bytes each; bitsandbytes'
+# 8-bit states 1 byte each plus one fp32 absmax per 256 values and a 256-entry qmap; Adafactor keeps a row and a column
+# second moment per matrix (out + in values for an out x in weight) and no first moment (beta1 None).
 OPTIMIZERS = {
-    "adamw": ("the reference: torch's AdamW", "1e-4 (tiny: 1e-2)", "8"),
-    "adamw8bit": ("AdamW with 8-bit moments (bitsandbytes)", "as adamw", "2"),
-    "paged_adamw8bit": ("adamw8bit whose state pages to host memory under GPU memory pressure (CUDA unified "
-                        "memory; bitsandbytes)", "as adamw", "2"),
-    "lion8bit": ("Lion (sign of an interpolated momentum), 8-bit state (bitsandbytes): the smallest state",
-                 "3-10x below adamw's (1e-5 .. 3e-5); weight_decay 3-10x higher", "1"),
-    "prodigy": ("Prodigy: estimates the step size itself (prodigyopt)", "1.0 (a multiplier of its estimate)",
-                "16 (exp_avg, exp_avg_sq, s, p0)"),
-    "schedulefree_adamw": ("schedule-free AdamW: no decay schedule (train.scheduler constant), evaluates an average "
-                           "of the iterates (schedulefree)", "1e-3 .. 1e-2 (above adamw's)", "8 (z, exp_avg_sq)"),
+    "adamw": ("the reference: torch's AdamW", "1e-4 (tiny: 1e-2)", 8, "exp_avg, exp_avg_sq"),
+    "adamw8bit": ("AdamW with 8-bit moments (bitsandbytes)", "as adamw", 2, "8-bit exp_avg, exp_avg_sq"),
+    "paged_adamw8bit": ("adamw8bit whose state can page out to host memory under GPU memory pressure (CUDA "
+                        "unified memory; bitsandbytes)", "as adamw", 2, "as adamw8bit, paged"),
+    "lion8bit": ("Lion (the sign of an interpolated momentum), 8-bit (bitsandbytes): the smallest state",
+                 "3-10x below adamw's; weight_decay 3-10x above", 1, "8-bit momentum"),
+    "prodigy": ("Prodigy: estimates its step size itself (prodigyopt)", "1.0 (a multiplier of its estimate)", 16,
+                "exp_avg, exp_avg_sq, s, p0 (p0 one scalar for an all-zero start: lora_B's 12)"),
+    "schedulefree_adamw": ("schedule-free AdamW: no decay schedule (train.scheduler constant); checkpoints, results "
+                           "and validation use its averaged weights (schedulefree)", "1-10x adamw's", 8,
+                           "z, exp_avg_sq"),
     "adafactor": ("Adafactor with an explicit lr: factored second moment, no first moment (transformers)",
-                  "as adamw", "~0 (4 (out + in) per out x in matrix)"),
+                  "as adamw", 0, "row + column second moments"),
 }
 
 __all__ = ["OPTIMIZERS", "make_optimizer", "lr_factor", "eval_weights", "flat_state", "unflat_state"]

@@ -26,6 +26,19 @@ def test_the_table_names_every_lora_optimizer():
     assert set(optim.OPTIMIZERS) == set(LORA_OPTIMIZERS)
 
 
+@pytest.mark.parametrize("name", LORA_OPTIMIZERS)
+def test_state_bytes_per_parameter_as_the_table_says(name):
+    """README's "Optimizers" column: the state each optimizer holds after a step on a 256 x 256 fp32 weight, in bytes
+    per parameter, within 0.1 of optim.OPTIMIZERS' number (8-bit absmax / qmap and Adafactor's factors are ~0.03)."""
+    p = torch.nn.Parameter(torch.randn(256, 256))  # Prodigy keeps p0 as a scalar for an all-zero start (lora_B)
+    opt = optim.make_optimizer([p], TrainConfig(optimizer=name, scheduler="constant"))
+    p.grad = torch.randn(256, 256)
+    opt.step()
+    state = [v for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.numel() > 1]
+    per_param = sum(v.numel() * v.element_size() for v in state) / p.numel()
+    assert per_param == pytest.approx(optim.OPTIMIZERS[name][2], abs=0.1), (name, per_param)
+
+
 @pytest.fixture(scope="module")
 def shared_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")  # content-keyed: every run below encodes the toy dataset once
