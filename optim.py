@@ -7,6 +7,7 @@ trained parameter (fp32 LoRA weights; bitsandbytes' 8-bit states add one fp32 ab
 """
 
 import contextlib
+import math
 
 import torch
 
@@ -32,7 +33,8 @@ OPTIMIZERS = {
                   "as adamw", 0, "row + column second moments"),
 }
 
-__all__ = ["OPTIMIZERS", "make_optimizer", "lr_factor", "eval_weights", "flat_state", "unflat_state"]
+__all__ = ["OPTIMIZERS", "make_optimizer", "lr_factor", "eval_weights", "is_schedulefree", "flat_state",
+           "unflat_state"]
 
 
 def make_optimizer(params, tc: TrainConfig):
@@ -71,8 +73,6 @@ def make_optimizer(params, tc: TrainConfig):
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of cfg.lr at optimizer step `step` (0-based): linear warmup, then constant/linear/cosine."""
-    import math
-
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
@@ -92,7 +92,7 @@ def eval_weights(optimizer):
     (optimizer.train()). The round trip y -> x -> y is not bit-exact, so train.py enters this block once per step that
     saves or validates, and a run resumed from a checkpoint (x, saved in eval mode) repeats the same train() the
     uninterrupted run did: resume stays exact. Other optimizers: nothing happens."""
-    if not hasattr(optimizer, "eval") or not callable(optimizer.eval):
+    if not is_schedulefree(optimizer):
         yield
         return
     optimizer.eval()
@@ -100,6 +100,11 @@ def eval_weights(optimizer):
         yield
     finally:
         optimizer.train()
+
+
+def is_schedulefree(optimizer) -> bool:
+    """Schedule-free optimizers mark their mode in each param group ("train_mode"); no other optimizer here does."""
+    return "train_mode" in optimizer.param_groups[0]
 
 
 # ---------------------------------------------------------------- state in checkpoints
@@ -124,7 +129,7 @@ def flat_state(opt_state: dict) -> tuple[dict, dict]:
         scalars[str(i)] = {}
         for k, v in s.items():
             w = walk(v, f"state.{i}.{k}")
-            if not (isinstance(v, torch.Tensor)):  # top-level tensors: by their key alone, as before
+            if not isinstance(v, torch.Tensor):  # top-level tensors: by their key alone, as before
                 scalars[str(i)][k] = w
     return tensors, scalars
 

@@ -38,7 +38,7 @@ from lora import (add_lora, claim_out_dir, config_differences, load_checkpoint, 
                   save_checkpoint)
 from objective import collate, dual_masked_loss, flow_matching_loss, global_batch, lora_l2
 from offload import offload_transformer
-from optim import eval_weights, lr_factor
+from optim import eval_weights, is_schedulefree, lr_factor
 from optim import make_optimizer as make_lora_optimizer
 from region import MaskRegionToken, region_path, save_region
 from validate import conditioning_check, held_out_loss, validation_grid
@@ -312,7 +312,7 @@ def main(cfg: Config) -> dict:
     with_ema = {"ema": ema} if ema is not None else {}  # lora.py's checkpoints keep it; full mode has none
     start, run = (ckpt_load(ckpt, transformer, optimizer, region, **with_ema, **({"log": log} if with_ema else {}))
                   if ckpt is not None else (0, new_run_id()))
-    if "train_mode" in optimizer.param_groups[0]:  # schedule-free: a checkpoint holds its eval weights (optim.py)
+    if is_schedulefree(optimizer):  # a checkpoint holds its eval weights (optim.eval_weights): back to training
         optimizer.train()
     if ckpt is not None:
         log(f"resumed from {ckpt} at step {start}" + (f"; train.steps is {tc.steps}: nothing left to train"

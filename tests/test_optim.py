@@ -5,7 +5,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-from pathlib import Path
 from typing import get_args
 
 import pytest
@@ -111,7 +110,7 @@ def test_state_survives_the_checkpoint_files(tmp_path, name):
     saved = json.loads((tmp_path / "state.json").read_text())
     oc.load_state_dict({"state": optim.unflat_state(load_file(tmp_path / "opt.safetensors"), saved["scalars"]),
                         "param_groups": saved["param_groups"]})
-    if "train_mode" in oc.param_groups[0]:
+    if optim.is_schedulefree(oc):
         oc.train()
         ob.train()
     for i in (2, 3):
