@@ -384,10 +384,11 @@ def main(cfg: Config) -> dict:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", gn=f"{grad_norm:.3f}",
                                 sps=f"{rec['samples_per_s']:.2f}")
         done = step + 1 == tc.steps
-        save = saver and (done or (tc.save_every and (step + 1) % tc.save_every == 0))
+        ckpt_step = done or (tc.save_every and (step + 1) % tc.save_every == 0)
         val = tc.validate_every >= 0 and n_val and (done or (tc.validate_every and (step + 1) % tc.validate_every == 0))
-        with eval_weights(optimizer) if save or val else contextlib.nullcontext():  # once per step (optim.py)
-            if save:
+        # once per such step, on every rank alike (DDP replicas must stay equal), saving or not (optim.py)
+        with eval_weights(optimizer) if ckpt_step or val else contextlib.nullcontext():
+            if saver and ckpt_step:
                 last_ckpt = str(ckpt_save(out_dir, transformer, optimizer, step + 1, cfg, tc.keep_checkpoints, run,
                                           region, **with_ema))
             if saver and done:  # before the last grid: a crash there loses nothing
