@@ -117,8 +117,15 @@ class TrainConfig:
     weight_decay: float = 1e-4  # AdamW weight decay
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
     # adamw8bit: bitsandbytes' 8-bit AdamW | torchao_adamw8bit (full mode): torchao's 8-bit AdamW, bf16 weights
-    # updated with stochastic rounding (configs/full_bf16.py; README "Full fine-tune" has the comparison)
-    optimizer: Literal["adamw", "adamw8bit", "torchao_adamw8bit"] = "adamw"
+    # updated with stochastic rounding (configs/full_bf16.py; README "Full fine-tune" has the comparison). LoRA mode
+    # also: paged_adamw8bit, lion8bit (bitsandbytes), prodigy (lr ~1.0), schedulefree_adamw (train.scheduler
+    # constant), adafactor (optim.py OPTIMIZERS; README "Optimizers": the lr each expects, its state size)
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit", "lion8bit", "prodigy", "schedulefree_adamw",
+                       "adafactor", "torchao_adamw8bit"] = "adamw"
+    # EMA of the trained weights (LoRA and region token; ema.py): after each optimizer step ema += (1 - decay) *
+    # (w - ema), in fp32; saved as lora.ema.safetensors beside the result and used for validation. 0: off
+    ema_decay: float = 0.0
+    ema_start_step: int = 0  # until this many optimizer steps are done the EMA copies the weights, then averages
     scheduler: Literal["constant", "linear", "cosine"] = "cosine"  # lr decay to 0 after warmup (constant: none)
     warmup_steps: int = 0  # lr ramps linearly from lr / warmup_steps to lr over this many steps
     grad_clip: float = 1.0  # clip the gradient norm to this (0: no clipping)
@@ -268,6 +275,8 @@ RULES = {
     "train.weight_decay": _at_least(0),
     "train.betas": ((lambda v: all(0 <= b < 1 for b in v)), ", each in [0, 1)"),
     "train.warmup_steps": _at_least(0),
+    "train.ema_decay": ((lambda v: 0 <= v < 1), " in [0, 1) (0: off; 0.999 averages over ~1000 steps)"),
+    "train.ema_start_step": _at_least(0),
     "train.grad_clip": _at_least(0),
     "train.rank": _at_least(1),
     "train.alpha": _POSITIVE,
@@ -402,9 +411,23 @@ def _full_mode_problems(cfg: Config) -> list[str]:
     if tc.mode != "full":
         if tc.optimizer == "torchao_adamw8bit":
             out.append("train.optimizer: 'torchao_adamw8bit' is for train.mode='full' (bf16 weights, stochastic "
-                       "rounding); a LoRA trains fp32 weights: use adamw or adamw8bit")
+                       "rounding); a LoRA trains fp32 weights: use adamw, adamw8bit or another LoRA optimizer")
+        if tc.optimizer == "schedulefree_adamw" and tc.scheduler != "constant":
+            out.append(f"train.scheduler: schedule-free AdamW replaces the decay schedule (it averages the iterates "
+                       f"instead): expected 'constant' (train.warmup_steps still applies), got {tc.scheduler!r}")
+        if tc.optimizer == "schedulefree_adamw" and tc.ema_decay > 0:
+            out.append("train.ema_decay: schedule-free AdamW's result is already an average of the iterates (its "
+                       "eval weights); use one of the two: ema_decay 0, or another optimizer")
         return out
     full = "train.mode='full' trains the transformer's weights themselves"
+    if tc.optimizer not in FULL_OPTIMIZERS:
+        out.append(f"train.optimizer: {full} with {' | '.join(FULL_OPTIMIZERS)} (full.py steps each parameter inside "
+                   f"the backward), got {tc.optimizer!r}")
+    if tc.ema_decay > 0:
+        n = flux_full_parameters(tc.full_modules)
+        out.append(f"train.ema_decay: an EMA in full mode is an fp32 copy of the trained weights: {n / 1e9:.1f}B "
+                   f"parameters of FLUX.1 (full_modules={tc.full_modules!r}) = {4 * n / 1e9:.1f} GB beside the model "
+                   f"and its optimizer state; not supported: set it 0 (or train a LoRA, whose EMA is a few MB)")
     if mc.quant != "none":
         out.append(f"model.quant: {full}: expected 'none' (a bf16 or fp32 base), got {mc.quant!r}; a quantized base "
                    f"trains only a LoRA (train.mode='lora')")
@@ -425,6 +448,27 @@ def _full_mode_problems(cfg: Config) -> list[str]:
         if bad:
             out.append(f"{what}: not with train.mode='full' (yet): it trains or conditions beside the LoRA path only")
     return out
+
+
+FULL_OPTIMIZERS = ("adamw", "adamw8bit", "torchao_adamw8bit")  # full.STEPPERS
+
+
+def flux_full_parameters(full_modules: str) -> int:
+    """Parameters (weights and biases) of the block Linears full mode trains in FLUX.1's transformer (FLUX.1-Kontext-dev
+    transformer/config.json: 19 double, 38 single blocks, width 3072 = 24 heads x 128, MLP ratio 4; tests/test_ema.py
+    counts them on the model built on the meta device). `full_modules`: "all" or "attention" (full.trained_linears)."""
+    d, m = 3072, 4 * 3072
+
+    def lin(i, o):
+        return i * o + o
+
+    double_attn = 8 * lin(d, d)  # to_q/k/v, to_out.0 and add_q/k/v_proj, to_add_out
+    single_attn = 3 * lin(d, d)  # to_q/k/v (proj_out is the block's own Linear)
+    if full_modules == "attention":
+        return 19 * double_attn + 38 * single_attn
+    double = double_attn + 2 * (lin(d, m) + lin(m, d)) + 2 * lin(d, 6 * d)  # ff, ff_context, norm1(_context).linear
+    single = single_attn + lin(d, m) + lin(d + m, d) + lin(d, 3 * d)  # proj_mlp, proj_out, norm.linear
+    return 19 * double + 38 * single
 
 
 def _raise(where: str, problems: list[str]) -> None:
@@ -503,6 +547,35 @@ def split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
     return path, rest
 
 
+def _choice_fields(cls=Config, prefix: str = "") -> dict:
+    """Flag name (dots, underscores) -> its Literal annotation, for every choice field of the config tree."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.type):
+            out.update(_choice_fields(f.type, f"{prefix}{f.name}."))
+        elif get_origin(f.type) is Literal:
+            out[prefix + f.name] = f.type
+    return out
+
+
+def _choice_problems(args: list[str]) -> list[str]:
+    """A choice flag given a value outside its Literal, in validate()'s words, one line each. tyro refuses it too,
+    but inside a box 80 columns wide whose line ends after "Expected one of", the choices wrapped onto the next line,
+    so a log read line by line (grep, a CI summary) showed that phrase with nothing after it."""
+    fields, out = _choice_fields(), []
+    for i, a in enumerate(args):
+        if not a.startswith("--"):
+            continue
+        name, eq, value = a[2:].partition("=")
+        tp = fields.get(name.replace("-", "_"))
+        if tp is None or not (eq or i + 1 < len(args)):
+            continue
+        value = value if eq else args[i + 1]
+        if value not in [str(c) for c in get_args(tp)]:
+            out.append(f"--{name}: expected {_describe(tp)}, got {value!r}")
+    return out
+
+
 def cli(argv: list[str] | None = None, description: str = "") -> Config:
     """`--config file.py` gives the defaults, tyro flags override them (unknown flags and bad choices are tyro's
     errors), then validate() checks the result. The file's own types are checked before tyro sees them (tyro only
@@ -510,6 +583,7 @@ def cli(argv: list[str] | None = None, description: str = "") -> Config:
     import tyro
 
     path, rest = split_config_flag(sys.argv[1:] if argv is None else argv)
+    _raise("flags", _choice_problems(rest))  # before any config file runs (configs/tiny.py builds a model)
     default = _run_file(path) if path else Config()
     if path:  # a type error stops here (tyro cannot parse it); its value problems are named with it, all at once
         if _problems(default, values=False):

@@ -1,6 +1,8 @@
 """LoRA files for other tools: `python convert.py IN.safetensors OUT.safetensors --format comfyui|kohya|diffusers`;
 a fully fine-tuned transformer as one ComfyUI / BFL checkpoint: `python convert.py runs/x/transformer OUT.safetensors
---format comfyui-model`.
+--format comfyui-model`; adapters merged into the base: `python convert.py A.safetensors [B ...] OUT --merge --base
+MODEL [--strength S ...] [--format comfyui-model]`; a LoRA extracted from a full fine-tune: `python convert.py
+runs/x/transformer OUT.safetensors --extract RANK --base MODEL` (merge.py holds both).
 
 The formats (safetensors, the tensors' dtype kept):
 - diffusers: `transformer.<module>.lora_A.weight` / `lora_B.weight`, the LoraConfig (r, lora_alpha, patterns) as JSON
@@ -34,6 +36,7 @@ import torch
 
 from cache import save_atomic
 from lora import _LORA_KEY, PREFIX, _few, lora_state_dict, read_lora, save_lora
+from merge import extract_lora, merge_adapters, save_transformer_folder
 import quiet
 
 Modules = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
@@ -316,23 +319,78 @@ def convert_file(src, dst, fmt: str) -> Modules:
 
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(prog="convert.py", description=__doc__.splitlines()[0])
-    ap.add_argument("src", metavar="IN", help="a LoRA .safetensors (diffusers, comfyui, kohya, or a layout "
-                                              "diffusers converts); --format comfyui-model: a transformer folder")
-    ap.add_argument("dst", metavar="OUT", help="the .safetensors to write")
-    ap.add_argument("--format", required=True, choices=[*WRITERS, "comfyui-model"],
+    ap.add_argument("src", metavar="IN", nargs="+",
+                    help="a LoRA .safetensors (diffusers, comfyui, kohya, or a layout diffusers converts); "
+                         "--format comfyui-model: a transformer folder; --merge: one or more adapter files; "
+                         "--extract: the fine-tuned transformer folder (train.mode full's <out_dir>/transformer)")
+    ap.add_argument("dst", metavar="OUT", help="the .safetensors to write (--merge: a folder; OUT/transformer/)")
+    ap.add_argument("--format", choices=[*WRITERS, "comfyui-model"],
                     help="comfyui: diffusers keys + .alpha tensors (ComfyUI and diffusers); kohya: lora_unet_* on "
                          "BFL names (kohya, musubi, ComfyUI, diffusers); diffusers: keys + LoraConfig metadata; "
-                         "comfyui-model: IN is a transformer folder (train.mode full), OUT one BFL-named model file")
+                         "comfyui-model: IN is a transformer folder (train.mode full), OUT one BFL-named model file. "
+                         "--merge: diffusers (default: OUT/transformer/) or comfyui-model (OUT one BFL file); "
+                         "--extract: the LoRA's format (default comfyui)")
+    ap.add_argument("--merge", action="store_true", help="bake the adapters IN into --base at --strength")
+    ap.add_argument("--extract", type=int, metavar="RANK", help="a LoRA of this rank from the fine-tune IN minus "
+                                                                 "--base, by truncated SVD per Linear")
+    ap.add_argument("--base", metavar="MODEL", help="--merge / --extract: the base model (a diffusers folder, its "
+                                                    "transformer folder, or a Hub id); not quantized")
+    ap.add_argument("--strength", type=float, nargs="+", default=[1.0], metavar="S",
+                    help="--merge: one strength for every adapter, or one per adapter file (default 1.0)")
+    ap.add_argument("--device", default="cpu", help="--merge / --extract: where the arithmetic runs (cpu, cuda:0)")
     args = ap.parse_args(argv)
+    if args.merge or args.extract is not None:
+        return merge_or_extract(ap, args)
+    if args.format is None or len(args.src) != 1:
+        ap.error("convert one file: IN OUT --format FORMAT (several IN only with --merge)")
+    src = args.src[0]
     if args.format == "comfyui-model":
-        print(f"wrote {args.dst}: {convert_model(args.src, args.dst)} tensors under BFL names")
+        print(f"wrote {args.dst}: {convert_model(src, args.dst)} tensors under BFL names")
         return Path(args.dst)
-    mods = convert_file(args.src, args.dst, args.format)
+    mods = convert_file(src, args.dst, args.format)
     print(f"wrote {args.dst}: {len(mods)} modules in the {args.format} format")
     outside = sorted(m for m in mods if m in OUTSIDE_BLOCKS)
     if args.format == "kohya" and outside:
         print(f"note: diffusers 0.42's kohya reader drops LoRAs outside the blocks ({', '.join(outside)}); "
               f"for diffusers use the comfyui or diffusers format")
+    return Path(args.dst)
+
+
+def merge_or_extract(ap, args) -> Path:
+    """--merge: OUT/transformer/ (or, with --format comfyui-model, one BFL file); --extract: a LoRA file (merge.py)."""
+    if args.merge and args.extract is not None:
+        ap.error("--merge and --extract: one at a time")
+    if not args.base:
+        ap.error(f"--{'merge' if args.merge else 'extract'} needs --base MODEL (the model the adapter was trained on)")
+    if args.merge:
+        if args.format not in (None, "diffusers", "comfyui-model"):
+            ap.error(f"--merge writes a model: --format diffusers (a transformer/ folder) or comfyui-model, not "
+                     f"{args.format}")
+        strengths = args.strength * len(args.src) if len(args.strength) == 1 else args.strength
+        transformer = merge_adapters(args.base, args.src, strengths, args.device)
+        if args.format == "comfyui-model":
+            sd = to_bfl_model({k: v.cpu() for k, v in transformer.state_dict().items()})
+            save_atomic(sd, Path(args.dst), {"format": "pt"})
+            print(f"wrote {args.dst}: {args.base} with {len(args.src)} adapter(s) merged, {len(sd)} tensors under BFL "
+                  f"names")
+            return Path(args.dst)
+        save_transformer_folder(transformer, Path(args.dst) / "transformer")
+        print(f"wrote {Path(args.dst) / 'transformer'}: {args.base} with {len(args.src)} adapter(s) merged at "
+              f"strength {', '.join(map(str, strengths))} ({transformer.dtype})")
+        return Path(args.dst) / "transformer"
+    if len(args.src) != 1 or args.format == "comfyui-model":
+        ap.error("--extract: one fine-tuned transformer folder IN, and a LoRA --format (comfyui, kohya, diffusers)")
+    mods, energy, biases = extract_lora(args.src[0], args.base, args.extract, args.device)
+    fmt = args.format or "comfyui"
+    sd, header = WRITERS[fmt](mods)
+    save_atomic(sd, Path(args.dst), header)
+    print(f"wrote {args.dst}: rank {args.extract} LoRA of {len(mods)} Linears in the {fmt} format; energy retained "
+          f"(sum of kept / all squared singular values of the delta) per layer kind:")
+    for kind, (n, frac) in energy.items():
+        print(f"  {kind:<48} {n:>4} layers  {100 * frac:7.3f} %")
+    if biases:
+        print(f"note: {len(biases)} Linears' biases changed in the fine-tune (e.g. {biases[0]}); a LoRA holds no bias, "
+              f"so the extracted LoRA leaves them at the base's")
     return Path(args.dst)
 
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from cache import save_atomic
 from config import Config, TrainConfig, to_json
+from optim import flat_state, unflat_state
 from region import load_region, save_region
 
 PREFIX = "transformer"  # diffusers' LoRA key prefix for the transformer (FluxKontextPipeline.transformer_name)
@@ -67,13 +68,14 @@ def new_run_id() -> str:
 
 
 def save_checkpoint(out_dir: Path, transformer, optimizer, step: int, cfg: Config, keep: int, run: str,
-                    region=None) -> Path:
-    """A folder named by the hash of its trained weights (the LoRA's and the region token's: content, not step),
-    written under a temp name and renamed; `latest.json` then points at it (also atomically). Old checkpoints of
-    this run (`run`, kept across resumes) are pruned to `keep`; other runs' are never touched."""
+                    region=None, ema=None) -> Path:
+    """A folder named by the hash of its trained weights (the LoRA's and the region token's, and their EMA
+    (ema.EMA) when one is kept: content, not step), written under a temp name and renamed; `latest.json` then points
+    at it (also atomically). Old checkpoints of this run (`run`, kept across resumes) are pruned to `keep`; other
+    runs' are never touched."""
     lora = lora_state_dict(transformer)
     own = {**lora, **({f"region.{k}": v.detach().float().cpu() for k, v in region.state_dict().items()}
-                      if region is not None else {})}
+                      if region is not None else {}), **(ema.state_dict() if ema is not None else {})}
     digest = hashlib.sha256(b"".join(own[k].numpy().tobytes() for k in sorted(own))).hexdigest()[:16]
     ckpts = out_dir / "checkpoints"
     final = ckpts / f"lora-{digest}"
@@ -84,12 +86,11 @@ def save_checkpoint(out_dir: Path, transformer, optimizer, step: int, cfg: Confi
         save_lora(transformer, tmp / "lora.safetensors")
         if region is not None:
             save_region(region, tmp / "region.safetensors")
+        if ema is not None:
+            save_atomic(ema.state_dict(), tmp / "ema.safetensors")
         opt = optimizer.state_dict()
-        tensors = {f"state.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()
-                   if isinstance(v, torch.Tensor)}
+        tensors, scalars = flat_state(opt["state"])  # bitsandbytes nests its 8-bit state one level deeper
         save_atomic(tensors, tmp / "optimizer.safetensors")
-        scalars = {str(i): {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)}
-                   for i, s in opt["state"].items()}
         (tmp / "state.json").write_text(json.dumps({"step": step, "run": run, "param_groups": opt["param_groups"],
                                                     "scalars": scalars}, default=float))
         (tmp / "config.json").write_text(to_json(cfg))
@@ -199,9 +200,10 @@ def resume_problems(ckpt: Path, cfg: Config) -> list[str]:
             f"--overwrite / another --out-dir)" for d in diffs]
 
 
-def load_checkpoint(path: Path, transformer, optimizer, region=None) -> tuple[int, str]:
-    """Restore LoRA weights (and the region token's), and the optimizer state; return (the step to continue from, the
-    run id to keep)."""
+def load_checkpoint(path: Path, transformer, optimizer, region=None, ema=None, log=print) -> tuple[int, str]:
+    """Restore LoRA weights (and the region token's, and `ema`'s average), and the optimizer state; return (the step
+    to continue from, the run id to keep). A checkpoint without an EMA starts `ema` from the restored weights (said in
+    the log)."""
     if (_state(Path(path)) or {}).get("mode") == "full":
         raise ValueError(f"{path}: a full fine-tune checkpoint (train.mode='full'); a LoRA run resumes only lora-*")
     lora = load_file(str(path / "lora.safetensors"))
@@ -228,14 +230,14 @@ def load_checkpoint(path: Path, transformer, optimizer, region=None) -> tuple[in
             p.copy_(lora[k])
         if saved_region is not None:
             region.load_state_dict(saved_region.state_dict())
+    if ema is not None and (path / "ema.safetensors").is_file():
+        ema.load_state_dict(load_file(str(path / "ema.safetensors")), f"{path / 'ema.safetensors'}")
+    elif ema is not None:
+        ema.shadow = [p.detach().float().clone() for p in ema.params]
+        log(f"{path} holds no EMA (trained with train.ema_decay 0): the EMA starts from its weights")
     state = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "optimizer.safetensors"))
-    opt_state = {}
-    for i, scal in state["scalars"].items():
-        s = dict(scal)
-        s.update({k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"state.{i}.")})
-        opt_state[int(i)] = s
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    optimizer.load_state_dict({"state": unflat_state(tensors, state["scalars"]), "param_groups": state["param_groups"]})
     return int(state["step"]), state.get("run") or new_run_id()
 
 

@@ -31,6 +31,7 @@ from cache import cache_dir_of, training_data
 from config import Config, TrainConfig, cli, to_json, validate
 from convert import save_lora_as
 from data import check_dataset, cut_prompts, scan_dataset, validate_dataset
+from ema import EMA
 from kontext_kernels.attention import set_attention
 from kontext_kernels.fp8 import FP8Linear
 from load import check_model, load_t5_tokenizer, load_transformer, load_vae, parse_dtype
@@ -40,6 +41,8 @@ import quiet
 import rundir
 from objective import collate, dual_masked_loss, flow_matching_loss, global_batch, lora_l2
 from offload import offload_transformer
+from optim import eval_weights, is_schedulefree, lr_factor
+from optim import make_optimizer as make_lora_optimizer
 from region import MaskRegionToken, region_path, save_region
 from validate import conditioning_check, held_out_loss, validation_grid
 
@@ -191,32 +194,10 @@ def train_step(model, params: list, optimizer, batches, tc: TrainConfig,
 
 
 def make_optimizer(params, cfg: TrainConfig):
-    if cfg.mode == "full":  # one optimizer per parameter, stepped by its gradient hook
+    """train.optimizer over `params`: optim.py's for a LoRA; full mode steps each parameter in the backward (full.py)."""
+    if cfg.mode == "full":
         return full.make_optimizer(params, cfg)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-        except (ImportError, RuntimeError) as e:
-            raise ValueError(f"train.optimizer='adamw8bit' needs a working bitsandbytes: {e}") from e
-    raise ValueError(f"train.optimizer: {cfg.optimizer!r}; expected adamw | adamw8bit")
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of cfg.lr at optimizer step `step` (0-based): linear warmup, then constant/linear/cosine."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    if cfg.scheduler == "constant":
-        return 1.0
-    if cfg.scheduler == "linear":
-        return max(0.0, 1 - p)
-    if cfg.scheduler == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
-    raise ValueError(f"train.scheduler: {cfg.scheduler!r}; expected constant | linear | cosine")
+    return make_lora_optimizer(params, cfg)
 
 
 # ---------------------------------------------------------------- distributed
@@ -363,8 +344,14 @@ def train(cfg: Config, rank: int, world: int) -> dict:
     saver = rank == 0 or tc.mode == "full"
     params = params + (list(region.parameters()) if region is not None else [])
     optimizer = make_optimizer(params, tc)
-    start, run = (ckpt_load(ckpt, transformer, optimizer, region) if ckpt is not None
-                  else (0, new_run_id()))
+    ema = EMA(params, tc.ema_decay, tc.ema_start_step) if tc.ema_decay > 0 else None  # config.py: LoRA mode only
+    if ema is not None:
+        log(f"EMA: decay {tc.ema_decay}, from step {tc.ema_start_step}, {ema.bytes() / 2**20:.1f} MiB fp32")
+    with_ema = {"ema": ema} if ema is not None else {}  # lora.py's checkpoints keep it; full mode has none
+    start, run = (ckpt_load(ckpt, transformer, optimizer, region, **with_ema, **({"log": log} if with_ema else {}))
+                  if ckpt is not None else (0, new_run_id()))
+    if is_schedulefree(optimizer):  # a checkpoint holds its eval weights (optim.eval_weights): back to training
+        optimizer.train()
     if ckpt is not None:
         log(f"resumed from {ckpt} at step {start}" + (f"; train.steps is {tc.steps}: nothing left to train"
                                                         if start >= tc.steps else ""))
@@ -378,20 +365,27 @@ def train(cfg: Config, rank: int, world: int) -> dict:
 
     def validate_at(step: int) -> None:
         nonlocal vae
-        val = held_out_loss(transformer, data.held_out, data.empty, tc, device, dtype, region)
-        log(f"step {step}: held-out loss {val:.4f}")
-        if rank == 0:
-            log_file.write(json.dumps({"step": step, "held_out_loss": val}) + "\n")
-            if step > 0 and full.is_sharded(transformer):  # sampling a sharded model needs every rank
-                log("validation grid: skipped (FSDP: the transformer is sharded)")
-            elif step > 0:
-                vae = vae or load_vae(cfg.model)  # cached mode: loaded for the grids only when first needed
-                path = validation_grid(transformer, vae, samples[n_train:], data.held_out, cfg, step, out_dir,
-                                       region)
-                log(f"validation grid: {path}")
+        rec = {"step": step, "held_out_loss": held_out_loss(transformer, data.held_out, data.empty, tc, device, dtype,
+                                                             region)}
+        with ema.swapped() if ema is not None else contextlib.nullcontext():  # EMA on: its loss too, and its grid
+            if ema is not None:
+                rec["held_out_loss_ema"] = held_out_loss(transformer, data.held_out, data.empty, tc, device, dtype,
+                                                         region)
+            log(f"step {step}: held-out loss {rec['held_out_loss']:.4f}"
+                + (f" (EMA {rec['held_out_loss_ema']:.4f})" if ema is not None else ""))
+            if rank == 0:
+                log_file.write(json.dumps(rec) + "\n")
+                if step > 0 and full.is_sharded(transformer):  # sampling a sharded model needs every rank
+                    log("validation grid: skipped (FSDP: the transformer is sharded)")
+                elif step > 0:
+                    vae = vae or load_vae(cfg.model)  # cached mode: loaded for the grids only when first needed
+                    path = validation_grid(transformer, vae, samples[n_train:], data.held_out, cfg, step, out_dir,
+                                           region)
+                    log(f"validation grid: {path}" + (" (EMA weights)" if ema is not None else ""))
 
     if tc.validate_every >= 0 and n_val and start == 0:
-        validate_at(0)
+        with eval_weights(optimizer):
+            validate_at(0)
     saved = compile_cache.cache_file(tc.compile_cache, compile_cache.describe(
         transformer, job="train", shapes=sorted(set(map(str, data.shapes))), batch=tc.batch_size, world=world,
         autocast=tc.autocast, fp8_backward=tc.fp8_backward, mode=tc.mode)) if compile_cache.is_compiled(transformer) else None
@@ -407,6 +401,8 @@ def train(cfg: Config, rank: int, world: int) -> dict:
         try:
             terms: dict = {}
             loss, grad_norm, n = train_step(model, params, optimizer, batches, tc, terms, region_model)
+            if ema is not None:
+                ema.update(step + 1)
         except NonFiniteLoss as e:
             keys = [samples[i].key for i in e.samples]
             raise FloatingPointError(f"{e} at step {step} on samples {keys}; last good checkpoint: {last_ckpt}. "
@@ -428,19 +424,28 @@ def train(cfg: Config, rank: int, world: int) -> dict:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", gn=f"{grad_norm:.3f}",
                                 sps=f"{rec['samples_per_s']:.2f}")
         done = step + 1 == tc.steps
-        if saver and (done or (tc.save_every and (step + 1) % tc.save_every == 0)):
-            last_ckpt = str(ckpt_save(out_dir, transformer, optimizer, step + 1, cfg, tc.keep_checkpoints, run, region))
-            if rank == 0 and (note := rundir.settle(out_dir)):
-                log(note)
-        if saver and done:  # before the last grid: a crash there loses nothing
-            result_save(transformer, region, out_dir, tc)
-        if tc.validate_every >= 0 and n_val and (done or (tc.validate_every and (step + 1) % tc.validate_every == 0)):
-            validate_at(step + 1)
+        ckpt_step = done or (tc.save_every and (step + 1) % tc.save_every == 0)
+        val = tc.validate_every >= 0 and n_val and (done or (tc.validate_every and (step + 1) % tc.validate_every == 0))
+        # once per such step, on every rank alike (DDP replicas must stay equal), saving or not (optim.py)
+        with eval_weights(optimizer) if ckpt_step or val else contextlib.nullcontext():
+            if saver and ckpt_step:
+                last_ckpt = str(ckpt_save(out_dir, transformer, optimizer, step + 1, cfg, tc.keep_checkpoints, run,
+                                          region, **with_ema))
+                if rank == 0 and (note := rundir.settle(out_dir)):
+                    log(note)
+            if saver and done:  # before the last grid: a crash there loses nothing
+                result_save(transformer, region, out_dir, tc)
+                save_ema_result(ema, transformer, region, out_dir, tc)
+            if val:
+                validate_at(step + 1)
     if saver and start >= tc.steps:  # resumed at or past the end: the checkpoint's weights are the result
-        result_save(transformer, region, out_dir, tc)
+        with eval_weights(optimizer):
+            result_save(transformer, region, out_dir, tc)
+            save_ema_result(ema, transformer, region, out_dir, tc)
     if rank == 0:
         log(f"wrote {out_dir / result}"
             + (f", {region_path(out_dir / 'lora.safetensors').name} beside it" if region is not None else "")
+            + (f", its EMA {EMA_RESULT}" if ema is not None else "")
             + f" and checkpoint {last_ckpt}")
         log_file.close()
     if world > 1:
@@ -454,6 +459,19 @@ def save_result(transformer, region, out_dir: Path, tc: TrainConfig) -> None:
     save_lora_as(transformer, out_dir / "lora.safetensors", tc.lora_format)
     if region is not None:
         save_region(region, region_path(out_dir / "lora.safetensors"))
+
+
+EMA_RESULT = "lora.ema.safetensors"  # beside lora.safetensors, the same format (and its region token beside it)
+
+
+def save_ema_result(ema, transformer, region, out_dir: Path, tc: TrainConfig) -> None:
+    """With train.ema_decay: the EMA's weights as lora.ema.safetensors (save_result's format and region file)."""
+    if ema is None:
+        return
+    with ema.swapped():
+        save_lora_as(transformer, out_dir / EMA_RESULT, tc.lora_format)
+        if region is not None:
+            save_region(region, region_path(out_dir / EMA_RESULT))
 
 
 def _mean_over_ranks(x: float, world: int) -> float:
