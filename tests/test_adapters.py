@@ -1,0 +1,283 @@
+"""adapters.py: LoKr, LoHa and DoRA through peft. Exact resume, the ComfyUI file's delta (ComfyUI's key map and weight
+math transcribed, no ComfyUI import) against the trained one, loading every kind back (torch.equal), stacking,
+quantized bases, the refusals, and learning the toy edit."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import adapters
+import train
+from config import load_config, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ["lokr", "loha", "dora"]
+
+
+def tiny_cfg(out, cache, **train_kw):
+    cfg = load_config(ROOT / "configs" / "tiny.py")
+    kw = dict(steps=4, save_every=0, validate_every=-1, log_every=1)
+    kw.update(train_kw)
+    return dataclasses.replace(cfg, out_dir=str(out), train=dataclasses.replace(cfg.train, **kw),
+                               data=dataclasses.replace(cfg.data, cache_dir=str(cache)))
+
+
+def run(cfg):
+    with torch.enable_grad():
+        return train.main(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_learns_the_toy_edit_from_the_control(tmp_path, kind):
+    """test_train.py's learning test (configs/tiny.py as shipped, fresh toy pairs) with train.adapter = kind: the
+    edit with each pair's own control beats copying the control (< 0.5x), the base without the adapter (< 0.5x) and
+    other pairs' controls (< 0.25x); the held-out loss agrees. The result file is loaded by lora.load_lora."""
+    from diffusers import FluxKontextPipeline
+
+    from test_train import edit_errors
+    from tiny import ensure_toy_dataset
+
+    cfg = tiny_cfg(tmp_path / "run", tmp_path / "cache", adapter=kind,
+                   steps=load_config(ROOT / "configs" / "tiny.py").train.steps)
+    run(cfg)
+    pipe = FluxKontextPipeline.from_pretrained(cfg.model.path, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    fresh = ensure_toy_dataset(n=8, seed=1)
+    pairs = [(fresh / "control" / f"{i:03d}.png", fresh / "images" / f"{i:03d}.png") for i in range(8)]
+    e = edit_errors(pipe, pairs, Path(cfg.out_dir) / "lora.safetensors")
+    print(kind, e)
+    assert e["own_control"] < 0.5 * e["copy_control"], e
+    assert e["own_control"] < 0.5 * e["no_lora"], e
+    assert e["own_control"] < 0.25 * e["rolled_controls"], e
+    assert e["loss_own"] < 0.5 * e["loss_rolled"], e
+
+
+# ---------------------------------------------------------------- trained once per kind: 4 steps, and 2 + resume 2
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """kind -> the straight 4-step run's train.main result, and the resumed run's folder (2 steps, then 2 more from
+    the checkpoint). Trained on first use, shared by this module's tests."""
+    root, cache, done = tmp_path_factory.mktemp("adapters"), None, {}
+    cache = root / "cache"
+
+    def get(kind: str) -> dict:
+        if kind not in done:
+            straight = run(tiny_cfg(root / kind / "straight", cache, adapter=kind, steps=4, caption_dropout=0.3))
+            first = tiny_cfg(root / kind / "resumed", cache, adapter=kind, steps=2, caption_dropout=0.3)
+            run(first)
+            run(dataclasses.replace(first, train=dataclasses.replace(first.train, steps=4), resume="latest"))
+            done[kind] = {**straight, "resumed": Path(first.out_dir)}
+        return done[kind]
+    return get
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_resume_is_exact(trained, kind):
+    """2 steps, a checkpoint, 2 more steps resumed from it == 4 steps straight: the result file and the last
+    checkpoint's adapter (peft's own tensors) bit-equal."""
+    t = trained(kind)
+    a, b = load_file(t["lora"]), load_file(t["resumed"] / "lora.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(v.abs().max() > 0 for k, v in a.items() if not k.endswith((".alpha", ".dora_scale")))
+    ca, cb = latest_checkpoint(Path(t["lora"]).parent), latest_checkpoint(t["resumed"])
+    assert ca.keys() == cb.keys() and all(torch.equal(ca[k], cb[k]) for k in ca)
+
+
+def latest_checkpoint(run_dir: Path) -> dict:
+    ckpts = run_dir / "checkpoints"
+    return load_file(ckpts / json.loads((ckpts / "latest.json").read_text())["path"] / "lora.safetensors")
+
+
+# ---------------------------------------------------------------- ComfyUI, transcribed (no import)
+# comfy/utils.py flux_to_diffusers, comfy/lora.py model_lora_keys_unet (Flux: "transformer.<k>" and "lycoris_<k>"),
+# load_lora (alpha = <x>.alpha .item(), dora_scale = <x>.dora_scale), calculate_weight (weight.narrow(*offset)), and
+# comfy/weight_adapter/{lora,lokr,loha}.py calculate_weight with base.py weight_decompose (ComfyUI master, 2026).
+
+
+def comfy_key_map(config) -> dict[str, tuple[str, tuple | None]]:
+    """LoRA key -> (BFL weight key, (dim, start, length) slice or None), Linear weights only."""
+    hidden = config.num_attention_heads * config.attention_head_dim
+    m = {}
+    for i in range(config.num_layers):
+        d, b = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for j, q in enumerate(("to_q", "to_k", "to_v")):
+            m[f"{d}attn.{q}"] = (f"{b}img_attn.qkv.weight", (0, j * hidden, hidden))
+        for j, q in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
+            m[f"{d}attn.{q}"] = (f"{b}txt_attn.qkv.weight", (0, j * hidden, hidden))
+        for k, v in {"attn.to_out.0": "img_attn.proj", "norm1.linear": "img_mod.lin",
+                     "norm1_context.linear": "txt_mod.lin", "attn.to_add_out": "txt_attn.proj",
+                     "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0",
+                     "ff_context.net.2": "txt_mlp.2"}.items():
+            m[d + k] = (f"{b}{v}.weight", None)
+    for i in range(config.num_single_layers):
+        d, b = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for j, q in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
+            m[d + q] = (f"{b}linear1.weight", (0, j * hidden, hidden))
+        m[d + "proj_mlp"] = (f"{b}linear1.weight", (0, 3 * hidden, 4 * hidden))
+        m[d + "norm.linear"] = (f"{b}modulation.lin.weight", None)
+        m[d + "proj_out"] = (f"{b}linear2.weight", None)
+    m["proj_out"] = ("final_layer.linear.weight", None)
+    m["x_embedder"] = ("img_in.weight", None)
+    out = {}
+    for k, v in m.items():
+        out[f"transformer.{k}"] = v
+        out[f"lycoris_{k.replace('.', '_')}"] = v
+    return out
+
+
+def comfy_patched(bfl: dict, lora: dict, key_map: dict, strength: float = 1.0) -> dict[str, torch.Tensor]:
+    """The BFL weights after ComfyUI patches them with `lora`. The patch weight is held in float64 (ComfyUI: float32)
+    so that the comparison measures the file and the math, not float32's rounding of W + dW; the factors are
+    multiplied in float32, ComfyUI's intermediate_dtype; eps is float32's, ComfyUI's for its float32 patch weight."""
+    f32, eps = torch.float32, torch.finfo(torch.float32).eps
+    patches, loaded = {}, set()
+    for x, (key, offset) in key_map.items():
+        alpha = lora[f"{x}.alpha"].item() if f"{x}.alpha" in lora else None
+        loaded |= {f"{x}.alpha"} & set(lora)
+        dora = lora.get(f"{x}.dora_scale")
+        loaded |= {f"{x}.dora_scale"} & set(lora)
+        if f"{x}.lora_B.weight" in lora:
+            v = ("lora", (lora[f"{x}.lora_B.weight"], lora[f"{x}.lora_A.weight"], alpha, dora))
+            loaded |= {f"{x}.lora_B.weight", f"{x}.lora_A.weight"}
+        elif f"{x}.hada_w1_a" in lora:
+            names = [f"{x}.hada_w{i}_{ab}" for i in (1, 2) for ab in "ab"]
+            v = ("loha", (*[lora[n] for n in names], alpha, dora))
+            loaded |= set(names)
+        elif any(f"{x}.lokr_{w}" in lora for w in ("w1", "w2", "w1_a", "w2_a")):
+            names = [f"{x}.lokr_{w}" for w in ("w1", "w2", "w1_a", "w1_b", "w2_a", "w2_b")]
+            v = ("lokr", (*[lora.get(n) for n in names], alpha, dora))
+            loaded |= set(names) & set(lora)
+        else:
+            continue
+        patches.setdefault(key, []).append((v, offset))
+    assert loaded == set(lora), f"ComfyUI would warn 'lora key not loaded': {sorted(set(lora) - loaded)[:3]}"
+    out = {}
+    for key, ps in patches.items():
+        weight = bfl[key].double().clone()
+        for (kind, v), offset in ps:
+            w = weight.narrow(*offset) if offset else weight
+            if kind == "lora":
+                up, down, alpha, dora = v
+                diff, scale = up.to(f32) @ down.to(f32), (alpha / down.shape[0] if alpha is not None else 1.0)
+            elif kind == "loha":
+                w1a, w1b, w2a, w2b, alpha, dora = v
+                diff = (w1a.to(f32) @ w1b.to(f32)) * (w2a.to(f32) @ w2b.to(f32))
+                scale = alpha / w1b.shape[0] if alpha is not None else 1.0
+            else:
+                w1, w2, w1a, w1b, w2a, w2b, alpha, dora = v
+                dim = None
+                if w1 is None:
+                    dim, w1 = w1b.shape[0], w1a.to(f32) @ w1b.to(f32)
+                if w2 is None:
+                    dim, w2 = w2b.shape[0], w2a.to(f32) @ w2b.to(f32)
+                diff = torch.kron(w1.to(f32), w2.to(f32))
+                scale = alpha / dim if alpha is not None and dim is not None else 1.0
+            diff = diff.reshape(w.shape)
+            if dora is None:
+                w += ((strength * scale) * diff).to(w.dtype)
+                continue
+            # base.py weight_decompose, dora_scale on the output axis: the norm of the *base* rows
+            diff = diff * scale
+            calc = w + diff.to(w.dtype)
+            assert dora.shape[0] == calc.shape[0], "a dora_scale not on the output axis: ComfyUI's other branch"
+            norm = w.reshape(w.shape[0], -1).norm(dim=1, keepdim=True) + eps
+            calc *= (dora.to(f32) / norm).to(w.dtype)
+            if strength != 1.0:
+                w += strength * (calc - w)
+            else:
+                w[:] = calc
+        out[key] = weight
+    return out
+
+
+def trained_deltas(transformer) -> dict[str, torch.Tensor]:
+    """diffusers module -> W' - W [out, in] of the adapter as the trained model applies it: each adapted Linear run
+    on the identity in float64, minus its base Linear (a copy of the model; DoRA's magnitude and norms included)."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = copy.deepcopy(getattr(transformer, "_orig_mod", transformer)).double().eval()
+    out = {}
+    with torch.no_grad():
+        for name, layer in model.named_modules():
+            if isinstance(layer, BaseTunerLayer):
+                base = layer.get_base_layer()
+                eye = torch.eye(base.in_features, dtype=torch.float64)
+                out[name] = (layer(eye) - base(eye)).T
+    return out
+
+
+@pytest.mark.parametrize("kind", ["lora", *KINDS])
+def test_comfyui_applies_the_trained_delta(trained, tiny_path, kind):
+    """The result file (train.lora_format comfyui) through ComfyUI's key map and weight math at strength 1.0 changes
+    every targeted Linear's weight, as the slice of BFL's fused weight where it is one (q/k/v of qkv, q/k/v/proj_mlp
+    of linear1), by exactly the delta the trained model applies: max |dComfy - dTrained| <= 1e-5 max |dTrained| per
+    Linear; and nothing else changes."""
+    from diffusers import FluxTransformer2DModel
+
+    from convert import to_bfl_model
+
+    t = trained(kind)
+    fresh = FluxTransformer2DModel.from_pretrained(tiny_path, subfolder="transformer", torch_dtype=torch.float32)
+    bfl = to_bfl_model(fresh.state_dict())
+    key_map = comfy_key_map(fresh.config)
+    patched = comfy_patched(bfl, load_file(t["lora"]), key_map)
+    deltas = trained_deltas(t["transformer"])
+    assert len(deltas) == 10  # the tiny default: q, k, v, out of the double block; q, k, v, proj_mlp, proj_out of
+    #                           the single block; the final proj_out
+    worst = {}
+    for name, d in deltas.items():
+        key, offset = key_map[f"transformer.{name}"]
+        got = patched[key] - bfl[key].double()
+        got = got.narrow(*offset) if offset else got
+        assert d.abs().max() > 0, name
+        worst[name] = float((got - d).abs().max() / d.abs().max())
+    print(kind, "max relative error", max(worst.values()))
+    assert max(worst.values()) <= 1e-5, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
+    touched = {k for k in patched if not torch.equal(patched[k], bfl[k].double())}
+    assert touched == {key_map[f"transformer.{n}"][0] for n in deltas}
+
+
+def flux_inputs(config, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, txt = 24, 8
+    return dict(hidden_states=torch.randn(2, n, config.in_channels, generator=g),
+                encoder_hidden_states=torch.randn(2, txt, config.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(2, config.pooled_projection_dim, generator=g),
+                timestep=torch.tensor([0.3, 0.7]), guidance=torch.tensor([1.0, 1.0]),
+                img_ids=torch.randint(0, 8, (n, 3), generator=g).float(), txt_ids=torch.zeros(txt, 3),
+                return_dict=False)
+
+
+def fresh_transformer(tiny_path):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel.from_pretrained(tiny_path, subfolder="transformer", torch_dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_lora_equals_the_trained_model(trained, tiny_path, kind):
+    """lora.load_lora of the result file into a fresh transformer: its forward is torch.equal to the trained
+    model's; unload_lora restores the base exactly."""
+    from lora import load_lora, unload_lora
+
+    t = trained(kind)
+    model = fresh_transformer(tiny_path)
+    x = flux_inputs(model.config)
+    base = model(**x)[0]
+    load_lora(model, t["lora"])
+    assert adapters.transformer_kind(model) == kind
+    trained_model = t["transformer"].eval()
+    got, want = model(**x)[0], trained_model(**x)[0]
+    assert torch.equal(got, want)
+    assert not torch.equal(got, base)
+    unload_lora(model)
+    assert torch.equal(model(**x)[0], base)
