@@ -281,3 +281,181 @@ def test_load_lora_equals_the_trained_model(trained, tiny_path, kind):
     assert not torch.equal(got, base)
     unload_lora(model)
     assert torch.equal(model(**x)[0], base)
+
+
+def test_files_of_different_kinds_stack_with_strengths(trained, tiny_path):
+    """A lokr file at 0.5, a lora file at 1.2 and a loha file at 0.8, loaded together by lora.load_lora (peft nests
+    one kind's layer around another's): every targeted Linear applies 0.5 dLoKr + 1.2 dLoRA + 0.8 dLoHa (float64,
+    <= 1e-6 of the largest); set_lora_scales re-weights and switches one off; unloading one keeps the others; unloading
+    all restores the base exactly."""
+    from lora import load_lora, set_lora_scales, unload_lora
+
+    single = {k: trained_deltas(trained(k)["transformer"]) for k in ("lokr", "lora", "loha")}
+    model = fresh_transformer(tiny_path)
+    x = flux_inputs(model.config)
+    base = model(**x)[0]
+    for name, kind, s in (("a", "lokr", 0.5), ("b", "lora", 1.2), ("c", "loha", 0.8)):
+        load_lora(model, trained(kind)["lora"], name, s)
+
+    def check(weights: dict[str, float]):
+        got = trained_deltas(model)
+        assert set(got) == set(single["lokr"])
+        for n, d in got.items():
+            want = sum(s * single[k][n] for k, s in weights.items())
+            assert (d - want).abs().max() <= 1e-6 * want.abs().max(), (n, weights)
+
+    check({"lokr": 0.5, "lora": 1.2, "loha": 0.8})
+    set_lora_scales(model, {"a": 1.0, "c": 0.3})
+    check({"lokr": 1.0, "loha": 0.3})
+    set_lora_scales(model, {"a": 1.0, "b": 1.0, "c": 1.0})
+    unload_lora(model, "b")
+    check({"lokr": 1.0, "loha": 1.0})
+    unload_lora(model)
+    assert torch.equal(model(**x)[0], base)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sample_cli_loads_every_kind(trained, tmp_path, kind):
+    """`sample.py --lora FILE` (lokr, loha, dora result files) gives the image sample() gives with the in-memory
+    trained transformer (same seed, 2 steps): pixel-equal."""
+    import numpy as np
+    from PIL import Image
+
+    import sample as sample_py
+    from load import load_components
+    from test_sample import PROMPT, cli, rand_image
+
+    t = trained(kind)
+    src, out = tmp_path / "in.png", tmp_path / "out.png"
+    img = rand_image(48, 80, seed=6)
+    img.save(src)
+    cli("--image", src, "--prompt", PROMPT, "--sample.num-inference-steps", 2, "--out", out, "--lora", t["lora"])
+    cfg = load_config(ROOT / "configs" / "tiny.py")
+    components = dataclasses.replace(load_components(cfg.model), transformer=t["transformer"])
+    sample_py.prepare_transformer(t["transformer"], cfg.sample, torch.device("cpu"))
+    kw = {k: v for k, v in dataclasses.asdict(cfg.sample).items() if k not in sample_py.NOT_SAMPLE_KWARGS}
+    kw["num_inference_steps"] = 2
+    ref = sample_py.sample(components, [img], PROMPT, generator=torch.Generator().manual_seed(cfg.sample.seed),
+                           progress=False, **kw).images[0]
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(ref))
+
+
+# ---------------------------------------------------------------- quantized bases, offload, refusals
+
+
+def mini_steps(tc, quant: str | None = None, offload: int | None = None, steps: int = 2):
+    """train.py's own step (prepare_transformer, micro_batches, train_step) on a random 2-double / 3-single block
+    transformer (tests/test_offload.py's), optionally quantized or block-offloaded; returns (model, losses, params)."""
+    import quant as quant_py
+    from test_offload import model_and_batches
+
+    cpu = torch.device("cpu")
+    model, batches = model_and_batches(cpu, torch.float32, tc, steps=steps)
+    if quant:
+        quant_py.quantize_transformer(model, quant)
+    params, _ = train.prepare_transformer(model, tc, cpu, offload)
+    optimizer = train.make_optimizer(params, tc)
+    with torch.enable_grad():
+        losses = [train.train_step(model, params, optimizer, b, tc)[0] for b in batches]
+    return model, losses, [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("quant", ["fp8", "nf4"])
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_quantized_base_trains(kind, quant):
+    """lokr / loha on our FP8Linear and Linear4bit (nn.Linear subclasses, which peft's LyCORIS layers wrap): two of
+    train.py's steps give finite losses and move every adapter tensor, and each adapted Linear adds exactly peft's
+    delta weight to its quantized base's output."""
+    from kontext_kernels.fp8 import FP8Linear
+    from kontext_kernels.int4 import Linear4bit
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from test_offload import TC
+
+    tc = dataclasses.replace(TC, adapter=kind, gradient_checkpointing=False)
+    model, losses, params = mini_steps(tc, quant)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert any(isinstance(m.get_base_layer(), (FP8Linear, Linear4bit)) for m in layers)
+    assert all(p.abs().max() > 0 for p in params)
+    with torch.no_grad():
+        for m in layers:
+            base = m.get_base_layer()
+            x = torch.randn(3, base.in_features)
+            want = x @ m.get_delta_weight("default").T
+            got = m(x) - base(x)
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max() + 1e-6, type(base).__name__
+
+
+@pytest.mark.parametrize("kind", ["lokr", "dora"])
+def test_offload_equals_unoffloaded(kind):
+    """Block offload streams the frozen base (DoRA reads it for its norm inside the block's forward, LoKr does not):
+    two steps with every block but the first streamed equal the steps without (CPU: the streamer's copies, not the
+    GPU's side stream)."""
+    from test_offload import TC
+
+    tc = dataclasses.replace(TC, adapter=kind)
+    _, ref_losses, ref = mini_steps(tc)
+    model, losses, got = mini_steps(tc, offload=1)
+    assert model._block_offload.order  # blocks were streamed
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=0)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_dora_refused_on_quantized_bases():
+    """model.quant fp8 / nf4 / fp4 with train.adapter dora fails in config.validate, naming both; a transformer that
+    is quantized anyway (a quantized checkpoint on disk) is refused when the adapter would be added."""
+    from config import Config, DataConfig, ModelConfig, TrainConfig
+    from test_offload import TC
+
+    for q in ("fp8", "nf4", "fp4"):
+        cfg = Config(model=ModelConfig(quant=q), data=DataConfig(path="x"), train=TrainConfig(adapter="dora"))
+        with pytest.raises(ValueError, match=rf"train.adapter: 'dora' with model.quant '{q}'"):
+            validate(cfg)
+        validate(dataclasses.replace(cfg, train=TrainConfig(adapter="lokr")))  # lokr / loha are fine there
+    with pytest.raises(ValueError, match="train.adapter='dora' on a quantized transformer"):
+        mini_steps(dataclasses.replace(TC, adapter="dora"), "fp8", steps=0)
+
+
+def test_config_refusals_name_the_combination():
+    from config import Config, DataConfig, TrainConfig
+
+    def problems(**kw):
+        try:
+            validate(Config(data=DataConfig(path="x"), train=TrainConfig(**kw)))
+        except ValueError as e:
+            return str(e)
+        return ""
+
+    assert problems(adapter="lokr") == problems(adapter="loha") == problems(adapter="dora") == ""
+    assert "train.lora_format: 'kohya' cannot hold a lokr adapter" in problems(adapter="lokr", lora_format="kohya")
+    assert "diffusers 0.42 does not load LoHa" in problems(adapter="loha", lora_format="diffusers")
+    assert problems(adapter="dora", lora_format="diffusers") == ""  # peft's lora_magnitude_vector: diffusers loads it
+    assert "train.adapter: 'lokr' is an adapter on the frozen base" in problems(adapter="lokr", mode="full",
+                                                                                 grad_clip=0.0)
+    assert "train.lora_init: 'gaussian' is LoRA's init" in problems(adapter="loha", lora_init="gaussian")
+    assert "shape a lokr adapter only" in problems(adapter="dora", lokr_factor=4)
+    assert "train.lokr_factor: expected an integer, -1" in problems(adapter="lokr", lokr_factor=0)
+    assert "train.adapter: expected one of lora | lokr | loha | dora" in problems(adapter="lycoris")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_convert_formats_per_kind(trained, tmp_path, kind):
+    """convert.py: a lokr / loha result file is the comfyui format already (copied unchanged); kohya and diffusers are
+    refused with the reason; a DoRA file converts only with its base weights, refused saying where the other file is."""
+    import convert
+
+    src = trained(kind)["lora"]
+    if kind != "dora":
+        convert.convert_file(src, tmp_path / "c.safetensors", "comfyui")
+        a, b = load_file(src), load_file(tmp_path / "c.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    else:
+        with pytest.raises(ValueError, match="base model's weights"):
+            convert.convert_file(src, tmp_path / "c.safetensors", "comfyui")
+    with pytest.raises(ValueError, match=f"a {kind} adapter cannot be written in the kohya format"):
+        convert.convert_file(src, tmp_path / "k.safetensors", "kohya")
+    if kind != "dora":
+        with pytest.raises(ValueError, match="diffusers 0.42's load_lora_weights does not load"):
+            convert.convert_file(src, tmp_path / "d.safetensors", "diffusers")
+    assert not (tmp_path / "k.safetensors").exists() and not (tmp_path / "d.safetensors").exists()
