@@ -364,8 +364,8 @@ def _config_for(kind: str, mods: dict, metadata: dict | None, where: str, transf
 
 def load_into(transformer, state_dict: dict, metadata: dict | None, path, adapter_name: str) -> str:
     """Add a lokr / loha / dora file to the transformer as `adapter_name` (diffusers' add_adapter with the config
-    _config_for builds, then the file's tensors copied in, every key and shape checked); returns its kind. Activation and scale: the caller
-    (lora.load_lora)."""
+    _config_for builds, then the file's tensors copied in, every key and shape checked); returns its kind.
+    Activation and scale: the caller (lora.load_lora)."""
     where = f"LoRA file {str(path)!r}"
     kind, mods = read_modules(transformer, state_dict, where)
     conf = _config_for(kind, mods, metadata, where, transformer)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["bench", "fixtures", "train", "full", "validate", "objective", "convert", "caption", "sample", "stepcache",
-          "lora", "adapters", "region", "offload", "cache", "data", "images", "load", "quant", "encode", "kontext_kernels",
-          "compile_cache", "config", "tiny"]
+          "lora", "adapters", "region", "offload", "cache", "data", "images", "load", "quant", "encode",
+          "kontext_kernels", "compile_cache", "config", "tiny"]
 
 
 def project_imports(path: Path):
