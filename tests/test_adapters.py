@@ -522,3 +522,52 @@ def test_compiled_equals_eager_gpu(kind):
         del model
         torch._dynamo.reset()
         torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- the region token, DDP
+
+
+def test_region_token_resumes_exactly_with_dora(tmp_path):
+    """configs/region_tiny.py (region token, IP-Adapter, dual masked loss) with train.adapter dora: 2 steps + resume 2
+    == 4 steps, the adapter file and the region token bit-equal."""
+    def cfg(out, steps):
+        c = load_config(ROOT / "configs" / "region_tiny.py")
+        return dataclasses.replace(c, out_dir=str(out), train=dataclasses.replace(
+            c.train, adapter="dora", steps=steps, save_every=0, validate_every=-1),
+            data=dataclasses.replace(c.data, cache_dir=str(tmp_path / "cache")))
+
+    straight = cfg(tmp_path / "s", 4)
+    run(straight)
+    first = cfg(tmp_path / "r", 2)
+    run(first)
+    run(dataclasses.replace(cfg(tmp_path / "r", 4), resume="latest"))
+    for name in ("lora.safetensors", "lora.region.safetensors"):
+        a, b = load_file(tmp_path / "s" / name), load_file(tmp_path / "r" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert any(k.endswith(".dora_scale") for k in load_file(tmp_path / "s" / "lora.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config,kind", [("tiny", "lokr"), ("region_tiny", "dora")])
+def test_ddp_two_processes_equal_one(tmp_path, config, kind):
+    """test_train.py's DDP test with train.adapter = kind: torchrun with 2 gloo processes x batch 2 == one process x
+    batch 4 over the same global batches (to test_train.py's tolerances)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    common = [str(ROOT / "train.py"), "--config", str(ROOT / "configs" / f"{config}.py"), "--train.steps", "3",
+              "--train.validate-every", "-1", "--train.adapter", kind, "--data.cache-dir", str(tmp_path / "cache")]
+    subprocess.run([sys.executable, *common, "--train.batch-size", "4", "--out-dir", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", str(29543 + len(config)), *common, "--train.batch-size", "2",
+                        "--out-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_file(tmp_path / "one" / "lora.safetensors"), load_file(tmp_path / "two" / "lora.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=5e-5)
+    num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a) ** 0.5
+    assert num <= 1e-4 * sum(float(a[k].double().norm() ** 2) for k in a) ** 0.5
