@@ -571,3 +571,26 @@ def test_ddp_two_processes_equal_one(tmp_path, config, kind):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=5e-5)
     num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a) ** 0.5
     assert num <= 1e-4 * sum(float(a[k].double().norm() ** 2) for k in a) ** 0.5
+
+
+def test_dora_diffusers_file_loads_in_diffusers_and_here(trained, tiny_path, pipe):
+    """A DoRA run's checkpoint lora.safetensors is the diffusers format (peft's lora_magnitude_vector + LoraConfig
+    metadata): FluxKontextPipeline.load_lora_weights and lora.load_lora both load it, and both equal the result file
+    (ComfyUI's dora_scale form) loaded by lora.load_lora: torch.equal forwards."""
+    from lora import load_lora
+
+    run_dir = Path(trained("dora")["lora"]).parent
+    ckpts = run_dir / "checkpoints"
+    diffusers_file = ckpts / json.loads((ckpts / "latest.json").read_text())["path"] / "lora.safetensors"
+    assert any(k.endswith("lora_magnitude_vector") for k in load_file(diffusers_file))
+    a, b = fresh_transformer(tiny_path), fresh_transformer(tiny_path)
+    load_lora(a, diffusers_file)
+    load_lora(b, run_dir / "lora.safetensors")
+    x = flux_inputs(a.config)
+    want = a(**x)[0]
+    assert torch.equal(b(**x)[0], want)
+    pipe.load_lora_weights(str(diffusers_file))
+    try:
+        assert torch.equal(pipe.transformer(**x)[0], want)
+    finally:
+        pipe.unload_lora_weights()
