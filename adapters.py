@@ -99,11 +99,25 @@ def is_trained(param_name: str) -> bool:
     return any(t in param_name for t in _TRAINED)
 
 
-def state_key(param_name: str, adapter_name: str = "default") -> str:
+# peft's parameter names: <module>.<layer name>.<adapter>[.weight], e.g. `attn.to_q.lokr_w1.default`,
+# `attn.to_q.lora_A.default.weight`, `attn.to_q.lora_magnitude_vector.default.weight`
+_PARAM = re.compile(r"(?P<module>.+)\.(?P<layer>(?:lora|lokr|hada)_\w+)\.(?P<adapter>[^.]+)(?P<weight>\.weight)?")
+
+
+def adapter_of(param_name: str) -> str | None:
+    """The adapter a peft parameter belongs to (None: not an adapter parameter)."""
+    m = _PARAM.fullmatch(param_name)
+    return m["adapter"] if m else None
+
+
+def state_key(param_name: str) -> str:
     """The key get_peft_model_state_dict gives a parameter: the adapter name dropped, and DoRA's
     `lora_magnitude_vector.<name>.weight` shortened to `lora_magnitude_vector`."""
-    n = param_name.replace(f".{adapter_name}", "")
-    return n.removesuffix(".weight") if n.endswith("lora_magnitude_vector.weight") else n
+    m = _PARAM.fullmatch(param_name)
+    if m is None:
+        raise ValueError(f"{param_name!r} is not a peft adapter parameter")
+    weight = "" if m["layer"] == "lora_magnitude_vector" else m["weight"] or ""
+    return f"{m['module']}.{m['layer']}{weight}"
 
 
 def kind_of(conf) -> str:
@@ -384,8 +398,7 @@ def load_into(transformer, state_dict: dict, metadata: dict | None, path, adapte
                 sd[f"{name}.lora_magnitude_vector"] = magnitude_of(
                     parts["dora_scale"], _base_weight(layer), parts["lora_A.weight"], parts["lora_B.weight"],
                     layer.scaling[adapter_name])
-        own = {state_key(n, adapter_name): p for n, p in transformer.named_parameters()
-               if f".{adapter_name}" in n and is_trained(n)}
+        own = {state_key(n): p for n, p in transformer.named_parameters() if adapter_of(n) == adapter_name}
         wrong = [(k, tuple(sd[k].shape), tuple(p.shape)) for k, p in own.items() if k in sd and sd[k].shape != p.shape]
         if set(own) != set(sd) or wrong:
             raise ValueError(f"{where}: peft built other {kind} tensors than the file holds (missing "

@@ -253,7 +253,7 @@ def load_checkpoint(path: Path, transformer, optimizer, region=None) -> tuple[in
 def _lora_named_params(transformer):
     """LoRA parameters under the names get_peft_model_state_dict uses (adapter name dropped)."""
     base = getattr(transformer, "_orig_mod", transformer)
-    return [(adapters.state_key(n), p) for n, p in base.named_parameters() if adapters.is_trained(n)]
+    return [(adapters.state_key(n), p) for n, p in base.named_parameters() if adapters.adapter_of(n) == "default"]
 
 
 # ---------------------------------------------------------------- sampling: read, check, load, scale, unload
