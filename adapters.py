@@ -36,7 +36,8 @@ _TRAINED = ("lora_", "lokr_", "hada_")  # peft's parameter names per kind (DoRA'
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 DORA = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "dora_scale")
-_SUFFIX = re.compile(rf"(?P<module>.+)\.(?P<suffix>{'|'.join(map(re.escape, (*LOKR, *LOHA, *DORA, 'alpha')))})")
+# a file's key: <module spelling>.<suffix>
+KEY = re.compile(rf"(?P<module>.+)\.(?P<suffix>{'|'.join(map(re.escape, (*LOKR, *LOHA, *DORA, 'alpha')))})")
 EPS = torch.finfo(torch.float32).eps  # ComfyUI's weight_decompose: finfo(weight.dtype).eps, its patch weights fp32
 
 
@@ -134,7 +135,7 @@ def transformer_kind(transformer, adapter_name: str = "default") -> str:
 
 def file_kind(state_dict: dict) -> str:
     """lokr | loha | dora (a LyCORIS or DoRA file, loaded here) | lora (lora.py's path)."""
-    suffixes = {m["suffix"] for k in state_dict if (m := _SUFFIX.fullmatch(k))}
+    suffixes = {m["suffix"] for k in state_dict if (m := KEY.fullmatch(k))}
     if suffixes & set(LOKR):
         return "lokr"
     if suffixes & set(LOHA):
@@ -257,7 +258,7 @@ def read_modules(transformer, state_dict: dict, where: str) -> tuple[str, dict[s
     mods: dict[str, dict[str, torch.Tensor]] = {}
     odd = []
     for k, v in state_dict.items():
-        m = _SUFFIX.fullmatch(k)
+        m = KEY.fullmatch(k)
         if m is None or m["module"] not in names:
             odd.append(k)
         else:

@@ -336,13 +336,13 @@ def convert_lycoris(state_dict: dict, src, dst, fmt: str, kind: str) -> dict:
                          f"file and its lora.safetensors (train.lora_format comfyui) the ComfyUI one")
     out = {}
     for k, v in state_dict.items():
-        m = adapters._SUFFIX.fullmatch(k)
+        m = adapters.KEY.fullmatch(k)
         if m is None or not m["module"].startswith((f"{PREFIX}.", "lycoris_")):
             raise ValueError(f"{where}: key {k!r} is not '{PREFIX}.<diffusers module>.<suffix>' or "
                              f"'lycoris_<diffusers module with _>.<suffix>'")
         out[k] = v
     save_atomic(out, Path(dst), {"format": "pt"})
-    return {adapters._SUFFIX.fullmatch(k)["module"]: None for k in out}  # the modules, for main's count
+    return {adapters.KEY.fullmatch(k)["module"]: None for k in out}  # the modules, for main's count
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -5,7 +5,8 @@ reads unchanged, read and check such a file, load / scale / unload adapters for 
 The file format, written and parsed only here: safetensors with keys `transformer.<module>.lora_A.weight` /
 `lora_B.weight` (diffusers' save_lora_weights layout) and the adapter's LoraConfig (r, lora_alpha, targets) as JSON
 in the header under "lora_adapter_metadata". read_lora also takes the layouts diffusers converts (kohya, ComfyUI,
-BFL names, PEFT keys with `.alpha` tensors); convert.py writes the comfyui and kohya ones.
+BFL names, PEFT keys with `.alpha` tensors); convert.py writes the comfyui and kohya ones. The other adapter kinds
+(LoKr, LoHa, DoRA: train.adapter) live in adapters.py; add_lora, read_lora and load_lora hand them over to it.
 """
 
 import hashlib
