@@ -231,9 +231,13 @@ def check_format(kind: str, fmt: str, where: str) -> None:
 def _module_names(transformer) -> dict[str, str]:
     """Every accepted spelling of a Linear's name -> its diffusers name: `transformer.<name>` and SimpleTuner's
     `lycoris_<name with _>` (both in ComfyUI's key map)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     out = {}
     for n, m in transformer.named_modules():
-        if isinstance(m, nn.Linear) and n and ".base_layer" not in n and not _is_adapter_module(n):
+        if not n or ".base_layer" in n or _is_adapter_module(n):  # (an adapter already loaded wraps the Linear)
+            continue
+        if isinstance(m.get_base_layer() if isinstance(m, BaseTunerLayer) else m, nn.Linear):
             out[f"{PREFIX}.{n}"] = n
             out[f"lycoris_{n.replace('.', '_')}"] = n
     return out
