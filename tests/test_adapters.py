@@ -61,28 +61,33 @@ def test_learns_the_toy_edit_from_the_control(tmp_path, kind):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """kind -> the straight 4-step run's train.main result, and the resumed run's folder (2 steps, then 2 more from
-    the checkpoint). Trained on first use, shared by this module's tests."""
-    root, cache, done = tmp_path_factory.mktemp("adapters"), None, {}
-    cache = root / "cache"
+def adapter_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return root, {}
+
+
+@pytest.fixture(scope="module")
+def trained(adapter_runs):
+    """kind -> train.main's result for 4 steps of configs/tiny.py with train.adapter = kind (trained on first use,
+    shared by this module's tests)."""
+    root, done = adapter_runs
 
     def get(kind: str) -> dict:
         if kind not in done:
-            straight = run(tiny_cfg(root / kind / "straight", cache, adapter=kind, steps=4, caption_dropout=0.3))
-            first = tiny_cfg(root / kind / "resumed", cache, adapter=kind, steps=2, caption_dropout=0.3)
-            run(first)
-            run(dataclasses.replace(first, train=dataclasses.replace(first.train, steps=4), resume="latest"))
-            done[kind] = {**straight, "resumed": Path(first.out_dir)}
+            done[kind] = run(tiny_cfg(root / kind / "straight", root / "cache", adapter=kind, caption_dropout=0.3))
         return done[kind]
     return get
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_resume_is_exact(trained, kind):
+def test_resume_is_exact(trained, adapter_runs, kind):
     """2 steps, a checkpoint, 2 more steps resumed from it == 4 steps straight: the result file and the last
     checkpoint's adapter (peft's own tensors) bit-equal."""
-    t = trained(kind)
+    t, root = trained(kind), adapter_runs[0]
+    first = tiny_cfg(root / kind / "resumed", root / "cache", adapter=kind, steps=2, caption_dropout=0.3)
+    run(first)
+    run(dataclasses.replace(first, train=dataclasses.replace(first.train, steps=4), resume="latest"))
+    t = dict(t, resumed=Path(first.out_dir))
     a, b = load_file(t["lora"]), load_file(t["resumed"] / "lora.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(v.abs().max() > 0 for k, v in a.items() if not k.endswith((".alpha", ".dora_scale")))
