@@ -8,6 +8,7 @@ transformer (speed does not depend on the weights' values). Prints a markdown ta
     python bench.py --rows stepcache --iters 2 --warmup 0   # a 28-step sample() per SampleConfig.cache option
     python bench.py --rows masked            # the IP-Adapter and region-token recipe beside the plain bf16 step
     python bench.py --rows full              # full fine-tune (configs/full_bf16.py) beside the LoRA step
+    python bench.py --rows lokr loha dora    # train.adapter lokr / loha / dora in configs/bf16.py's step, beside it
     python bench.py --rows compile_cache     # first-step time in a cold process, then a warm one (compile_cache.py)
     python bench.py --rows budget budget_fp8 budget_nf4  # train.memory_budget's curves (recompute.py), PNG (--plot)
 
@@ -364,7 +365,8 @@ def profile_step(fn) -> dict:
 def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: str = "bf16", ckpt: bool = False,
             compile_: bool = False, denoise: bool = False, fp8_backward: bool | None = None,
             offload: int | None = None, cache: str | None = None, ip_adapter: bool = False,
-            pipeline: bool = False, compile_cache: str | None = None, budget: float | None = None) -> dict:
+            pipeline: bool = False, compile_cache: str | None = None, budget: float | None = None,
+            adapter: str = "lora") -> dict:
     t0 = time.perf_counter()
     row = dict(row=label, res=res)
     if compile_cache is not None:  # "cold": inductor's and triton's own caches empty, then our file; "warm": our file
@@ -396,7 +398,7 @@ def run_row(label: str, cfg: BenchConfig, device, res: int, *, who: str, kind: s
             extra.update(memory_budget=budget or 0.0)  # None: all or nothing, as the label says
             if budget is not None:  # recompute.py: the budget's levels with checkpointing on
                 row.update(kind=kind, budget=budget)
-            tc = ours_config(kind, cfg, gradient_checkpointing=ckpt, **extra)
+            tc = ours_config(kind, cfg, gradient_checkpointing=ckpt, adapter=adapter, **extra)
             fn, row["attention"] = ours_train_fn(model, tc, cfg, res, device, offload, ip_adapter)
         if compile_cache is not None:  # as sample.py / train.py do around their first compiled call
             row["cache_loaded"] = compile_cache_.load(saved)
@@ -492,6 +494,12 @@ def plan(cfg: BenchConfig) -> list[tuple[str, int, dict]]:
                        if "ckpt" not in cfg.rows else []),
                      ("bf16 full fine-tune, full ckpt: ours (configs/full_bf16.py)", res,
                       dict(ours, kind="full", ckpt=True))]
+        adapter_rows = [a for a in ("lokr", "loha", "dora") if a in cfg.rows]
+        if adapter_rows:  # not in the default rows: train.adapter swapped in configs/bf16.py's step (adapters.py)
+            rows += [*([("bf16 train, full ckpt: ours (configs/bf16.py)", res, dict(ours, ckpt=True))]
+                       if not {"ckpt", "full", "masked"} & set(cfg.rows) else []),
+                     *[(f"bf16 train, full ckpt: ours, train.adapter {a} (configs/bf16.py)", res,
+                        dict(ours, ckpt=True, adapter=a)) for a in adapter_rows]]
         if "offload" in cfg.rows:  # ModelConfig.offload: the weights stream from host memory (offload.py)
             rows += [("bf16 train, full ckpt, diffusers group offloading (block level, stream): stock", res,
                       dict(stock, ckpt=True, offload=0)),

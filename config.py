@@ -133,6 +133,12 @@ class TrainConfig:
     alpha: float = 16.0  # LoRA alpha: the update is scaled by alpha / rank
     target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")  # peft target_modules (name suffixes)
     lora_init: Literal["default", "gaussian"] = "default"  # peft init_lora_weights: default (B = 0) | gaussian
+    # the adapter kind, all through peft (adapters.py; README "Adapters"): lora | lokr (LyCORIS Kronecker product) |
+    # loha (LyCORIS Hadamard product) | dora (weight-decomposed LoRA; bf16/fp32 bases only). rank and alpha apply to
+    # each; lora_init to lora and dora
+    adapter: Literal["lora", "lokr", "loha", "dora"] = "lora"
+    lokr_factor: int = -1  # lokr: peft's decompose_factor (-1: factors near the square root of each dimension)
+    lokr_decompose_both: bool = False  # lokr: factorise the small Kronecker factor w1 at rank r too
     # the final lora.safetensors (checkpoints keep lora.py's own): comfyui = diffusers keys + .alpha tensors, read
     # unchanged by ComfyUI and FluxKontextPipeline.load_lora_weights | kohya (BFL names) | diffusers (alpha in the
     # header only, which ComfyUI ignores). convert.py converts between them.
@@ -280,6 +286,7 @@ RULES = {
     "train.grad_clip": _at_least(0),
     "train.rank": _at_least(1),
     "train.alpha": _POSITIVE,
+    "train.lokr_factor": ((lambda v: v == -1 or v >= 1), ", -1 (near the square root) or >= 1"),
     "train.target_modules": _NOT_EMPTY,
     "train.logit_std": _POSITIVE,
     "train.caption_dropout": _between(0, 1),
@@ -385,6 +392,7 @@ def _run_problems(cfg: Config) -> list[str]:
     if isinstance(cfg.train, TrainConfig) and isinstance(cfg.model, ModelConfig):
         out += _memory_budget_problems(cfg)
         out += _full_mode_problems(cfg)
+        out += _adapter_problems(cfg)
     return out
 
 
@@ -469,6 +477,34 @@ def flux_full_parameters(full_modules: str) -> int:
     double = double_attn + 2 * (lin(d, m) + lin(m, d)) + 2 * lin(d, 6 * d)  # ff, ff_context, norm1(_context).linear
     single = single_attn + lin(d, m) + lin(d + m, d) + lin(d, 3 * d)  # proj_mlp, proj_out, norm.linear
     return 19 * double + 38 * single
+
+
+def _adapter_problems(cfg: Config) -> list[str]:
+    """train.adapter's combinations that cannot work (adapters.py says why), named before any model loads."""
+    tc, out = cfg.train, []
+    kind = tc.adapter
+    if tc.mode != "lora" and kind != "lora":
+        return [f"train.adapter: {kind!r} is an adapter on the frozen base; train.mode='full' trains the weights "
+                f"themselves: leave it 'lora'"]
+    if kind == "dora" and cfg.model.quant != "none":
+        out.append(f"train.adapter: 'dora' with model.quant {cfg.model.quant!r}: peft's DoRA normalises by the base "
+                   f"weight, which it cannot dequantize from our fp8 / 4-bit Linears; use lora, lokr or loha on a "
+                   f"quantized base, or model.quant 'none'")
+    why = {("lokr", "kohya"): "a Kronecker product of q, k, v does not fuse into BFL's qkv",
+           ("loha", "kohya"): "a Hadamard product of q, k, v does not fuse into BFL's qkv",
+           ("dora", "kohya"): "no fused-layout DoRA is written",
+           ("lokr", "diffusers"): "diffusers 0.42 does not load LoKr for Flux",
+           ("loha", "diffusers"): "diffusers 0.42 does not load LoHa for Flux"}.get((kind, tc.lora_format))
+    if why:
+        out.append(f"train.lora_format: {tc.lora_format!r} cannot hold a {kind} adapter ({why}): use 'comfyui' "
+                   f"(ComfyUI and sample.py / lora.load_lora read it)")
+    if kind in ("lokr", "loha") and tc.lora_init != "default":
+        out.append(f"train.lora_init: {tc.lora_init!r} is LoRA's init; train.adapter {kind!r} uses peft's own "
+                   f"(one factor zero): leave it 'default'")
+    if kind != "lokr" and (tc.lokr_factor != -1 or tc.lokr_decompose_both):
+        out.append(f"train.lokr_factor / train.lokr_decompose_both: set for train.adapter {kind!r}; they shape a "
+                   f"lokr adapter only")
+    return out
 
 
 def _raise(where: str, problems: list[str]) -> None:

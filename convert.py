@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+import adapters
 from cache import save_atomic
 from lora import _LORA_KEY, PREFIX, _few, lora_state_dict, read_lora, save_lora
 from merge import extract_lora, merge_adapters, save_transformer_folder
@@ -301,6 +302,11 @@ def save_lora_as(transformer, path: Path, fmt: str) -> None:
     """train.py's final LoRA file in TrainConfig.lora_format (diffusers: lora.save_lora, the LoraConfig as saved)."""
     if fmt not in WRITERS:
         raise ValueError(f"train.lora_format: expected one of {' | '.join(WRITERS)}, got {fmt!r}")
+    kind = adapters.transformer_kind(transformer)
+    if kind != "lora":  # lokr / loha / dora: ComfyUI's keys (adapters.py); dora's diffusers file is save_lora's
+        adapters.check_format(kind, fmt, "train.lora_format")
+        if fmt == "comfyui":
+            return save_atomic(adapters.comfyui_file(transformer), Path(path), {"format": "pt"})
     if fmt == "diffusers":
         return save_lora(transformer, path)
     sd, header = WRITERS[fmt](transformer_modules(transformer))
@@ -311,10 +317,36 @@ def convert_file(src, dst, fmt: str) -> Modules:
     """Read any LoRA file lora.read_lora reads, write it in `fmt` (atomically); returns its modules."""
     if fmt not in WRITERS:
         raise ValueError(f"--format: expected one of {' | '.join(WRITERS)}, got {fmt!r}")
-    mods = modules_of(*read_lora(src), where=f"LoRA file {str(src)!r}")
+    state_dict, metadata = read_lora(src)
+    kind = adapters.file_kind(state_dict)
+    if kind != "lora":
+        return convert_lycoris(state_dict, src, dst, fmt, kind)
+    mods = modules_of(state_dict, metadata, where=f"LoRA file {str(src)!r}")
     sd, header = WRITERS[fmt](mods)
     save_atomic(sd, Path(dst), header)
     return mods
+
+
+def convert_lycoris(state_dict: dict, src, dst, fmt: str, kind: str) -> dict:
+    """A lokr / loha file (`transformer.*` or SimpleTuner's `lycoris_*` keys, both read by ComfyUI) is already in the
+    comfyui format: copied, keys checked; the other formats cannot hold it (adapters.REFUSED). DoRA: refused, since
+    either direction needs the base model's weights (dora_scale = m ||W|| / ||W + s dW||): train.py writes the
+    comfyui file, and every checkpoint's lora.safetensors is the diffusers one."""
+    where = f"LoRA file {str(src)!r}"
+    adapters.check_format(kind, fmt, where)
+    if kind == "dora":
+        raise ValueError(f"{where}: a DoRA file converts only with the base model's weights (ComfyUI's dora_scale "
+                         f"is m * ||W|| / ||W + s dW||); the run's checkpoints/*/lora.safetensors is the diffusers "
+                         f"file and its lora.safetensors (train.lora_format comfyui) the ComfyUI one")
+    out = {}
+    for k, v in state_dict.items():
+        m = adapters.KEY.fullmatch(k)
+        if m is None or not m["module"].startswith((f"{PREFIX}.", "lycoris_")):
+            raise ValueError(f"{where}: key {k!r} is not '{PREFIX}.<diffusers module>.<suffix>' or "
+                             f"'lycoris_<diffusers module with _>.<suffix>'")
+        out[k] = v
+    save_atomic(out, Path(dst), {"format": "pt"})
+    return {adapters.KEY.fullmatch(k)["module"]: None for k in out}  # the modules, for main's count
 
 
 def main(argv: list[str] | None = None) -> Path:

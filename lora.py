@@ -5,7 +5,8 @@ reads unchanged, read and check such a file, load / scale / unload adapters for 
 The file format, written and parsed only here: safetensors with keys `transformer.<module>.lora_A.weight` /
 `lora_B.weight` (diffusers' save_lora_weights layout) and the adapter's LoraConfig (r, lora_alpha, targets) as JSON
 in the header under "lora_adapter_metadata". read_lora also takes the layouts diffusers converts (kohya, ComfyUI,
-BFL names, PEFT keys with `.alpha` tensors); convert.py writes the comfyui and kohya ones.
+BFL names, PEFT keys with `.alpha` tensors); convert.py writes the comfyui and kohya ones. The other adapter kinds
+(LoKr, LoHa, DoRA: train.adapter) live in adapters.py; add_lora, read_lora and load_lora hand them over to it.
 """
 
 import hashlib
@@ -20,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+import adapters
 from cache import save_atomic
 from config import Config, TrainConfig, to_json
 from optim import flat_state, unflat_state
@@ -32,12 +34,10 @@ PREFIX = "transformer"  # diffusers' LoRA key prefix for the transformer (FluxKo
 
 
 def add_lora(transformer, cfg: TrainConfig):
-    from peft import LoraConfig
-
-    init = True if cfg.lora_init == "default" else cfg.lora_init
-    transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules),
-                                       init_lora_weights=init))
-    params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+    """The train.adapter kind (adapters.py: lora, lokr, loha, dora through peft); returns its parameters."""
+    adapters.check_base(transformer, cfg.adapter)
+    transformer.add_adapter(adapters.peft_config(cfg, transformer))
+    params = [p for n, p in transformer.named_parameters() if adapters.is_trained(n)]
     if not params:
         raise ValueError(f"train.target_modules {list(cfg.target_modules)} matched no module of the transformer")
     for p in params:
@@ -187,8 +187,8 @@ def config_differences(ckpt: Path, cfg: Config) -> list[str]:
 
 
 # Fields that fix the shapes and meaning of a checkpoint's trained tensors: a resume must keep them
-SHAPING = ("train.mode", "train.rank", "train.alpha", "train.target_modules", "train.region_token",
-           "train.region_grid", "train.full_modules")
+SHAPING = ("train.mode", "train.adapter", "train.rank", "train.alpha", "train.target_modules", "train.lokr_factor",
+           "train.lokr_decompose_both", "train.region_token", "train.region_grid", "train.full_modules")
 
 
 def resume_problems(ckpt: Path, cfg: Config) -> list[str]:
@@ -244,7 +244,7 @@ def load_checkpoint(path: Path, transformer, optimizer, region=None, ema=None, l
 def _lora_named_params(transformer):
     """LoRA parameters under the names get_peft_model_state_dict uses (adapter name dropped)."""
     base = getattr(transformer, "_orig_mod", transformer)
-    return [(n.replace(".default", ""), p) for n, p in base.named_parameters() if "lora_" in n]
+    return [(adapters.state_key(n), p) for n, p in base.named_parameters() if adapters.adapter_of(n) == "default"]
 
 
 # ---------------------------------------------------------------- sampling: read, check, load, scale, unload
@@ -284,6 +284,8 @@ def read_lora(path) -> tuple[dict[str, torch.Tensor], dict | None]:
         metadata = json.loads(raw) if raw else None
     except json.JSONDecodeError as e:
         raise ValueError(f"LoRA file {str(path)!r}: its 'lora_adapter_metadata' is not valid JSON: {e}") from None
+    if adapters.file_kind(state_dict) != "lora":  # lokr / loha / dora: adapters.py reads them (load_lora)
+        return state_dict, metadata
     if state_dict and not all(_LORA_KEY.fullmatch(k) for k in state_dict):
         return _foreign_lora(state_dict, metadata, path)
     return state_dict, metadata
@@ -388,11 +390,15 @@ def _active_adapters(transformer) -> list[str]:
 def load_lora(transformer, path, adapter_name: str = "default", scale: float = 1.0) -> None:
     """Load a LoRA file (FluxKontextPipeline.save_lora_weights format) into the transformer as `adapter_name` with
     diffusers' load_lora_adapter, as FluxKontextPipeline.load_lora_weights does, and make it active at `scale`.
+    LoKr / LoHa / DoRA files (adapters.py's, ComfyUI's keys) are added by adapters.load_into; `scale` is peft's
+    (set_scale: the delta times scale; for DoRA inside the weight decomposition, as diffusers' set_adapters).
 
     LoRAs stack: adapters already active stay active at their scales (the pipeline instead leaves only the newest
     one active). Keys are checked against the transformer before anything is loaded."""
     state_dict, metadata = read_lora(path)
-    check_lora_keys(transformer, state_dict, path)
+    kind = adapters.file_kind(state_dict)
+    if kind == "lora":
+        check_lora_keys(transformer, state_dict, path)
     loaded = list(getattr(transformer, "peft_config", {}))
     if adapter_name in loaded:
         raise ValueError(f"LoRA file {str(path)!r}: adapter name {adapter_name!r} is already loaded ({loaded}); "
@@ -401,8 +407,11 @@ def load_lora(transformer, path, adapter_name: str = "default", scale: float = 1
     # peft draws a random init for the new layers before the file's weights replace it: inside fork_rng, so the
     # caller's generators (a notebook's) come back as they were
     cuda = sorted({p.device.index or 0 for p in transformer.parameters() if p.is_cuda})
-    with torch.random.fork_rng(devices=cuda):
-        transformer.load_lora_adapter(state_dict, prefix=PREFIX, adapter_name=adapter_name, metadata=metadata)
+    if kind != "lora":  # lokr / loha / dora, which diffusers 0.42 does not load for Flux (or not in ComfyUI's form)
+        adapters.load_into(transformer, state_dict, metadata, path, adapter_name)
+    else:
+        with torch.random.fork_rng(devices=cuda):
+            transformer.load_lora_adapter(state_dict, prefix=PREFIX, adapter_name=adapter_name, metadata=metadata)
     transformer.set_adapter(active + [adapter_name])  # diffusers: activation only, scales untouched
     for layer in _lora_layers(transformer):
         layer.set_scale(adapter_name, scale)  # what diffusers' set_adapters does per layer, for this adapter alone

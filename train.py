@@ -333,8 +333,8 @@ def train(cfg: Config, rank: int, world: int) -> dict:
         region_model = torch.nn.parallel.DistributedDataParallel(
             region, device_ids=[device.index] if device.type == "cuda" else None)
     log(full.summary(transformer, params, tc) if tc.mode == "full" else
-        f"LoRA: {sum(p.numel() for p in params) / 1e6:.3f}M parameters on {len(tc.target_modules)} module kinds, "
-        f"rank {tc.rank}" + (f"; region token: grid {tc.region_grid[0]}x{tc.region_grid[1]}, "
+        f"LoRA ({tc.adapter}): {sum(p.numel() for p in params) / 1e6:.3f}M parameters on "
+        f"{len(tc.target_modules)} module kinds, rank {tc.rank}" + (f"; region token: grid {tc.region_grid[0]}x{tc.region_grid[1]}, "
                              f"{sum(p.numel() for p in region.parameters())} parameters" if region else ""))
     # full mode's checkpoints and result (full.py): every rank takes part (FSDP shards), rank 0 renames and logs
     ckpt_save, ckpt_load, result_save, result = ((save_checkpoint, load_checkpoint, save_result, "lora.safetensors")

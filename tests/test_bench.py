@@ -13,9 +13,11 @@ import fixtures
                                 dict(who="ours"), dict(who="ours", kind="fp8", ckpt=True),
                                 dict(who="ours", kind="fp8", fp8_backward=True), dict(who="ours", kind="nf4", ckpt=True),
                                 dict(who="ours", kind="fp8", denoise=True), dict(who="ours", denoise=True, compile_=True),
-                                dict(who="ours", kind="full", ckpt=True), dict(who="ours", ckpt=True, budget=0.5)],
+                                dict(who="ours", kind="full", ckpt=True), dict(who="ours", ckpt=True, budget=0.5),
+                                *[dict(who="ours", ckpt=True, adapter=a) for a in ("lokr", "loha", "dora")]],
                          ids=["stock", "stock-ckpt", "stock-denoise", "bf16", "fp8-ckpt", "fp8-backward", "nf4-ckpt",
-                              "fp8-denoise", "bf16-denoise-compile-flag", "full-ckpt", "bf16-budget"])
+                              "fp8-denoise", "bf16-denoise-compile-flag", "full-ckpt", "bf16-budget", "lokr-ckpt",
+                              "loha-ckpt", "dora-ckpt"])
 def test_rows_run_on_tiny(kw):
     cfg = bench.BenchConfig(tiny=True, text_tokens=16, iters=1, warmup=1)
     with torch.enable_grad():
@@ -48,6 +50,11 @@ def test_plan_labels_the_shipped_configs():
     full = [label for label, _, kw in bench.plan(bench.BenchConfig(rows=("full",))) if kw.get("kind") == "full"]
     assert full == ["bf16 full fine-tune, full ckpt: ours (configs/full_bf16.py)"]
     assert bench.ours_config("full", bench.BenchConfig()).mode == "full"
+    adapters = [(label, kw.get("adapter", "lora")) for label, _, kw in bench.plan(bench.BenchConfig(
+        rows=("lokr", "loha", "dora")))]
+    assert adapters == [("bf16 train, full ckpt: ours (configs/bf16.py)", "lora"),
+                        *[(f"bf16 train, full ckpt: ours, train.adapter {a} (configs/bf16.py)", a)
+                          for a in ("lokr", "loha", "dora")]]
 
 
 def test_kernel_kinds():

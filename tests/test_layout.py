@@ -6,9 +6,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["accuracy", "bench", "bench_tables", "fixtures", "train", "full", "validate", "objective", "ema",
-          "convert", "merge", "caption", "sample", "stepcache", "lora", "rundir", "optim", "region", "offload",
-          "recompute", "cache", "data", "images", "load", "quant", "encode", "kontext_kernels", "compile_cache",
-          "config", "tiny", "quiet", "atomic"]
+          "convert", "merge", "caption", "sample", "stepcache", "lora", "rundir", "adapters", "optim", "region",
+          "offload", "recompute", "cache", "data", "images", "load", "quant", "encode", "kontext_kernels",
+          "compile_cache", "config", "tiny", "quiet", "atomic"]
 
 
 def project_imports(path: Path):

@@ -11,10 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import adapters
 import fixtures
 import objective
 import train
 from config import cli, load_config
+from lora import load_lora, unload_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,8 +120,11 @@ def edit_errors(pipe, pairs, lora=None, steps: int = 8, transformer=None) -> dic
     out = {"copy_control": mse([pack_latents(encode_image(pipe.vae, preprocess_image(c))) for c in controls])}
     out["no_lora"] = mse(sampled(controls))
     base = pipe.transformer
-    if transformer is not None:
+    ours = transformer is None and adapters.file_kind(load_file(lora)) != "lora"  # lokr / loha / dora: diffusers
+    if transformer is not None:                                                    # does not load them for Flux
         pipe.transformer = transformer
+    elif ours:
+        load_lora(pipe.transformer, lora)
     else:
         pipe.load_lora_weights(str(lora))
     try:
@@ -134,7 +139,9 @@ def edit_errors(pipe, pairs, lora=None, steps: int = 8, transformer=None) -> dic
                 pipe.transformer, x0, torch.randn(x0.shape, generator=g), torch.full((n,), t), ctrl,
                 embeds.expand(n, -1, -1), pooled.expand(n, -1), ids, text_ids, 1.0)) for t in (0.25, 0.5, 0.75)) / 3
     finally:
-        if transformer is None:
+        if ours:
+            unload_lora(pipe.transformer)
+        elif transformer is None:
             pipe.unload_lora_weights()
         pipe.transformer = base
     return out
