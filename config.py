@@ -157,6 +157,10 @@ class TrainConfig:
     keep_checkpoints: int = 3  # this run's newest checkpoints kept on disk (0: all)
     validate_every: int = 0  # held-out loss and sample grid every this many steps (0: only at the end; <0: never)
     log_every: int = 1  # progress-bar update interval in steps (log.jsonl gets every step)
+    # where the scalars (and validation images) go besides log.jsonl, which is always written (report.py); wandb is
+    # an optional dependency (pip install wandb), tensorboard is skipped with a note when not installed
+    report_to: tuple[Literal["tensorboard", "wandb", "jsonl"], ...] = ("jsonl", "tensorboard")
+    wandb_project: str = "kontext-lora"  # report_to wandb: the project the run is logged to
     compile: bool = True  # torch.compile each transformer block (regional; CUDA only, the CPU runs eager)
     compile_cache: str = COMPILE_CACHE  # with compile: the folder of torch.compile's saved work (compile_cache.py)
     # kontext_kernels/attention.py resolve_attention ("auto": bf16 cuDNN on a GPU; "cudnn_fp8": fp8 attention, Hopper

@@ -13,7 +13,6 @@ exactly what the uninterrupted one would have done, and DDP ranks slice one glob
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -38,7 +37,8 @@ from lora import (add_lora, claim_out_dir, config_differences, load_checkpoint, 
 from objective import collate, dual_masked_loss, flow_matching_loss, global_batch, lora_l2
 from offload import offload_transformer
 from region import MaskRegionToken, region_path, save_region
-from validate import conditioning_check, held_out_loss, validation_grid
+from report import check_report_to, close_reports, open_reports, plot_curves, report, report_images
+from validate import conditioning_check, edit_summary, held_out_loss, validate_edits
 
 # ---------------------------------------------------------------- model, step, optimizer, schedule
 
@@ -251,6 +251,7 @@ def check_run(cfg: Config, rank: int, log) -> tuple[list, int, Path | None]:
         for note in claim_out_dir(Path(cfg.out_dir), cfg.resume, cfg.overwrite):
             log(note)
     conditioning_check(samples, cfg, log)
+    check_report_to(cfg.train)  # wandb importable
     if cfg.train.mode == "full":
         full.check_config(cfg)  # a quantized checkpoint on disk
     ckpt = resolve_resume(cfg.resume, Path(cfg.out_dir), log)
@@ -332,23 +333,35 @@ def main(cfg: Config) -> dict:
                                                         if start >= tc.steps else ""))
 
     # 4. The loop.
-    log_file = open(out_dir / "log.jsonl", "a") if rank == 0 else None
-    tb = _tensorboard(out_dir) if rank == 0 else None
+    rep = open_reports(cfg, out_dir, run, log) if rank == 0 else None  # log.jsonl, TensorBoard, wandb (report.py)
     last_ckpt, history, vae = str(ckpt) if ckpt else "none", [], data.vae
 
     def validate_at(step: int) -> None:
         nonlocal vae
         val = held_out_loss(transformer, data.held_out, data.empty, tc, device, dtype, region)
         log(f"step {step}: held-out loss {val:.4f}")
-        if rank == 0:
-            log_file.write(json.dumps({"step": step, "held_out_loss": val}) + "\n")
-            if step > 0 and full.is_sharded(transformer):  # sampling a sharded model needs every rank
-                log("validation grid: skipped (FSDP: the transformer is sharded)")
-            elif step > 0:
-                vae = vae or load_vae(cfg.model)  # cached mode: loaded for the grids only when first needed
-                path = validation_grid(transformer, vae, samples[n_train:], data.held_out, cfg, step, out_dir,
-                                       region)
-                log(f"validation grid: {path}")
+        if rank != 0:
+            return
+        rec, images = {"step": step, "held_out_loss": val}, {}
+        if full.is_sharded(transformer):  # sampling a sharded model needs every rank
+            log("edit metrics and validation grid: skipped (FSDP: the transformer is sharded)")
+        else:
+            vae = vae or load_vae(cfg.model)  # cached mode: loaded for the edits only when first needed
+            # the base model's metrics: the adapter disabled (LoRA), or the weights as loaded (full mode, step 0)
+            fields, grid = validate_edits(transformer, vae, samples[n_train:], data.held_out, cfg, step, out_dir,
+                                          region, base_ok=tc.mode == "lora" or step == 0)
+            rec.update(fields)
+            log(edit_summary(rec, step))
+            if grid is not None:
+                log(f"validation grid: {grid}")
+                images["validation/grid"] = grid
+        report(rep, rec)
+        try:
+            plot_curves(out_dir / "log.jsonl", out_dir / "validation" / "curves.png")
+            images["validation/curves"] = out_dir / "validation" / "curves.png"
+        except ValueError as e:  # matplotlib missing: said, the run goes on
+            log(f"curves: skipped ({e})")
+        report_images(rep, images, step)
 
     if tc.validate_every >= 0 and n_val and start == 0:
         validate_at(0)
@@ -380,10 +393,7 @@ def main(cfg: Config) -> dict:
                "s_per_step": dt, "samples_per_s": n / dt, **terms}
         history.append(rec)
         if rank == 0:
-            log_file.write(json.dumps(rec) + "\n")
-            log_file.flush()
-            for k, v in rec.items() if tb else ():
-                tb.add_scalar(k, v, step + 1)
+            report(rep, rec)
             if (step + 1) % tc.log_every == 0:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", gn=f"{grad_norm:.3f}",
                                 sps=f"{rec['samples_per_s']:.2f}")
@@ -400,7 +410,7 @@ def main(cfg: Config) -> dict:
         log(f"wrote {out_dir / result}"
             + (f", {region_path(out_dir / 'lora.safetensors').name} beside it" if region is not None else "")
             + f" and checkpoint {last_ckpt}")
-        log_file.close()
+        close_reports(rep)
     if world > 1:
         torch.distributed.barrier()
     return {"history": history, "transformer": transformer, "lora": out_dir / "lora.safetensors",
@@ -422,14 +432,6 @@ def _mean_over_ranks(x: float, world: int) -> float:
         t = t.cuda()
     torch.distributed.all_reduce(t)
     return float(t.item()) / world
-
-
-def _tensorboard(out_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out_dir / "tb"))
 
 
 if __name__ == "__main__":
