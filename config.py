@@ -161,6 +161,9 @@ class TrainConfig:
     # an optional dependency (pip install wandb), tensorboard is skipped with a note when not installed
     report_to: tuple[Literal["tensorboard", "wandb", "jsonl"], ...] = ("jsonl", "tensorboard")
     wandb_project: str = "kontext-lora"  # report_to wandb: the project the run is logged to
+    # a samples.jsonl of your own edits ({"control": "a.png" | [...], "prompt": "...", "seed": 1} per line, no target),
+    # sampled at every validation into validation/samples-<step>.png with the sample section (user_samples.py)
+    sample_prompts: str = ""
     compile: bool = True  # torch.compile each transformer block (regional; CUDA only, the CPU runs eager)
     compile_cache: str = COMPILE_CACHE  # with compile: the folder of torch.compile's saved work (compile_cache.py)
     # kontext_kernels/attention.py resolve_attention ("auto": bf16 cuDNN on a GPU; "cudnn_fp8": fp8 attention, Hopper

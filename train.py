@@ -38,6 +38,7 @@ from objective import collate, dual_masked_loss, flow_matching_loss, global_batc
 from offload import offload_transformer
 from region import MaskRegionToken, region_path, save_region
 from report import check_report_to, close_reports, open_reports, plot_curves, report, report_images
+from user_samples import check_sample_prompts, sample_user_prompts, user_sample_inputs
 from validate import conditioning_check, edit_summary, held_out_loss, validate_edits
 
 # ---------------------------------------------------------------- model, step, optimizer, schedule
@@ -252,6 +253,7 @@ def check_run(cfg: Config, rank: int, log) -> tuple[list, int, Path | None]:
             log(note)
     conditioning_check(samples, cfg, log)
     check_report_to(cfg.train)  # wandb importable
+    check_sample_prompts(cfg)  # train.sample_prompts' lines and images
     if cfg.train.mode == "full":
         full.check_config(cfg)  # a quantized checkpoint on disk
     ckpt = resolve_resume(cfg.resume, Path(cfg.out_dir), log)
@@ -288,6 +290,7 @@ def main(cfg: Config) -> dict:
     if world > 1 and rank == 0:
         torch.distributed.barrier()
     log(batch_plan(data.shapes * cfg.data.repeat, tc.batch_size * world))
+    user_rows, user_embeds = user_sample_inputs(cfg, cache_dir_of(cfg), log) if rank == 0 else ([], {})
 
     # 3. Transformer + LoRA, exactly as bench.py times it.
     device = rank_device(cfg, rank)
@@ -355,6 +358,10 @@ def main(cfg: Config) -> dict:
             if grid is not None:
                 log(f"validation grid: {grid}")
                 images["validation/grid"] = grid
+            if user_rows:  # train.sample_prompts: the user's own edits
+                images["validation/samples"] = sample_user_prompts(transformer, vae, user_rows, user_embeds, cfg,
+                                                                   step, out_dir)
+                log(f"samples: {images['validation/samples']}")
         report(rep, rec)
         try:
             plot_curves(out_dir / "log.jsonl", out_dir / "validation" / "curves.png")

@@ -1,5 +1,5 @@
 """report.py and the validations of a run: edit metrics in log.jsonl (the base model's cached by content), the
-copy-the-control baseline, curves.png, wandb offline (the logged keys, the same run continued on --resume), wandb
+copy-the-control baseline, curves.png, the user's samples (train.sample_prompts), wandb offline (the logged keys, the same run continued on --resume), wandb
 missing. The curves' data against a log: tests/test_validate.py."""
 
 import dataclasses
@@ -51,7 +51,13 @@ def wandb_records(path: Path):
 def test_run_logs_edit_metrics_curves_and_wandb(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    cfg = tiny_cfg(tmp_path)
+    toy = Path(load_config(ROOT / "configs" / "tiny.py").data.path)
+    lines = [{"control": str(toy / "control" / "005.png"), "prompt": "make the square red"},
+             {"control": str(toy / "control" / "005.png"), "prompt": "make the square red", "seed": 0},
+             {"control": [str(toy / "control" / "005.png"), str(toy / "control" / "006.png")],
+              "prompt": "make the square red", "seed": 3}]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = tiny_cfg(tmp_path, sample_prompts=str(tmp_path / "samples.jsonl"))
     with torch.enable_grad():
         train.main(cfg)
     out = Path(cfg.out_dir)
@@ -78,13 +84,26 @@ def test_run_logs_edit_metrics_curves_and_wandb(tmp_path, monkeypatch):
     per_pair = {k: {n: v * 10 for n, v in m.items()} for k, m in per_pair.items()}
     (out / "validation" / "base_metrics.json").write_text(json.dumps({key: per_pair}))
     with torch.enable_grad():
-        train.main(dataclasses.replace(tiny_cfg(tmp_path, steps=4), resume="latest"))
+        train.main(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=4), resume="latest"))
     recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     last = [r for r in recs if "held_out_loss" in r][-1]
     assert last["step"] == 4
     assert last["base_mae_target"] == pytest.approx(sum(m["mae_target"] for m in per_pair.values()) / 2)
     data = report.plot_curves(out / "log.jsonl", out / "validation" / "curves.png")
     assert data["edit_mae_target"][0] == [2, 4] and data["loss"][0] == [1, 2, 3, 4]
+
+    # the user's samples: a row per line (control(s) | sample); line 0 (seed sample.seed + 0) and line 1 (seed 0)
+    # are one edit; line 0 is sample.py's edit with the run's LoRA and the same sample section
+    grid = np.asarray(Image.open(out / "validation" / "samples-000004.png").convert("RGB"), np.float64)
+    assert grid.shape == (3 * 64, 3 * 64, 3)
+    first, second = grid[:64, 128:], grid[64:128, 128:]
+    assert np.array_equal(first, second) and not np.array_equal(first, grid[128:, 128:])
+    import sample
+
+    edited = sample.main(sample.Args(prompt="make the square red", image=(lines[0]["control"],),
+                                     out=str(tmp_path / "edited.png"), config=str(ROOT / "configs" / "tiny.py"),
+                                     lora=(str(out / "lora.safetensors"),), sample=cfg.sample))
+    assert np.abs(np.asarray(Image.open(edited).convert("RGB"), np.float64) - first).mean() < 0.5
 
     runs = sorted(glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb")))
     assert len(runs) == 2 and len({Path(r).name for r in runs}) == 1  # one wandb run id, continued
@@ -97,7 +116,7 @@ def test_run_logs_edit_metrics_curves_and_wandb(tmp_path, monkeypatch):
             elif kind == "run":
                 config |= {i.key for i in rec.run.config.update}
     assert {"loss", "lr", "held_out_loss", "edit_mae_target", "base_mse_target", "copy_mae_target",
-            "pair/022/edit_mae_target", "validation/grid", "validation/curves"} <= history, history
+            "pair/022/edit_mae_target", "validation/grid", "validation/curves", "validation/samples"} <= history
     assert {"model", "data", "train", "sample"} <= config
 
 
