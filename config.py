@@ -90,6 +90,9 @@ class DataConfig:
     held_out: int = 1  # samples kept out of training for validation (the last ones, by key order)
     allow_outside_paths: bool = False  # metadata files may name images outside the dataset folder (absolute, ../)
     repeat: int = 1  # each training sample this many times per epoch (DiffSynth's dataset_repeat)
+    # training sizes: "native" (each image's own, after resize / max_pixels) | "kontext": the FLUX.1 Kontext resolution
+    # nearest in aspect (the pipeline's _auto_resize), then max_pixels (a smaller area at that aspect); images.py
+    bucket: Literal["native", "kontext"] = "native"
     # RGB that transparent pixels of images and controls are composited on (RGBA, LA, P or tRNS transparency);
     # masks always composite on black (transparent = outside the edit region)
     background: tuple[int, int, int] = (255, 255, 255)
