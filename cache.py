@@ -55,6 +55,7 @@ def sample_key(s: Sample, cfg: DataConfig, model_ident: str, idx: StatIndex | No
     digests = [file_digest(p, idx) for p in (s.image, s.control, s.mask, *s.extra_controls)]
     digests += [f"depth:{file_digest(s.depth, idx)}"] if s.depth is not None else []
     settings = [cfg.max_pixels, cfg.resize, cfg.max_sequence_length, cfg.text_to_image, list(cfg.background)]
+    settings += [f"bucket={cfg.bucket}"] if cfg.bucket != "native" else []  # native keys stay what they were
     parts = [CACHE_VERSION, *digests, s.prompt, model_ident, json.dumps(settings)]
     return hashlib.sha256("\x00".join(map(str, parts)).encode()).hexdigest()[:32]
 

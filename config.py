@@ -90,6 +90,9 @@ class DataConfig:
     held_out: int = 1  # samples kept out of training for validation (the last ones, by key order)
     allow_outside_paths: bool = False  # metadata files may name images outside the dataset folder (absolute, ../)
     repeat: int = 1  # each training sample this many times per epoch (DiffSynth's dataset_repeat)
+    # training sizes: "native" (each image's own, after resize / max_pixels) | "kontext": the FLUX.1 Kontext resolution
+    # nearest in aspect (the pipeline's _auto_resize), then max_pixels (a smaller area at that aspect); images.py
+    bucket: Literal["native", "kontext"] = "native"
     # RGB that transparent pixels of images and controls are composited on (RGBA, LA, P or tRNS transparency);
     # masks always composite on black (transparent = outside the edit region)
     background: tuple[int, int, int] = (255, 255, 255)
@@ -173,6 +176,13 @@ class TrainConfig:
     keep_checkpoints: int = 3  # this run's newest checkpoints kept on disk (0: all)
     validate_every: int = 0  # held-out loss and sample grid every this many steps (0: only at the end; <0: never)
     log_every: int = 1  # progress-bar update interval in steps (log.jsonl gets every step)
+    # where the scalars (and validation images) go besides log.jsonl, which is always written (report.py); wandb is
+    # an optional dependency (pip install wandb), tensorboard is skipped with a note when not installed
+    report_to: tuple[Literal["tensorboard", "wandb", "jsonl"], ...] = ("jsonl", "tensorboard")
+    wandb_project: str = "kontext-lora"  # report_to wandb: the project the run is logged to
+    # a samples.jsonl of your own edits ({"control": "a.png" | [...], "prompt": "...", "seed": 1} per line, no target),
+    # sampled at every validation into validation/samples-<step>.png with the sample section (user_samples.py)
+    sample_prompts: str = ""
     compile: bool = True  # torch.compile each transformer block (regional; CUDA only, the CPU runs eager)
     compile_cache: str = COMPILE_CACHE  # with compile: the folder of torch.compile's saved work (compile_cache.py)
     # kontext_kernels/attention.py resolve_attention ("auto": bf16 cuDNN on a GPU; "cudnn_fp8": fp8 attention, Hopper

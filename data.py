@@ -488,7 +488,9 @@ def check_dataset(cfg: DataConfig, cache_dir: Path | None = None, out=print) -> 
     pairs = Counter(tuple(target_size(z[k], cfg)[::-1] for k in keys(s))
                     for s, z in zip(samples, sizes) if all(k in z for k in keys(s)))
     if pairs:
-        out("training sizes, W x H (after max_pixels / resize, floored to 16; a batch holds one line's size):")
+        out("training sizes, W x H (after " + ("the Kontext resolution nearest in aspect (data.bucket kontext), "
+                                              if cfg.bucket == "kontext" else "")
+            + "max_pixels / resize, floored to 16; a batch holds one line's size):")
         for pair, n in sorted(pairs.items(), key=lambda kv: -kv[1]):
             out(f"  {n:6d}  target {pair[0][0]}x{pair[0][1]}" + "".join(
                 f", control{f' {i + 1}' if i else ''} {w}x{h}" for i, (w, h) in enumerate(pair[1:])))

@@ -4,7 +4,8 @@ about each file.
 Decoding (_decode, for targets, controls and masks): EXIF orientation first (every size check sees the upright
 image), 16-bit grayscale scaled to 8 bits, transparency composited on DataConfig.background (masks: on black).
 Masks (white = edit region, any bit depth) are thresholded at 0.5 (mask_latent, for training and sample.py --mask).
-Training sizes (target_size): the image's own (or DataConfig.resize), shrunk to max_pixels, floored to 16.
+Training sizes (target_size): the image's own (or DataConfig.resize; with bucket kontext the Kontext resolution
+nearest in aspect), shrunk to max_pixels, floored to 16.
 
 Start-up: hashing and decoding every image costs ~37 ms per 1024^2 pair, so a stat index in the cache folder
 (stat-index-<dataset>.json) remembers, per image file, its content hash and decoded size under its (size, mtime_ns,
@@ -27,7 +28,7 @@ import torch
 
 from atomic import temp_beside
 from config import DataConfig
-from encode import preprocess_image
+from encode import kontext_size, preprocess_image
 
 INDEX_VERSION = 2  # 2: "hw" is the upright (EXIF-transposed) size
 # A file whose mtime/ctime is this recent when it is hashed is not remembered: a rewrite within the same timestamp
@@ -183,8 +184,13 @@ def _checked(path: Path, mode: str, idx: StatIndex) -> dict:
 
 
 def target_size(size_hw: tuple[int, int], cfg: DataConfig) -> tuple[int, int]:
-    """Training size of an image: its own (or cfg.resize), shrunk to cfg.max_pixels, floored to 16."""
+    """Training size of an image: its own (or cfg.resize), with cfg.bucket "kontext" the entry of
+    PREFERRED_KONTEXT_RESOLUTIONS nearest its aspect (encode.kontext_size, FluxKontextPipeline's _auto_resize, so
+    a pair of one aspect (target, control(s), the mask at the target's latent size) lands in one bucket), shrunk to
+    cfg.max_pixels (the bucket's aspect at a smaller area: the tiny model's 64 x 64 world), floored to 16."""
     h, w = cfg.resize if cfg.resize else size_hw
+    if cfg.bucket == "kontext":
+        h, w = kontext_size(h, w, True)
     if cfg.max_pixels and h * w > cfg.max_pixels:
         s = (cfg.max_pixels / (h * w)) ** 0.5
         h, w = int(h * s), int(w * s)

@@ -44,7 +44,9 @@ from offload import offload_transformer
 from optim import eval_weights, is_schedulefree, lr_factor
 from optim import make_optimizer as make_lora_optimizer
 from region import MaskRegionToken, region_path, save_region
-from validate import conditioning_check, held_out_loss, validation_grid
+from report import check_report_to, close_reports, open_reports, plot_curves, report, report_images
+from user_samples import check_sample_prompts, sample_user_prompts, user_sample_inputs
+from validate import conditioning_check, edit_summary, held_out_loss, validate_edits
 
 # ---------------------------------------------------------------- model, step, optimizer, schedule
 
@@ -240,6 +242,8 @@ def check_run(cfg: Config, rank: int, log) -> tuple[list, int, Path | None]:
             log(note)
     conditioning_check(samples, cfg, log)
     check_model(cfg.model)
+    check_report_to(cfg.train)  # wandb importable
+    check_sample_prompts(cfg)  # train.sample_prompts' lines and images
     if cfg.train.mode == "full":
         full.check_config(cfg)  # a quantized checkpoint on disk
     ckpt = resolve_resume(cfg.resume, Path(cfg.out_dir), log)
@@ -304,6 +308,7 @@ def train(cfg: Config, rank: int, world: int) -> dict:
     if world > 1 and rank == 0:
         torch.distributed.barrier()
     log(batch_plan(data.shapes * cfg.data.repeat, tc.batch_size * world))
+    user_rows, user_embeds = user_sample_inputs(cfg, cache_dir_of(cfg), log) if rank == 0 else ([], {})
 
     # 3. Transformer + LoRA, exactly as bench.py times it.
     device = rank_device(cfg, rank)
@@ -359,29 +364,44 @@ def train(cfg: Config, rank: int, world: int) -> dict:
     # 4. The loop. A resume keeps one history: the log's records after the checkpoint's step go (trained again).
     if rank == 0 and ckpt is not None and (dropped := rundir.one_history(out_dir / "log.jsonl", start)):
         log(f"log.jsonl: dropped {dropped} record(s) after step {start} (this resume trains those steps again)")
-    log_file = open(out_dir / "log.jsonl", "a") if rank == 0 else None
-    tb = _tensorboard(out_dir, start) if rank == 0 else None
+    rep = open_reports(cfg, out_dir, run, log, start) if rank == 0 else None  # log.jsonl, TensorBoard, wandb (report.py)
     last_ckpt, history, vae = str(ckpt) if ckpt else "none", [], data.vae
 
     def validate_at(step: int) -> None:
         nonlocal vae
-        rec = {"step": step, "held_out_loss": held_out_loss(transformer, data.held_out, data.empty, tc, device, dtype,
-                                                             region)}
-        with ema.swapped() if ema is not None else contextlib.nullcontext():  # EMA on: its loss too, and its grid
+        rec, images = {"step": step}, {}
+        rec["held_out_loss"] = held_out_loss(transformer, data.held_out, data.empty, tc, device, dtype, region)
+        with ema.swapped() if ema is not None else contextlib.nullcontext():  # EMA on: its loss too, and its edits
             if ema is not None:
                 rec["held_out_loss_ema"] = held_out_loss(transformer, data.held_out, data.empty, tc, device, dtype,
                                                          region)
             log(f"step {step}: held-out loss {rec['held_out_loss']:.4f}"
                 + (f" (EMA {rec['held_out_loss_ema']:.4f})" if ema is not None else ""))
-            if rank == 0:
-                log_file.write(json.dumps(rec) + "\n")
-                if step > 0 and full.is_sharded(transformer):  # sampling a sharded model needs every rank
-                    log("validation grid: skipped (FSDP: the transformer is sharded)")
-                elif step > 0:
-                    vae = vae or load_vae(cfg.model)  # cached mode: loaded for the grids only when first needed
-                    path = validation_grid(transformer, vae, samples[n_train:], data.held_out, cfg, step, out_dir,
-                                           region)
-                    log(f"validation grid: {path}" + (" (EMA weights)" if ema is not None else ""))
+            if rank != 0:
+                return
+            if full.is_sharded(transformer):  # sampling a sharded model needs every rank
+                log("edit metrics and validation grid: skipped (FSDP: the transformer is sharded)")
+            else:
+                vae = vae or load_vae(cfg.model)  # cached mode: loaded for the edits only when first needed
+                # the base model's metrics: the adapter disabled (LoRA), or the weights as loaded (full mode, step 0)
+                fields, grid = validate_edits(transformer, vae, samples[n_train:], data.held_out, cfg, step, out_dir,
+                                              region, base_ok=tc.mode == "lora" or step == 0)
+                rec.update(fields)
+                log(edit_summary(rec, step) + (" (EMA weights)" if ema is not None else ""))
+                if grid is not None:
+                    log(f"validation grid: {grid}")
+                    images["validation/grid"] = grid
+                if user_rows:  # train.sample_prompts: the user's own edits
+                    images["validation/samples"] = sample_user_prompts(transformer, vae, user_rows, user_embeds, cfg,
+                                                                       step, out_dir)
+                    log(f"samples: {images['validation/samples']}")
+        report(rep, rec)
+        try:
+            plot_curves(out_dir / "log.jsonl", out_dir / "validation" / "curves.png")
+            images["validation/curves"] = out_dir / "validation" / "curves.png"
+        except ValueError as e:  # matplotlib missing: said, the run goes on
+            log(f"curves: skipped ({e})")
+        report_images(rep, images, step)
 
     if tc.validate_every >= 0 and n_val and start == 0:
         with eval_weights(optimizer):
@@ -416,10 +436,7 @@ def train(cfg: Config, rank: int, world: int) -> dict:
                "s_per_step": dt, "samples_per_s": n / dt, **terms}
         history.append(rec)
         if rank == 0:
-            log_file.write(json.dumps(rec) + "\n")
-            log_file.flush()
-            for k, v in rec.items() if tb else ():
-                tb.add_scalar(k, v, step + 1)
+            report(rep, rec)
             if (step + 1) % tc.log_every == 0:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{rec['lr']:.2e}", gn=f"{grad_norm:.3f}",
                                 sps=f"{rec['samples_per_s']:.2f}")
@@ -447,7 +464,7 @@ def train(cfg: Config, rank: int, world: int) -> dict:
             + (f", {region_path(out_dir / 'lora.safetensors').name} beside it" if region is not None else "")
             + (f", its EMA {EMA_RESULT}" if ema is not None else "")
             + f" and checkpoint {last_ckpt}")
-        log_file.close()
+        close_reports(rep)
     if world > 1:
         torch.distributed.barrier()
     return {"history": history, "transformer": transformer, "lora": out_dir / "lora.safetensors",
@@ -482,15 +499,6 @@ def _mean_over_ranks(x: float, world: int) -> float:
         t = t.cuda()
     torch.distributed.all_reduce(t)
     return float(t.item()) / world
-
-
-def _tensorboard(out_dir: Path, start: int = 0):
-    """TensorBoard's writer; on resume from step `start`, events of the later steps are purged (one history)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out_dir / "tb"), purge_step=start + 1 if start else None)
 
 
 def interrupted_note(argv: list[str], out_dir: str) -> str:

@@ -86,3 +86,22 @@ def test_decoder_changes_change_the_cache_key(data, monkeypatch):
     assert sample_key(s, DataConfig(path=str(data), background=(0, 0, 0)), "m") != k
     monkeypatch.setattr(cache, "CACHE_VERSION", "2")  # the decoder before orientation / 16-bit / transparency
     assert sample_key(s, cfg, "m") != k
+
+
+def test_kontext_bucket_resizes_target_control_and_mask_alike(tmp_path, components):
+    """data.bucket kontext on a synthetic 40 x 90 pair with a mask: target, control and mask come out at one bucket's
+    latent size (the aspect's Kontext resolution shrunk to max_pixels), and the cache key says which bucketing."""
+    import dataclasses
+
+    from images import target_size
+
+    write_pair(tmp_path / "d", "p", size=(40, 90), mask=True)
+    s = scan_dataset(DataConfig(path=str(tmp_path / "d")))[0]
+    cfg = DataConfig(path=str(tmp_path / "d"), bucket="kontext", max_pixels=64 * 64)
+    h, w = target_size((40, 90), cfg)
+    e = encode_sample(s, cfg, components, device="cpu")
+    assert e["image_latents"].shape == e["control_latents"].shape == (16, h // 8, w // 8)
+    assert e["mask"].shape == (1, h // 8, w // 8)
+    native = encode_sample(s, dataclasses.replace(cfg, bucket="native"), components, device="cpu")
+    assert native["image_latents"].shape != e["image_latents"].shape
+    assert sample_key(s, cfg, "m") != sample_key(s, dataclasses.replace(cfg, bucket="native"), "m")

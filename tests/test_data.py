@@ -261,6 +261,12 @@ def test_check_prints_counts_sizes_and_caption_stats(data, capsys):
     code, out = check(capsys, data, "--max-pixels", 1024, "--max-sequence-length", 100)
     th, tw = target_size((48, 64), DataConfig(path="", max_pixels=1024))
     assert code == 0 and f"target {tw}x{th}, control {tw}x{th}" in out and "likely over 100 T5 tokens" in out
+    # data.bucket kontext: the histogram of buckets (64x48 and 100x48 land in Kontext's 4:3 and 2:1-ish entries)
+    code, out = check(capsys, data, "--bucket", "kontext")
+    b1, b2 = (target_size(hw, DataConfig(path="", bucket="kontext"))[::-1] for hw in ((48, 64), (48, 100)))
+    assert code == 0 and "nearest in aspect (data.bucket kontext)" in out
+    assert f"     5  target {b1[0]}x{b1[1]}, control {b1[0]}x{b1[1]}" in out
+    assert f"     1  target {b2[0]}x{b2[1]}, control {b2[0]}x{b2[1]}" in out
 
 
 def test_check_lists_every_problem_and_exits_2(data, capsys, tmp_path):

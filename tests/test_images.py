@@ -208,3 +208,23 @@ def test_transparent_mask_pixels_are_outside_the_edit_region(tmp_path):
     Image.fromarray(a, "RGBA").save(tmp_path / "m.png")
     m = images.load_mask(tmp_path / "m.png", (16, 16))[0]
     assert torch.equal(m[:, :8], torch.ones(16, 8)) and torch.equal(m[:, 8:], torch.zeros(16, 8))
+
+
+def test_kontext_bucket_is_the_pipelines_nearest_aspect():
+    """data.bucket kontext: the PREFERRED_KONTEXT_RESOLUTIONS entry nearest the image's aspect, chosen as
+    FluxKontextPipeline's _auto_resize chooses it (diffusers' own list); max_pixels then shrinks it at that aspect;
+    native keeps the image's own size."""
+    import dataclasses
+
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
+
+    cfg = DataConfig(path="", bucket="kontext")
+    seen = set()
+    for h, w in [(100, 100), (200, 300), (300, 200), (480, 1920), (1000, 1001), (37, 53), (1568, 672)]:
+        _, bw, bh = min((abs(w / h - pw / ph), pw, ph) for pw, ph in PREFERRED_KONTEXT_RESOLUTIONS)
+        assert images.target_size((h, w), cfg) == (bh, bw)
+        seen.add((bw, bh))
+    assert len(seen) == 5  # (1000, 1001) joins (100, 100)'s 1024 x 1024, (37, 53) joins (200, 300)'s 1248 x 832
+    th, tw = images.target_size((200, 300), dataclasses.replace(cfg, max_pixels=64 * 64))
+    assert th * tw <= 64 * 64 and th < tw and th % 16 == 0 and tw % 16 == 0
+    assert images.target_size((200, 300), DataConfig(path="")) == (192, 288)

@@ -5,9 +5,9 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["accuracy", "bench", "bench_tables", "fixtures", "train", "full", "validate", "objective", "ema",
-          "convert", "merge", "caption", "sample", "stepcache", "lora", "rundir", "adapters", "optim", "region",
-          "offload", "recompute", "cache", "data", "images", "load", "quant", "encode", "kontext_kernels",
+LAYERS = ["accuracy", "bench", "bench_tables", "fixtures", "train", "full", "user_samples", "validate", "report",
+          "objective", "ema", "convert", "merge", "caption", "sample", "stepcache", "lora", "rundir", "adapters", "optim",
+          "region", "offload", "recompute", "cache", "data", "images", "load", "quant", "encode", "kontext_kernels",
           "compile_cache", "config", "tiny", "quiet", "atomic"]
 
 
