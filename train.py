@@ -105,6 +105,11 @@ def offload_note(transformer) -> str:
             f"{2 * off.bytes_per_fetch / 2**30:.1f} GiB moved per step")
 
 
+# peft's LoKr / LoHa layers under regional compile: their step-0 gradients differed from eager by more than the
+# crash matrix's 10% bound on an H200 (2026-12-06, torch 2.11); they train eager until that test passes
+UNCOMPILED_ADAPTERS = ("lokr", "loha")
+
+
 def compile_choice(transformer, tc: TrainConfig, device: torch.device) -> str:
     """"on", or "off (why)": regional compile runs on CUDA, for bf16, fp8 and 4-bit transformers alike (compiled
     LoRA gradients equal eager ones for each: tests/test_quant.py, tests/test_train.py's crash matrix)."""
@@ -114,6 +119,9 @@ def compile_choice(transformer, tc: TrainConfig, device: torch.device) -> str:
         return "off (CPU)"
     if hasattr(transformer, "_block_offload"):
         return "off (block offload swaps the blocks' weights each call)"
+    if tc.adapter in UNCOMPILED_ADAPTERS:
+        return (f"off (train.adapter {tc.adapter}: compiled gradients did not match eager ones on the GPU, "
+                f"tests/test_adapters.py::test_compiled_equals_eager_gpu)")
     return "on"
 
 

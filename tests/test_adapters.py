@@ -469,8 +469,25 @@ def test_convert_formats_per_kind(trained, tmp_path, kind):
 # ---------------------------------------------------------------- GPU: compile
 
 
+def test_lokr_loha_train_eager_on_cuda():
+    """compile_choice keeps lokr / loha eager on CUDA (their compiled gradients failed the GPU test below), says why,
+    and still compiles lora and dora."""
+    import torch.nn as nn
+    from config import TrainConfig
+
+    cuda = torch.device("cuda")
+    for kind in ("lokr", "loha"):
+        assert train.compile_choice(nn.Linear(1, 1), TrainConfig(adapter=kind), cuda).startswith(
+            f"off (train.adapter {kind}: compiled gradients did not match")
+    for kind in ("lora", "dora"):
+        assert train.compile_choice(nn.Linear(1, 1), TrainConfig(adapter=kind), cuda) == "on"
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [  # lokr / loha failed on an H200 (2026-12-06): compile_choice keeps them eager;
+    # strict, so the day they pass this fails and says that compile can be turned back on for them
+    pytest.param(k, marks=pytest.mark.xfail(strict=True, reason="compiled LyCORIS gradients != eager (H200)"))
+    if k in ("lokr", "loha") else k for k in KINDS])
 def test_compiled_equals_eager_gpu(kind):
     """train.py's step (prepare_transformer with regional compile, attention "auto") with train.adapter = kind on a
     bf16, full-width FLUX transformer of 2 double + 4 single blocks at the 1024^2 Kontext token count: each adapter
@@ -486,7 +503,10 @@ def test_compiled_equals_eager_gpu(kind):
                      weight_decay=0.0)
     try:
         params, _ = train.prepare_transformer(model, tc, device)
-        assert train.compile_choice(model, tc, device) == "on"
+        if kind in train.UNCOMPILED_ADAPTERS:  # what this test measures: compile the blocks as "on" would
+            model.compile_repeated_blocks(fullgraph=False)
+        else:
+            assert train.compile_choice(model, tc, device) == "on"
         entries, empty = fixtures.random_entries(1, 1024, 512), fixtures.random_empty(512)
         shapes = [tuple(entries[0]["image_latents"].shape) * 2]
 
