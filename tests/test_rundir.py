@@ -12,28 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import atomic
 import quiet
 import rundir
 import train
-from config import Config, TrainConfig, cli, load_config
+from config import Config, cli, load_config
+from test_train import run, tiny_cfg  # one tiny run's config and runner for both files
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_cfg(tmp_path, **train_kw):
-    cfg = load_config(ROOT / "configs" / "tiny.py")
-    kw = dict(steps=4, save_every=0, validate_every=-1, log_every=1)
-    kw.update(train_kw)
-    return dataclasses.replace(cfg, out_dir=str(tmp_path / "run"), train=dataclasses.replace(cfg.train, **kw),
-                               data=dataclasses.replace(cfg.data, cache_dir=str(tmp_path / "cache")))
-
-
-def run(cfg):
-    with torch.enable_grad():
-        return train.main(cfg)
 
 
 def earlier_run(out: Path) -> dict:
@@ -119,7 +107,7 @@ def test_concurrent_runs_second_refused_then_ctrl_c(tmp_path):
 def test_overwrite_with_a_bad_model_path_keeps_the_earlier_run(tmp_path, monkeypatch):
     out = tmp_path / "run"
     files = earlier_run(out)
-    cfg = tiny_cfg(tmp_path)
+    cfg = tiny_cfg(tmp_path, steps=4)
     cfg = dataclasses.replace(cfg, overwrite=True, model=dataclasses.replace(cfg.model, path=str(tmp_path / "typo")))
     no_weights(monkeypatch)
     with pytest.raises(ValueError, match="typo.*does not exist"):
@@ -132,7 +120,7 @@ def test_overwrite_restores_the_earlier_run_when_the_new_one_fails_before_a_chec
     files = earlier_run(out)
     monkeypatch.setattr(train, "training_data", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
     with pytest.raises(RuntimeError, match="disk full"):
-        run(dataclasses.replace(tiny_cfg(tmp_path), overwrite=True))
+        run(dataclasses.replace(tiny_cfg(tmp_path, steps=4), overwrite=True))
     assert intact(out, files) and not (out / rundir.REPLACED).exists()
 
 
@@ -213,7 +201,7 @@ def fake_checkpoint(folder: Path, cfg: Config, rank: int) -> Path:
 
 
 def test_resume_with_another_rank_fails_before_weights(tmp_path, monkeypatch):
-    cfg = tiny_cfg(tmp_path)
+    cfg = tiny_cfg(tmp_path, steps=4)
     fake_checkpoint(Path(cfg.out_dir), cfg, rank=16)
     no_weights(monkeypatch)
     with pytest.raises(ValueError, match=r"trained with train.rank = 16, the config says 8"):
@@ -226,7 +214,7 @@ def test_long_captions_warn_naming_the_file(tmp_path, capsys, monkeypatch):
     data = tmp_path / "data"
     for i in range(3):
         write_pair(data, f"s{i}", seed=i, caption="make the square red " + "very " * (200 if i == 1 else 0))
-    cfg = tiny_cfg(tmp_path)
+    cfg = tiny_cfg(tmp_path, steps=4)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data), held_out=0))
     monkeypatch.setattr(train, "training_data", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop here")))
     with pytest.raises(RuntimeError, match="stop here"):
@@ -246,7 +234,6 @@ def test_config_file_problems_all_at_once(tmp_path):
 
 
 def write_lora(path: Path, fill: float = 0.0, rank: int = 2, inner: int | None = None):
-    from config import ModelConfig  # noqa: F401  (the tiny transformer: inner dim from its config)
     from load import transformer_skeleton
     skel = transformer_skeleton(load_config(ROOT / "configs" / "tiny.py").model)
     dim = inner or skel.inner_dim
