@@ -5,9 +5,9 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["bench", "fixtures", "train", "full", "user_samples", "validate", "report", "objective", "convert",
-          "caption", "sample", "stepcache", "lora", "region", "offload", "cache", "data", "images", "load", "quant",
-          "encode", "kontext_kernels", "compile_cache", "config", "tiny"]
+LAYERS = ["bench", "fixtures", "train", "full", "preserve", "user_samples", "validate", "report", "objective",
+          "convert", "caption", "sample", "stepcache", "lora", "region", "offload", "cache", "data", "images",
+          "load", "quant", "encode", "kontext_kernels", "compile_cache", "config", "tiny"]
 
 
 def project_imports(path: Path):
