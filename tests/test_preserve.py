@@ -94,4 +94,6 @@ def test_preservation_keeps_the_base_model_on_other_prompts(tmp_path):
         metrics[name] = [r for r in log if "held_out_loss" in r][-1]
     print(devs, {k: (m["edit_mae_target"], m["copy_mae_target"]) for k, m in metrics.items()})
     assert devs["with"] < 0.5 * devs["without"], devs
-    assert metrics["with"]["edit_mae_target"] < 0.85 * metrics["with"]["copy_mae_target"], metrics["with"]
+    # 300 steps is a fifth of the recipe: the latent distance is the steadier of the two (pixel MAE of 2 pairs moves
+    # with a few cells); measured 0.31 with preservation, 0.50 without, 0.79 copying the control
+    assert metrics["with"]["edit_mse_target"] < 0.5 * metrics["with"]["copy_mse_target"], metrics["with"]
