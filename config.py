@@ -93,6 +93,9 @@ class DataConfig:
     # training sizes: "native" (each image's own, after resize / max_pixels) | "kontext": the FLUX.1 Kontext resolution
     # nearest in aspect (the pipeline's _auto_resize), then max_pixels (a smaller area at that aspect); images.py
     bucket: Literal["native", "kontext"] = "native"
+    # a second dataset (any layout above) whose target is the base model's own prediction (preserve.py): the LoRA keeps
+    # the model's behaviour there; weighted by train.preserve_weight; empty: off
+    preserve_path: str = ""
     # RGB that transparent pixels of images and controls are composited on (RGBA, LA, P or tRNS transparency);
     # masks always composite on black (transparent = outside the edit region)
     background: tuple[int, int, int] = (255, 255, 255)
@@ -183,6 +186,7 @@ class TrainConfig:
     # a samples.jsonl of your own edits ({"control": "a.png" | [...], "prompt": "...", "seed": 1} per line, no target),
     # sampled at every validation into validation/samples-<step>.png with the sample section (user_samples.py)
     sample_prompts: str = ""
+    preserve_weight: float = 1.0  # with data.preserve_path: weight of the preservation term (preserve.py)
     compile: bool = True  # torch.compile each transformer block (regional; CUDA only, the CPU runs eager)
     compile_cache: str = COMPILE_CACHE  # with compile: the folder of torch.compile's saved work (compile_cache.py)
     # kontext_kernels/attention.py resolve_attention ("auto": bf16 cuDNN on a GPU; "cudnn_fp8": fp8 attention, Hopper
@@ -303,6 +307,7 @@ RULES = {
     "train.mask_weight_fg": _at_least(0),
     "train.mask_weight_bg": _at_least(0),
     "train.loss_l2": _at_least(0),
+    "train.preserve_weight": _at_least(0),
     "train.region_grid": ((lambda v: min(v) >= 1), ", each >= 1"),
     "train.region_l2": _at_least(0),
     "train.save_every": _at_least(0),

@@ -43,6 +43,7 @@ from objective import collate, dual_masked_loss, flow_matching_loss, global_batc
 from offload import offload_transformer
 from optim import eval_weights, is_schedulefree, lr_factor
 from optim import make_optimizer as make_lora_optimizer
+from preserve import check_preserve, preserve_data, preserve_loss, with_preserve
 from region import MaskRegionToken, region_path, save_region
 from report import check_report_to, close_reports, open_reports, plot_curves, report, report_images
 from user_samples import check_sample_prompts, sample_user_prompts, user_sample_inputs
@@ -158,6 +159,9 @@ def batch_terms(model, b: dict, tc: TrainConfig, params: list, region=None) -> d
         part = {"loss": flow_matching_loss(*args, **cond)}
     if region is not None:
         part["region_l2"] = tc.region_l2 * lora_l2(region.parameters())
+    if "preserve" in b:  # data.preserve_path: the base model's own prediction as the target (preserve.py)
+        part["preserve"] = tc.preserve_weight * preserve_loss(model, getattr(model, "module", model), b["preserve"],
+                                                              tc.guidance)
     return part
 
 
@@ -252,6 +256,7 @@ def check_run(cfg: Config, rank: int, log) -> tuple[list, int, Path | None]:
     check_model(cfg.model)
     check_report_to(cfg.train)  # wandb importable
     check_sample_prompts(cfg)  # train.sample_prompts' lines and images
+    check_preserve(cfg)  # data.preserve_path's samples
     if cfg.train.mode == "full":
         full.check_config(cfg)  # a quantized checkpoint on disk
     ckpt = resolve_resume(cfg.resume, Path(cfg.out_dir), log)
@@ -317,6 +322,7 @@ def train(cfg: Config, rank: int, world: int) -> dict:
         torch.distributed.barrier()
     log(batch_plan(data.shapes * cfg.data.repeat, tc.batch_size * world))
     user_rows, user_embeds = user_sample_inputs(cfg, cache_dir_of(cfg), log) if rank == 0 else ([], {})
+    pdata = preserve_data(cfg, log)  # data.preserve_path's entries, or None
 
     # 3. Transformer + LoRA, exactly as bench.py times it.
     device = rank_device(cfg, rank)
@@ -426,6 +432,8 @@ def train(cfg: Config, rank: int, world: int) -> dict:
             g["lr"] = tc.lr * lr_factor(step, tc)
         batches = micro_batches(data.train, data.shapes, data.empty, tc, step, rank, world, device, dtype,
                                 cfg.data.repeat)
+        if pdata is not None:  # each micro-batch with a preservation batch (preserve.py)
+            batches = with_preserve(batches, pdata, data.empty, tc, step, rank, world, device, dtype)
         try:
             terms: dict = {}
             loss, grad_norm, n = train_step(model, params, optimizer, batches, tc, terms, region_model)

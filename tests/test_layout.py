@@ -5,10 +5,10 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["accuracy", "bench", "bench_tables", "fixtures", "train", "full", "user_samples", "validate", "report",
-          "objective", "ema", "convert", "merge", "caption", "sample", "stepcache", "lora", "rundir", "adapters", "optim",
-          "region", "offload", "recompute", "cache", "data", "images", "load", "quant", "encode", "kontext_kernels",
-          "compile_cache", "config", "tiny", "quiet", "atomic"]
+LAYERS = ["accuracy", "bench", "bench_tables", "fixtures", "train", "full", "preserve", "user_samples", "validate",
+          "report", "objective", "ema", "convert", "merge", "caption", "sample", "stepcache", "lora", "rundir",
+          "adapters", "optim", "region", "offload", "recompute", "cache", "data", "images", "load", "quant", "encode",
+          "kontext_kernels", "compile_cache", "config", "tiny", "quiet", "atomic"]
 
 
 def project_imports(path: Path):
