@@ -203,8 +203,9 @@ def comfy_patched(bfl: dict, lora: dict, key_map: dict, strength: float = 1.0) -
 
 
 def trained_deltas(transformer) -> dict[str, torch.Tensor]:
-    """diffusers module -> W' - W [out, in] of the adapter as the trained model applies it: each adapted Linear run
-    on the identity in float64, minus its base Linear (a copy of the model; DoRA's magnitude and norms included)."""
+    """diffusers module -> W' - W [out, in] of the adapters as the model applies them: each adapted Linear run on the
+    identity in float64, minus its base Linear (a copy of the model; DoRA's magnitude and norms included; with
+    stacked kinds the outermost layer, which runs the ones it wraps)."""
     import copy
 
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -213,7 +214,7 @@ def trained_deltas(transformer) -> dict[str, torch.Tensor]:
     out = {}
     with torch.no_grad():
         for name, layer in model.named_modules():
-            if isinstance(layer, BaseTunerLayer):
+            if isinstance(layer, BaseTunerLayer) and ".base_layer" not in name:  # the outermost of nested kinds
                 base = layer.get_base_layer()
                 eye = torch.eye(base.in_features, dtype=torch.float64)
                 out[name] = (layer(eye) - base(eye)).T
