@@ -32,7 +32,6 @@ from kontext_kernels.int4 import Linear4bit
 
 KINDS = ("lora", "lokr", "loha", "dora")
 PREFIX = "transformer"  # = lora.PREFIX, diffusers' transformer_name
-_TRAINED = ("lora_", "lokr_", "hada_")  # peft's parameter names per kind (DoRA's lora_magnitude_vector included)
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 DORA = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "dora_scale")
@@ -97,7 +96,7 @@ def check_base(transformer, adapter: str) -> None:
 
 def is_trained(param_name: str) -> bool:
     """Is this named parameter (peft's naming) an adapter weight?"""
-    return any(t in param_name for t in _TRAINED)
+    return adapter_of(param_name) is not None
 
 
 # peft's parameter names: <module>.<layer name>.<adapter>[.weight], e.g. `attn.to_q.lokr_w1.default`,
