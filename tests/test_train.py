@@ -167,11 +167,12 @@ def test_learns_the_toy_edit_from_the_control(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kw, result", [(dict(ema_decay=0.99, ema_start_step=500), "lora.ema.safetensors"),
-                                        (dict(optimizer="prodigy", lr=1.0), "lora.safetensors")],
+                                        (dict(optimizer="prodigy", lr=0.3), "lora.safetensors")],
                          ids=["ema", "prodigy"])
 def test_learns_with_ema_or_prodigy(tmp_path, kw, result):
-    """configs/tiny.py with an EMA (decay 0.99 from step 500; its lora.ema.safetensors is judged) or with Prodigy (lr
-    1.0: its own step size): test_learns_the_toy_edit_from_the_control's bounds on fresh toy pairs."""
+    """configs/tiny.py with an EMA (decay 0.99 from step 500; its lora.ema.safetensors is judged) or with Prodigy:
+    test_learns_the_toy_edit_from_the_control's bounds on fresh toy pairs. Prodigy at lr 1.0 (its own step size)
+    overshot on this toy (batch 4, 1500 steps: own-control error 1.19, copying 0.56); lr 0.3 scales its estimate."""
     from diffusers import FluxKontextPipeline
 
     from tiny import ensure_toy_dataset
