@@ -173,28 +173,29 @@ def test_learns_the_toy_edit_from_the_control(tmp_path):
 
 
 @pytest.mark.slow
-def test_learns_with_prodigy_and_its_ema(tmp_path):
-    """configs/tiny.py with train.optimizer prodigy (lr 1.0: its own step size) and an EMA (decay 0.99 from step 500):
-    the LoRA and its EMA (lora.ema.safetensors) each pass test_learns_the_toy_edit_from_the_control's bounds on fresh
-    toy pairs. One run covers both: the EMA is an average of the Prodigy iterates."""
+@pytest.mark.parametrize("kw, result", [(dict(ema_decay=0.99, ema_start_step=500), "lora.ema.safetensors"),
+                                        (dict(optimizer="prodigy", lr=0.3), "lora.safetensors")],
+                         ids=["ema", "prodigy"])
+def test_learns_with_ema_or_prodigy(tmp_path, kw, result):
+    """configs/tiny.py with an EMA (decay 0.99 from step 500; its lora.ema.safetensors is judged) or with Prodigy:
+    test_learns_the_toy_edit_from_the_control's bounds on fresh toy pairs. Prodigy at lr 1.0 (its own step size)
+    overshot on this toy (batch 4, 1500 steps: own-control error 1.19, copying 0.56); lr 0.3 scales its estimate."""
     from diffusers import FluxKontextPipeline
 
     from tiny import ensure_toy_dataset
 
-    cfg = tiny_cfg(tmp_path, steps=load_config(ROOT / "configs" / "tiny.py").train.steps, optimizer="prodigy", lr=1.0,
-                   ema_decay=0.99, ema_start_step=500)
+    cfg = tiny_cfg(tmp_path, steps=load_config(ROOT / "configs" / "tiny.py").train.steps, **kw)
     run(cfg)
     pipe = FluxKontextPipeline.from_pretrained(cfg.model.path, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     fresh = ensure_toy_dataset(n=8, seed=1)
     pairs = [(fresh / "control" / f"{i:03d}.png", fresh / "images" / f"{i:03d}.png") for i in range(8)]
-    for name in ("lora.safetensors", "lora.ema.safetensors"):
-        e = edit_errors(pipe, pairs, Path(cfg.out_dir) / name)
-        print(name, e)
-        assert e["own_control"] < 0.5 * e["copy_control"], (name, e)
-        assert e["own_control"] < 0.5 * e["no_lora"], (name, e)
-        assert e["own_control"] < 0.25 * e["rolled_controls"], (name, e)
-        assert e["loss_own"] < 0.5 * e["loss_rolled"], (name, e)
+    e = edit_errors(pipe, pairs, Path(cfg.out_dir) / result)
+    print(result, e)
+    assert e["own_control"] < 0.5 * e["copy_control"], e
+    assert e["own_control"] < 0.5 * e["no_lora"], e
+    assert e["own_control"] < 0.25 * e["rolled_controls"], e
+    assert e["loss_own"] < 0.5 * e["loss_rolled"], e
 
 
 def test_nan_loss_stops_with_context(tmp_path):
