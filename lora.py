@@ -387,6 +387,15 @@ def _active_adapters(transformer) -> list[str]:
     return list(layers[0].active_adapters) if layers else []
 
 
+def check_file(transformer, state_dict: dict[str, torch.Tensor], path) -> None:
+    """Every key and shape of a read adapter file (any kind) against `transformer`, which may be the meta-device
+    skeleton of its config.json (load.transformer_skeleton): sample.py checks its --lora files before any weights load."""
+    if adapters.file_kind(state_dict) == "lora":
+        check_lora_keys(transformer, state_dict, path)
+    else:
+        adapters.read_modules(transformer, state_dict, f"LoRA file {str(path)!r}")
+
+
 def load_lora(transformer, path, adapter_name: str = "default", scale: float = 1.0) -> None:
     """Load a LoRA file (FluxKontextPipeline.save_lora_weights format) into the transformer as `adapter_name` with
     diffusers' load_lora_adapter, as FluxKontextPipeline.load_lora_weights does, and make it active at `scale`.

@@ -43,7 +43,7 @@ from encode import (MULTIPLE, _device_of, decode_latents, encode_image, encode_i
 from images import mask_latent, open_image
 from kontext_kernels.attention import set_attention
 from load import ip_processors, load_components, load_t5_tokenizer, parse_device, transformer_skeleton
-from lora import check_lora_keys, load_lora, read_lora
+from lora import check_file, load_lora, read_lora
 from offload import offload_transformer
 import quiet
 from region import append_region, load_region, region_path
@@ -540,7 +540,7 @@ def main(args: Args) -> Path:
     for path in args.lora:  # a missing, unreadable, non-finite or mismatched file fails now, not after loading
         state_dict, _ = read_lora(path)
         if skeleton is not None:
-            check_lora_keys(skeleton, state_dict, path)
+            check_file(skeleton, state_dict, path)
     for cut in cut_prompts({"--prompt": args.prompt}, load_t5_tokenizer(mc), s.max_sequence_length):
         print(f"warning: {cut}, more than --sample.max-sequence-length {s.max_sequence_length}: the rest is cut off")
     region, mask = _region_inputs(args, images)
