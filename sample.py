@@ -519,6 +519,9 @@ def main(args: Args) -> Path:
     s = args.sample
     if not args.prompt:
         raise ValueError("--prompt is required")
+    # the checks sample() makes that need no model, made before loading one (theirs first: the more specific words)
+    _check_true_cfg(s.true_cfg_scale, s.negative_prompt is not None)
+    check_cache(s.cache, s.true_cfg_scale > 1)
     validate_sample(s)
     images = [_within_budget(open_image(Path(p)), p, s.pixel_budget) if s.size_mode == "native" else open_image(Path(p))
               for p in args.image]
@@ -526,9 +529,6 @@ def main(args: Args) -> Path:
     if small:
         raise ValueError(f"--image: {', '.join(small)}: expected at least {MULTIPLE}x{MULTIPLE} pixels (one token: "
                          f"a 2x2 patch of latent cells of 8x8 pixels)")
-    # the checks sample() makes that need no model, made before loading one
-    _check_true_cfg(s.true_cfg_scale, s.negative_prompt is not None)
-    check_cache(s.cache, s.true_cfg_scale > 1)
     sample_sizes(image_size(images[0]) if images else None, args.height, args.width, s.max_area, s.size_mode, True)
     out = Path(args.out)
     if out.suffix.lower() not in Image.registered_extensions():

@@ -253,10 +253,10 @@ def check_run(cfg: Config, rank: int, log) -> tuple[list, int, Path | None]:
         for note in rundir.claim(Path(cfg.out_dir), cfg.resume, cfg.overwrite):
             log(note)
     conditioning_check(samples, cfg, log)
-    check_model(cfg.model)
     check_report_to(cfg.train)  # wandb importable
     check_sample_prompts(cfg)  # train.sample_prompts' lines and images
     check_preserve(cfg)  # data.preserve_path's samples
+    check_model(cfg.model)  # each local component folder and its config.json, no weights
     if cfg.train.mode == "full":
         full.check_config(cfg)  # a quantized checkpoint on disk
     ckpt = resolve_resume(cfg.resume, Path(cfg.out_dir), log)
