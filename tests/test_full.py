@@ -251,8 +251,12 @@ def test_fsdp_two_processes_equal_one(tmp_path):
     a = load_file(next((tmp_path / "one" / "transformer").glob("*.safetensors")))
     b = load_file(next((tmp_path / "two" / "transformer").glob("*.safetensors")))
     assert a.keys() == b.keys()
+    # per element, to the step size: AdamW divides each gradient element by its own running RMS, so a near-zero
+    # gradient summed in another order (gloo's all-reduce vs one process) can move its weight by a fraction of lr
+    # (seen: one element of 16384 off by 2.3e-5 at lr 1e-3, on this machine at this code's parent 9757755 too);
+    # the whole model must still agree to 1e-6 of its norm (below)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
     num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a) ** 0.5
     assert num <= 1e-6 * sum(float(a[k].double().norm() ** 2) for k in a) ** 0.5, num
     base = load_file(next((Path(tiny_cfg(tmp_path).model.path) / "transformer").glob("*.safetensors")))
