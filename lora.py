@@ -169,12 +169,13 @@ def resolve_resume(resume: str, out_dir: Path, log=print) -> Path | None:
     raise ValueError(f"--resume latest: no readable checkpoint in {ckpts} (tried {'; '.join(skipped)})")
 
 
-def config_differences(ckpt: Path, cfg: Config) -> list[str]:
-    """Fields whose value differs between the checkpoint's config.json and cfg (resume, overwrite aside)."""
+def _changed(ckpt: Path, cfg: Config) -> list[tuple[str, object, object]] | None:
+    """(field, the checkpoint's config.json value, cfg's) for each field that differs (resume, overwrite aside), or
+    None when the checkpoint has no readable config.json."""
     try:
         saved = json.loads((ckpt / "config.json").read_text())
     except (OSError, ValueError):
-        return ["(the checkpoint has no readable config.json)"]
+        return None
     now = json.loads(to_json(cfg))
 
     def leaves(d, pre=""):
@@ -182,8 +183,16 @@ def config_differences(ckpt: Path, cfg: Config) -> list[str]:
             yield from leaves(v, f"{pre}{k}.") if isinstance(v, dict) else [(f"{pre}{k}", v)]
 
     a, b = dict(leaves(saved)), dict(leaves(now))
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and k not in ("resume", "overwrite")]
+
+
+def config_differences(ckpt: Path, cfg: Config) -> list[str]:
+    """Fields whose value differs between the checkpoint's config.json and cfg (resume, overwrite aside)."""
+    changed = _changed(ckpt, cfg)
+    if changed is None:
+        return ["(the checkpoint has no readable config.json)"]
+    return [f"{k}: {old!r} -> {new!r}" for k, old, new in changed]
 
 
 # Fields that fix the shapes and meaning of a checkpoint's trained tensors: a resume must keep them
@@ -194,10 +203,9 @@ SHAPING = ("train.mode", "train.adapter", "train.rank", "train.alpha", "train.ta
 def resume_problems(ckpt: Path, cfg: Config) -> list[str]:
     """The SHAPING fields on which cfg and the checkpoint's config.json differ, worded for the user; checked before
     any model loads (the tensors themselves are checked again against the model when they load)."""
-    diffs = [d for d in config_differences(ckpt, cfg) if d.split(":")[0] in SHAPING]
-    return [f"--resume {ckpt}: the checkpoint was trained with {d.split(': ', 1)[0]} = {d.split(': ', 1)[1].split(' -> ')[0]}, "
-            f"the config says {d.split(' -> ')[1]}; resume with the checkpoint's value (or start afresh with "
-            f"--overwrite / another --out-dir)" for d in diffs]
+    return [f"--resume {ckpt}: the checkpoint was trained with {k} = {old!r}, the config says {new!r}; resume with "
+            f"the checkpoint's value (or start afresh with --overwrite / another --out-dir)"
+            for k, old, new in _changed(ckpt, cfg) or [] if k in SHAPING]
 
 
 def load_checkpoint(path: Path, transformer, optimizer, region=None, ema=None, log=print) -> tuple[int, str]:
